@@ -1,0 +1,262 @@
+"""The LUME data format (SemEval-2025 Task 4): loading and validation.
+
+A LUME dataset directory holds a forget set and a retain set, each as ``NAME.jsonl`` or
+``NAME.parquet`` (or the challenge's one ``NAME_*.parquet`` shard). Every row has ``id``,
+``input``, ``output`` and ``task``; the id's end tells the row kind: ``...scN`` is a sentence
+completion (``input`` is a document prefix, ``output`` its continuation) and ``...qaN`` a question
+with its short answer. Rows of one document share the id stem before that suffix; the whole
+document is ``input + " " + output`` of its sc row.
+
+MIA sets (``member.jsonl`` / ``nonmember.jsonl``) hold whole documents: ``id`` and ``document``.
+
+Every problem found is reported with its file and line, all at once, in one :class:`DataError`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow.parquet as pq
+
+TASKS = ("Task1", "Task2", "Task3")
+KINDS = ("sc", "qa")
+ROW_COLUMNS = ("id", "input", "output", "task")
+MIA_COLUMNS = ("id", "document")
+_KIND_SUFFIX = re.compile(r"^(?P<doc>.*?)(?P<kind>sc|qa)(?P<n>\d+)$")
+_MAX_REPORTED = 20
+
+
+class DataError(ValueError):
+    """Bad input data; the message names each file and line at fault and what to do."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        shown = problems[:_MAX_REPORTED]
+        more = len(problems) - len(shown)
+        text = "\n".join(shown) + (f"\n... and {more} more problems" if more > 0 else "")
+        super().__init__(text)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One LUME row. ``doc_id`` groups the sc and qa rows of one document."""
+
+    id: str
+    input: str
+    output: str
+    task: str
+    split: str
+    kind: str
+    doc_id: str
+
+    @property
+    def text(self) -> str:
+        """Training text of the row: prompt and answer joined by one space, as LUME documents are."""
+        return self.input + " " + self.output
+
+
+@dataclass(frozen=True)
+class Document:
+    """A whole document for membership inference (MIA)."""
+
+    id: str
+    document: str
+
+
+@dataclass(frozen=True)
+class LumeData:
+    forget: list[Row]
+    retain: list[Row]
+
+    @property
+    def rows(self) -> list[Row]:
+        return self.forget + self.retain
+
+    def summary(self) -> dict[str, dict[str, int]]:
+        """Row counts per split, keyed ``Task1/sc`` and so on."""
+        out = {}
+        for split, rows in (("forget", self.forget), ("retain", self.retain)):
+            counts = Counter(f"{r.task}/{r.kind}" for r in rows)
+            out[split] = dict(sorted(counts.items()))
+        return out
+
+
+@dataclass(frozen=True)
+class MiaData:
+    member: list[Document]
+    nonmember: list[Document]
+
+
+def row_kind(row_id: str) -> tuple[str, str] | None:
+    """``(kind, doc_id)`` from a LUME id, or None when the id ends in neither scN nor qaN."""
+    m = _KIND_SUFFIX.match(row_id)
+    return (m["kind"], m["doc"]) if m else None
+
+
+def find_split_file(directory: Path, name: str) -> Path:
+    """The one file holding split ``name`` in ``directory`` (jsonl, parquet or a parquet shard)."""
+    if not directory.is_dir():
+        raise DataError([f"{directory}: not a directory; pass a LUME data directory holding "
+                         f"{name}.jsonl or {name}.parquet"])
+    candidates = [directory / f"{name}.jsonl", directory / f"{name}.parquet"]
+    found = [p for p in candidates if p.is_file()]
+    if not found:
+        found = sorted(directory.glob(f"{name}_*.parquet"))
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise DataError([f"{directory}: no {name}.jsonl or {name}.parquet; "
+                         f"a LUME data directory holds one of each split"])
+    names = ", ".join(p.name for p in found)
+    raise DataError([f"{directory}: several files for split '{name}' ({names}); keep one"])
+
+
+def read_records(path: Path) -> Iterator[tuple[int, object]]:
+    """``(line number, record)`` pairs from a jsonl or parquet file; parquet rows count from 1."""
+    if path.suffix == ".parquet":
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # pyarrow raises several types for a corrupt file
+            raise DataError([f"{path}: not a readable parquet file ({e})"]) from e
+        for i, record in enumerate(table.to_pylist(), start=1):
+            yield i, record
+        return
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield i, json.loads(line)
+            except json.JSONDecodeError as e:
+                yield i, e
+
+
+def _check_record(where: str, record: object, columns: tuple[str, ...]) -> list[str]:
+    if isinstance(record, json.JSONDecodeError):
+        return [f"{where}: not valid JSON ({record.msg}); each line must be one JSON object"]
+    if not isinstance(record, dict):
+        return [f"{where}: expected a JSON object, got {type(record).__name__}"]
+    problems = []
+    missing = [c for c in columns if c not in record]
+    if missing:
+        problems.append(f"{where}: missing column(s) {', '.join(missing)}; "
+                        f"every row needs {', '.join(columns)}")
+    for c in columns:
+        if c in record and not isinstance(record[c], str):
+            problems.append(f"{where}: column '{c}' must be a string, got "
+                            f"{type(record[c]).__name__} ({record[c]!r:.40})")
+    return problems
+
+
+def read_rows(path: Path, split: str) -> tuple[list[Row], list[str]]:
+    """Rows of one split file and the problems found in it (empty when the file is valid)."""
+    rows, problems, seen = [], [], {}
+    for line, record in read_records(path):
+        where = f"{path}:{line}"
+        found = _check_record(where, record, ROW_COLUMNS)
+        if found:
+            problems += found
+            continue
+        kind = row_kind(record["id"])
+        if kind is None:
+            problems.append(f"{where}: id {record['id']!r} ends in neither scN nor qaN; "
+                            f"LUME ids end with the row kind (sentence completion or question)")
+            continue
+        if record["task"] not in TASKS:
+            problems.append(f"{where}: unknown task {record['task']!r}; expected one of "
+                            f"{', '.join(TASKS)}")
+            continue
+        row_split = record.get("split", split)
+        if row_split != split:
+            problems.append(f"{where}: row says split {row_split!r} but sits in the {split} file; "
+                            f"move it or fix its 'split' field")
+            continue
+        if record["id"] in seen:
+            problems.append(f"{where}: duplicate id {record['id']!r} (first on line "
+                            f"{seen[record['id']]}); ids must be unique")
+            continue
+        seen[record["id"]] = line
+        rows.append(Row(id=record["id"], input=record["input"], output=record["output"],
+                        task=record["task"], split=split, kind=kind[0], doc_id=kind[1]))
+    if not rows and not problems:
+        problems.append(f"{path}: no rows; the {split} set must not be empty")
+    return rows, problems
+
+
+def _overlap_problems(forget_path: Path, forget: list[Row], retain_path: Path,
+                      retain: list[Row]) -> list[str]:
+    retain_docs = {r.doc_id: r.id for r in retain}
+    problems = []
+    for r in forget:
+        if r.doc_id in retain_docs:
+            problems.append(f"{forget_path}: row {r.id!r} belongs to a document that is also in "
+                            f"{retain_path} (row {retain_docs[r.doc_id]!r}); forget and retain "
+                            f"must share no document: remove it from one of them")
+    return problems
+
+
+def load_lume(directory: str | Path) -> LumeData:
+    """Load and validate the forget and retain sets of a LUME data directory.
+
+    Raises :class:`DataError` listing every problem (file:line and what to do).
+    """
+    directory = Path(directory)
+    problems, splits, paths = [], {}, {}
+    for split in ("forget", "retain"):
+        try:
+            paths[split] = find_split_file(directory, split)
+        except DataError as e:
+            problems += e.problems
+            continue
+        splits[split], found = read_rows(paths[split], split)
+        problems += found
+    if not problems:
+        problems += _overlap_problems(paths["forget"], splits["forget"], paths["retain"],
+                                      splits["retain"])
+    if problems:
+        raise DataError(problems)
+    return LumeData(forget=splits["forget"], retain=splits["retain"])
+
+
+def read_documents(path: Path) -> list[Document]:
+    """Documents of one MIA file (``id`` and ``document`` columns); raises DataError."""
+    if not path.is_file():
+        raise DataError([f"{path}: file not found; an MIA directory holds member.jsonl and "
+                         f"nonmember.jsonl"])
+    docs, problems, seen = [], [], {}
+    for line, record in read_records(path):
+        where = f"{path}:{line}"
+        found = _check_record(where, record, MIA_COLUMNS)
+        if found:
+            problems += found
+            continue
+        if record["id"] in seen:
+            problems.append(f"{where}: duplicate id {record['id']!r} (first on line "
+                            f"{seen[record['id']]}); ids must be unique")
+            continue
+        seen[record["id"]] = line
+        docs.append(Document(id=record["id"], document=record["document"]))
+    if not docs and not problems:
+        problems.append(f"{path}: no documents; an MIA set must not be empty")
+    if problems:
+        raise DataError(problems)
+    return docs
+
+
+def load_mia(directory: str | Path) -> MiaData:
+    """Load the member and non-member documents of an MIA directory."""
+    directory = Path(directory)
+    problems, sets = [], {}
+    for name in ("member", "nonmember"):
+        try:
+            sets[name] = read_documents(directory / f"{name}.jsonl")
+        except DataError as e:
+            problems += e.problems
+    if problems:
+        raise DataError(problems)
+    return MiaData(member=sets["member"], nonmember=sets["nonmember"])

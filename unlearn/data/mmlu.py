@@ -1,0 +1,85 @@
+"""Multiple-choice questions in MMLU's CSV format: ``question, A, B, C, D, answer`` with no header.
+
+A directory of such files is read whole (real MMLU's ``test/`` folder when there is one). The
+prompt is MMLU's zero-shot format; a model answers with the option letter of highest probability.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+from .lume import DataError
+
+LETTERS = ("A", "B", "C", "D")
+HEADER = ["question", "A", "B", "C", "D", "answer"]
+
+
+@dataclass(frozen=True)
+class Question:
+    subject: str
+    question: str
+    choices: tuple[str, str, str, str]
+    answer: str  # one of LETTERS
+
+    @property
+    def prompt(self) -> str:
+        subject = self.subject.replace("_", " ")
+        options = "\n".join(f"{letter}. {choice}" for letter, choice in zip(LETTERS, self.choices))
+        return (f"The following are multiple choice questions (with answers) about {subject}."
+                f"\n\n{self.question}\n{options}\nAnswer:")
+
+    @property
+    def text(self) -> str:
+        """The question answered, as a training text."""
+        return f"{self.prompt} {self.answer}"
+
+
+def _subject(path: Path) -> str:
+    name = path.stem
+    for suffix in ("_test", "_dev", "_val"):
+        name = name.removesuffix(suffix)
+    return name
+
+
+def read_questions(path: Path) -> list[Question]:
+    questions, problems = [], []
+    with open(path, encoding="utf-8", newline="") as f:
+        for line, record in enumerate(csv.reader(f), start=1):
+            if line == 1 and [c.strip().lower() for c in record] == [h.lower() for h in HEADER]:
+                continue
+            where = f"{path}:{line}"
+            if len(record) != 6:
+                problems.append(f"{where}: {len(record)} columns, expected 6 "
+                                f"(question, A, B, C, D, answer)")
+            elif record[5].strip() not in LETTERS:
+                problems.append(f"{where}: answer {record[5]!r} is not one of A, B, C, D")
+            else:
+                questions.append(Question(_subject(path), record[0], tuple(record[1:5]),
+                                          record[5].strip()))
+    if problems:
+        raise DataError(problems)
+    return questions
+
+
+def load_mmlu(directory: str | Path) -> list[Question]:
+    """All questions of an MMLU-format directory (its ``test/`` subfolder when present)."""
+    directory = Path(directory)
+    if (directory / "test").is_dir():
+        directory = directory / "test"
+    files = sorted(directory.glob("*.csv")) if directory.is_dir() else []
+    if not files:
+        raise DataError([f"{directory}: no .csv files; an MMLU directory holds CSVs of "
+                         f"question, A, B, C, D, answer"])
+    questions = [q for path in files for q in read_questions(path)]
+    if not questions:
+        raise DataError([f"{directory}: the CSV files hold no questions"])
+    return questions
+
+
+def write_questions(path: Path, questions: list[Question]) -> None:
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        for q in questions:
+            writer.writerow([q.question, *q.choices, q.answer])

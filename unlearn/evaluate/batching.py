@@ -1,0 +1,34 @@
+"""Padding token sequences into batches, shortest waste first."""
+
+from __future__ import annotations
+
+import torch
+
+
+def length_sorted_batches(lengths: list[int], max_tokens: int, max_rows: int) -> list[list[int]]:
+    """Indices grouped so rows of similar length share a batch of at most ``max_tokens`` padded
+    tokens and ``max_rows`` rows; longest first, so an out-of-memory shows up at once."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches, current = [], []
+    for i in order:
+        width = lengths[current[0]] if current else lengths[i]
+        if current and ((len(current) + 1) * width > max_tokens or len(current) >= max_rows):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def pad(seqs: list[list[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` for sequences padded to the longest."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        span = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[row, span] = torch.tensor(s, dtype=torch.long)
+        mask[row, span] = 1
+    return ids, mask
+

@@ -1,0 +1,30 @@
+"""MMLU-style accuracy: the option letter the model gives the highest probability."""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from ..data.mmlu import LETTERS, Question
+from .batching import length_sorted_batches, pad
+
+
+def letter_token_ids(tokenizer) -> list[int]:
+    """Token of each answer letter as it follows ``Answer:`` (with its leading space)."""
+    return [tokenizer(" " + letter, add_special_tokens=False).input_ids[0] for letter in LETTERS]
+
+
+@torch.no_grad()
+def mmlu_accuracy(model, tokenizer, questions: list[Question], max_tokens: int = 16384,
+                  max_rows: int = 32) -> float:
+    letters = torch.tensor(letter_token_ids(tokenizer))
+    seqs = [tokenizer(q.prompt).input_ids for q in questions]
+    correct = 0
+    for batch in tqdm(length_sorted_batches([len(s) for s in seqs], max_tokens, max_rows),
+                      desc="mmlu", leave=False):
+        ids, mask = pad([seqs[i] for i in batch], tokenizer.pad_token_id, left=True)
+        logits = model(input_ids=ids.to(model.device),
+                       attention_mask=mask.to(model.device)).logits[:, -1]
+        picked = logits[:, letters.to(logits.device)].argmax(-1).tolist()
+        correct += sum(LETTERS[p] == questions[i].answer for i, p in zip(batch, picked))
+    return correct / len(questions)

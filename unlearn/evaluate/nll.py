@@ -1,0 +1,55 @@
+"""Mean token losses: of a row's output given its input, and of a whole document (MIA)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .batching import length_sorted_batches, pad
+
+
+@torch.no_grad()
+def token_stats(model, seqs: list[list[int]], first_scored: list[int], pad_id: int,
+                max_tokens: int = 8192, max_rows: int = 64,
+                desc: str = "nll") -> tuple[list[float], list[bool]]:
+    """Teacher-forced statistics of tokens ``seq[first_scored:]`` of each sequence: their mean
+    cross-entropy, and whether greedy decoding would reproduce every one of them.
+
+    Token 0 is never scored (nothing predicts it), as with HF's ``labels=input_ids``.
+    """
+    losses, greedy = [float("nan")] * len(seqs), [False] * len(seqs)
+    batches = length_sorted_batches([len(s) for s in seqs], max_tokens, max_rows)
+    for batch in tqdm(batches, desc=desc, leave=False):
+        ids, mask = pad([seqs[i] for i in batch], pad_id)
+        ids, mask = ids.to(model.device), mask.to(model.device)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        targets = ids[:, 1:]
+        token_loss = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        positions = torch.arange(1, ids.shape[1], device=ids.device)
+        starts = torch.tensor([max(first_scored[i], 1) for i in batch], device=ids.device)
+        scored = (positions[None, :] >= starts[:, None]) & mask[:, 1:].bool()
+        means = (token_loss * scored).sum(1) / scored.sum(1).clamp(min=1)
+        wrong = ((logits.argmax(-1) != targets) & scored).any(1)
+        for i, value, miss in zip(batch, means.tolist(), wrong.tolist()):
+            losses[i], greedy[i] = value, not miss
+    return losses, greedy
+
+
+def mean_token_losses(model, seqs: list[list[int]], first_scored: list[int], pad_id: int,
+                      **kw) -> list[float]:
+    return token_stats(model, seqs, first_scored, pad_id, **kw)[0]
+
+
+def output_nll(model, tokenizer, inputs: list[str], outputs: list[str], **kw) -> list[float]:
+    """The official per-row NLL: ``input + output`` tokenized as one sequence (plain
+    concatenation), the first ``len(tokenize(input))`` labels masked, mean over the rest."""
+    seqs = [tokenizer(i + o).input_ids for i, o in zip(inputs, outputs)]
+    starts = [len(tokenizer(i).input_ids) for i in inputs]
+    return mean_token_losses(model, seqs, starts, tokenizer.pad_token_id, **kw)
+
+
+def document_nll(model, tokenizer, documents: list[str], **kw) -> list[float]:
+    """Mean token loss of whole documents (labels = input ids), the loss-MIA statistic."""
+    seqs = [tokenizer(d).input_ids for d in documents]
+    return mean_token_losses(model, seqs, [0] * len(seqs), tokenizer.pad_token_id, **kw)

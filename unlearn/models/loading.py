@@ -1,0 +1,52 @@
+"""Loading causal LMs and their tokenizers from local HF directories (no hub access)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+
+class ModelError(ValueError):
+    """A model directory that cannot be used; the message says which and what to do."""
+
+
+def load_tokenizer(path: str | Path):
+    """The directory's tokenizer, with a pad token (OLMo ships none: its EOS stands in)."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path}: no usable tokenizer ({e.__class__.__name__}); the directory "
+                         f"must hold the files tokenizer.save_pretrained writes") from e
+    if tokenizer.eos_token_id is None:
+        raise ModelError(f"{path}: the tokenizer has no end-of-sequence token; set eos_token")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | None = None):
+    """``(model, tokenizer)`` from a local HF directory holding any causal LM.
+
+    Raises :class:`ModelError` naming the directory when it is missing, holds no model config,
+    or holds a model that is not a causal LM.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelError(f"{path}: model directory not found")
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path}: no config.json; pass a directory written by "
+                         f"save_pretrained (a tokenizer alone is not a model)")
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype,
+                                                     local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelError(f"{path}: not a causal language model that transformers can load "
+                         f"({e.__class__.__name__}: {str(e).splitlines()[0][:200]})") from e
+    tokenizer = load_tokenizer(path)
+    if device is not None:
+        model.to(device)
+    model.eval()
+    return model, tokenizer

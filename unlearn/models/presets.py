@@ -1,0 +1,56 @@
+"""Target-model presets: OLMo architecture sizes and the schedule that makes each memorise.
+
+``tiny`` is for tests (seconds on 2 cores), ``small`` (~8M parameters) the CPU demo and benchmark
+default, ``base`` (~110M) for a GPU. Memorisation needs sharp schedules: the learning rate is high
+and the run is long enough for greedy decoding to reproduce every row token for token; the
+general corpus keeps being replayed meanwhile so that unseen text keeps a moderate loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+
+@dataclass(frozen=True)
+class TargetPreset:
+    # architecture (transformers' OlmoConfig)
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    max_len: int = 512  # longer documents are cut into pieces of this many tokens
+    # phase 1: general corpus for a token budget (only with a pretraining corpus)
+    pretrain_tokens: int = 2_000_000
+    pretrain_lr: float = 2e-3
+    # phase 2: memorise the task rows (+ general-knowledge questions), replaying the corpus
+    epochs: int = 60  # upper bound; training stops once every row is reproduced greedily
+    lr: float = 2e-3
+    replay: float = 0.5  # corpus pieces replayed per task row each epoch
+    warmup_steps: int = 50
+    check_every: int = 5  # epochs between teacher-forced memorisation checks
+    # batching
+    batch_tokens: int = 4096  # padded tokens per batch
+    max_rows: int = 16
+    weight_decay: float = 0.0
+
+    def override(self, **changes) -> "TargetPreset":
+        known = {f.name: f.type for f in fields(self)}
+        unknown = sorted(set(changes) - set(known))
+        if unknown:
+            raise ValueError(f"unknown target setting(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(sorted(known))}")
+        return replace(self, **{k: type(getattr(self, k))(v) for k, v in changes.items()})
+
+
+PRESETS = {
+    "tiny": TargetPreset(vocab_size=512, hidden_size=64, num_layers=4, num_heads=4,
+                         intermediate_size=192, max_len=256, pretrain_tokens=30_000,
+                         pretrain_lr=3e-3, epochs=40, lr=5e-3, warmup_steps=10, check_every=5,
+                         batch_tokens=2048, max_rows=16),
+    "small": TargetPreset(vocab_size=4096, hidden_size=256, num_layers=8, num_heads=8,
+                          intermediate_size=768),
+    "base": TargetPreset(vocab_size=16384, hidden_size=768, num_layers=12, num_heads=12,
+                         intermediate_size=3072, max_len=1024, pretrain_tokens=20_000_000,
+                         pretrain_lr=6e-4, lr=3e-4, batch_tokens=16384, max_rows=32),
+}
