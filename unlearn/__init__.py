@@ -1,0 +1,11 @@
+"""unlearn: remove chosen documents from a trained causal LM, keep the rest, and prove it.
+
+The pipeline, one way: data → target → unlearn → evaluate → report.
+"""
+
+from .data import DataError, load_lume, load_mia, load_mmlu, synthesize
+from .demo import demo
+from .models import ModelError, build_target, load_model
+
+__all__ = ["DataError", "ModelError", "build_target", "demo", "load_lume", "load_mia",
+           "load_mmlu", "load_model", "synthesize"]

@@ -33,6 +33,7 @@ class TargetPreset:
     batch_tokens: int = 4096  # padded tokens per batch
     max_rows: int = 16
     weight_decay: float = 0.0
+    precision: str = "auto"  # bf16 mixed precision where the hardware has it (see unlearn.accel)
 
     def override(self, **changes) -> "TargetPreset":
         known = {f.name: f.type for f in fields(self)}
@@ -44,12 +45,13 @@ class TargetPreset:
 
 
 PRESETS = {
-    "tiny": TargetPreset(vocab_size=512, hidden_size=64, num_layers=4, num_heads=4,
-                         intermediate_size=192, max_len=256, pretrain_tokens=30_000,
-                         pretrain_lr=3e-3, epochs=40, lr=5e-3, warmup_steps=10, check_every=5,
-                         batch_tokens=2048, max_rows=16),
-    "small": TargetPreset(vocab_size=4096, hidden_size=256, num_layers=8, num_heads=8,
-                          intermediate_size=768),
+    # fp32: on matrices this small bf16 casts cost more than they save
+    "tiny": TargetPreset(vocab_size=1024, hidden_size=128, num_layers=4, num_heads=4,
+                         intermediate_size=384, max_len=256, pretrain_tokens=30_000,
+                         pretrain_lr=3e-3, epochs=60, lr=3e-3, warmup_steps=10, check_every=5,
+                         batch_tokens=2048, max_rows=8, precision="fp32"),
+    "small": TargetPreset(vocab_size=4096, hidden_size=256, num_layers=8, num_heads=4,
+                          intermediate_size=768, max_rows=8, epochs=45, lr=3e-3),
     "base": TargetPreset(vocab_size=16384, hidden_size=768, num_layers=12, num_heads=12,
                          intermediate_size=3072, max_len=1024, pretrain_tokens=20_000_000,
                          pretrain_lr=6e-4, lr=3e-4, batch_tokens=16384, max_rows=32),

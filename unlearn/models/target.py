@@ -23,6 +23,7 @@ import math
 import random
 import shutil
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from statistics import fmean
@@ -31,13 +32,14 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
-from transformers import OlmoConfig, OlmoForCausalLM, get_cosine_schedule_with_warmup
+from transformers import OlmoConfig, OlmoForCausalLM
 
 from ..data import load_corpus, load_lume, load_mia, load_mmlu
 from ..evaluate.batching import length_sorted_batches, pad
 from ..evaluate.memorisation import score_rows, task_means
 from ..evaluate.mmlu import mmlu_accuracy
 from ..evaluate.nll import document_nll, token_stats
+from ..accel import make_accelerator
 from ..io import atomic_directory, write_json
 from .loading import load_model, load_tokenizer
 from .presets import PRESETS, TargetPreset
@@ -73,7 +75,8 @@ class _Examples:
             self.corpus += [ids[i:i + max_len] for i in range(0, len(ids), max_len)]
 
 
-def _plan_epoch(seqs: list[list[int]], preset: TargetPreset, rng: random.Random) -> list[list[list[int]]]:
+def _plan_epoch(seqs: list[list[int]], preset: TargetPreset,
+                rng: random.Random) -> list[list[list[int]]]:
     """Batches for one epoch: similar lengths together (jittered so batches change between
     epochs), batch order shuffled."""
     jittered = [len(s) + rng.randrange(32) for s in seqs]
@@ -82,106 +85,130 @@ def _plan_epoch(seqs: list[list[int]], preset: TargetPreset, rng: random.Random)
     return [[seqs[i] for i in b] for b in batches]
 
 
-def _plan(examples: _Examples, preset: TargetPreset, seed: int, phase: str) -> list[list]:
-    """Every epoch's batches of a phase, fixed up front by the seed: the LR schedule knows its
+def _plan(examples: _Examples, preset: TargetPreset, seed: int) -> list[tuple[str, list]]:
+    """``(phase, batches)`` for every epoch, fixed up front by the seed: the LR schedule knows its
     length and a resumed run sees exactly the batches an uninterrupted one would."""
     plan = []
-    if phase == "pretrain":
-        corpus_tokens = sum(len(s) for s in examples.corpus)
-        epochs = math.ceil(preset.pretrain_tokens / max(corpus_tokens, 1))
-        budget = preset.pretrain_tokens
-        for epoch in range(epochs):
-            rng = random.Random(f"{seed}/pretrain/{epoch}")
-            batches = []
-            for batch in _plan_epoch(examples.corpus, preset, rng):
-                if budget <= 0:
-                    break
-                batches.append(batch)
-                budget -= sum(len(s) for s in batch)
-            plan.append(batches)
-        return plan
+    budget = preset.pretrain_tokens if examples.corpus else 0
+    epoch = 0
+    while budget > 0:
+        rng = random.Random(f"{seed}/pretrain/{epoch}")
+        batches = []
+        for batch in _plan_epoch(examples.corpus, preset, rng):
+            if budget <= 0:
+                break
+            batches.append(batch)
+            budget -= sum(len(s) for s in batch)
+        plan.append(("pretrain", batches))
+        epoch += 1
     replayed = round(preset.replay * len(examples.seqs)) if examples.corpus else 0
     for epoch in range(preset.epochs):
         rng = random.Random(f"{seed}/memorise/{epoch}")
-        replay = [examples.corpus[i % len(examples.corpus)]
-                  for i in rng.sample(range(max(replayed, len(examples.corpus))), replayed)]
-        plan.append(_plan_epoch(examples.seqs + replay, preset, rng))
+        picks = rng.sample(range(max(replayed, len(examples.corpus))), replayed)
+        replay = [examples.corpus[i % len(examples.corpus)] for i in picks]
+        plan.append(("memorise", _plan_epoch(examples.seqs + replay, preset, rng)))
     return plan
 
 
+def _schedule(plan: list[tuple[str, list]], preset: TargetPreset):
+    """Learning rate per step: warm-up then cosine decay, once over the pretraining steps (peak
+    ``pretrain_lr``) and once again over the memorising steps (peak ``lr``)."""
+    phases = []
+    for name, peak in (("pretrain", preset.pretrain_lr), ("memorise", preset.lr)):
+        steps = sum(len(b) for phase, b in plan if phase == name)
+        if steps:
+            phases.append((steps, peak, min(preset.warmup_steps, steps // 10)))
+
+    def lr_at(step: int) -> float:
+        for steps, peak, warmup in phases:
+            if step < steps:
+                if step < warmup:
+                    return peak * (step + 1) / warmup
+                progress = (step - warmup) / max(1, steps - warmup)
+                return peak * 0.5 * (1 + math.cos(math.pi * progress))
+            step -= steps
+        return 0.0
+
+    return lr_at
+
+
 class _Trainer:
-    """One phase of training over a fixed plan, with checkpoints in ``stage/checkpoint``."""
+    """Trains through a plan of epochs; checkpoints (``stage/checkpoint``) at epoch boundaries."""
 
-    def __init__(self, accelerator: Accelerator, model, pad_id: int, stage: Path):
+    def __init__(self, accelerator: Accelerator, model, pad_id: int, stage: Path,
+                 preset: TargetPreset, plan: list[tuple[str, list]]):
         self.acc, self.model, self.pad_id, self.stage = accelerator, model, pad_id, stage
-        self.progress_file = stage / "progress.json"
-
-    def progress(self) -> dict:
-        return json.loads(self.progress_file.read_text()) if self.progress_file.exists() else {}
+        self.plan = plan
+        # one optimizer and one schedule for both phases: lr is set absolutely by the schedule
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1.0, betas=(0.9, 0.95),
+                                      weight_decay=preset.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(plan, preset))
+        self.optimizer, self.scheduler = accelerator.prepare(optimizer, scheduler)
 
     def save(self, progress: dict) -> None:
-        self.acc.save_state(str(self.stage / "checkpoint"))
-        write_json(self.progress_file, progress)
+        # pickled, not safetensors: safetensors drops the tied LM-head weight with a warning
+        self.acc.save_state(str(self.stage / "checkpoint"), safe_serialization=False)
+        write_json(self.stage / "progress.json", progress)
 
-    def run(self, phase: str, plan: list, lr: float, preset: TargetPreset, progress: dict,
-            done_after=None) -> dict:
-        """Train through ``plan``; ``done_after(epoch)`` may end the phase early (memorised)."""
-        finished = phase in progress.get("finished", [])
-        latest = progress.get("phase") == phase
-        if finished and not latest:  # a later phase's checkpoint holds the weights
-            return progress
-        optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=(0.9, 0.95),
-                                      weight_decay=preset.weight_decay)
-        total = sum(len(b) for b in plan)
-        scheduler = get_cosine_schedule_with_warmup(optimizer, min(preset.warmup_steps, total // 10),
-                                                    total)
-        optimizer, scheduler = self.acc.prepare(optimizer, scheduler)
-        start = 0
-        if latest:
+    def resume(self, progress: dict) -> int:
+        """The epoch to start from; loads the checkpoint when there is one."""
+        if (self.stage / "checkpoint").is_dir() and progress.get("epoch"):
             self.acc.load_state(str(self.stage / "checkpoint"))
-            start = progress["epoch"]
-        if finished:
+            return progress["epoch"]
+        return 0
+
+    def step(self, batch: list[list[int]], where: str) -> tuple[float, int]:
+        ids, mask = pad(batch, self.pad_id)
+        ids, mask = ids.to(self.acc.device), mask.to(self.acc.device)
+        labels = ids.masked_fill(mask == 0, -100)
+        with self.acc.autocast():
+            loss = self.model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"{where}: loss became {loss.item()}; lower the learning rate (lr= or "
+                f"pretrain_lr=) and rerun: training resumes from the last checkpoint in "
+                f"{self.stage}")
+        self.acc.backward(loss)
+        self.acc.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.item(), int(mask.sum())
+
+    def run(self, progress: dict, after_epoch) -> dict:
+        """Train from the checkpointed epoch on; ``after_epoch(index, phase, record)`` may
+        measure, and returns True to stop (memorised)."""
+        start = self.resume(progress)
+        if progress.get("done"):
             return progress
-        progress.update(phase=phase, epoch=start)
-        history = progress.setdefault("history", {}).setdefault(phase, [])
-        bar = tqdm(total=total, initial=sum(len(b) for b in plan[:start]), desc=phase,
-                   unit="step", dynamic_ncols=True)
+        history = progress.setdefault("history", [])
+        bar = tqdm(total=sum(len(b) for _, b in self.plan),
+                   initial=sum(len(b) for _, b in self.plan[:start]), unit="step",
+                   dynamic_ncols=True)
         last_save = time.monotonic()
-        for epoch in range(start, len(plan)):
+        for index in range(start, len(self.plan)):
+            phase, batches = self.plan[index]
+            bar.set_description(phase)
             losses, tokens, t0 = [], 0, time.perf_counter()
-            for batch in plan[epoch]:
-                ids, mask = pad(batch, self.pad_id)
-                ids, mask = ids.to(self.acc.device), mask.to(self.acc.device)
-                labels = ids.masked_fill(mask == 0, -100)
-                loss = self.model(input_ids=ids, attention_mask=mask, labels=labels).loss
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"{phase} epoch {epoch}: loss became {loss.item()}; lower the learning "
-                        f"rate (lr=/pretrain_lr=) and rerun: training resumes from the last "
-                        f"checkpoint in {self.stage}")
-                self.acc.backward(loss)
-                self.acc.clip_grad_norm_(self.model.parameters(), 1.0)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.item())
-                tokens += int(mask.sum())
+            for batch in batches:
+                loss, n = self.step(batch, f"{phase} epoch {index}")
+                losses.append(loss)
+                tokens += n
                 bar.update(1)
-                bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}",
+                bar.set_postfix(loss=f"{loss:.3f}",
                                 tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
-            record = {"epoch": epoch, "loss": fmean(losses) if losses else None, "tokens": tokens,
-                      "seconds": time.perf_counter() - t0}
-            stop = done_after(epoch, record) if done_after else False
+            record = {"phase": phase, "epoch": index, "loss": fmean(losses) if losses else None,
+                      "tokens": tokens, "seconds": time.perf_counter() - t0}
+            stop = after_epoch(index, phase, record)
             history.append(record)
-            progress["epoch"] = epoch + 1
-            if stop or epoch + 1 == len(plan):
+            progress["epoch"] = index + 1
+            if stop:
                 break
             if time.monotonic() - last_save > CHECKPOINT_MINUTES * 60:
                 self.save(progress)
                 last_save = time.monotonic()
         bar.close()
-        progress.setdefault("finished", []).append(phase)
-        self.save(progress)
+        progress["done"] = True
         return progress
 
 
@@ -228,55 +255,54 @@ def build_target(data: str | Path, out: str | Path, preset: str = "small",
     run_id = fingerprint(data_hash, asdict(settings), seed, str(init))
 
     set_seed(seed)
-    accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
+    accelerator = make_accelerator(settings.precision)
     started = time.perf_counter()
     with atomic_directory(out, resumable=True) as stage:
-        previous = json.loads((stage / "progress.json").read_text()) \
-            if (stage / "progress.json").exists() else {}
-        if previous.get("run_id") != run_id:  # different inputs: start over
+        progress_file = stage / "progress.json"
+        progress = json.loads(progress_file.read_text()) if progress_file.exists() else {}
+        if progress.get("run_id") != run_id:  # other inputs or settings: start over
             shutil.rmtree(stage)
             stage.mkdir()
-            previous = {"run_id": run_id}
+            progress = {"run_id": run_id}
         pairs = [(r.input, r.output) for r in lume.rows] + [(q.prompt, q.answer) for q in questions]
         if init is not None:
             model, tokenizer = load_model(init)
-        elif (stage / "tokenizer.json").exists():
-            tokenizer = load_tokenizer(stage)
-            model = _new_model(tokenizer, settings)
         else:
-            texts = corpus + [p + " " + a for p, a in pairs]
-            tokenizer = train_tokenizer(texts, settings.vocab_size)
-            tokenizer.save_pretrained(stage)
+            if (stage / "tokenizer.json").exists():
+                tokenizer = load_tokenizer(stage)
+            else:
+                tokenizer = train_tokenizer(corpus + [p + " " + a for p, a in pairs],
+                                            settings.vocab_size)
+                tokenizer.save_pretrained(stage)
             model = _new_model(tokenizer, settings)
         model.train()
         model = accelerator.prepare(model)
         examples = _Examples(tokenizer, pairs, corpus, settings.max_len)
-        trainer = _Trainer(accelerator, model, tokenizer.pad_token_id, stage)
-        progress = previous
-        figures = progress.setdefault("figures", {})
+        plan = _plan(examples, settings, seed)
+        trainer = _Trainer(accelerator, model, tokenizer.pad_token_id, stage, settings, plan)
 
-        if corpus:
-            progress = trainer.run("pretrain", _plan(examples, settings, seed, "pretrain"),
-                                   settings.pretrain_lr, settings, progress)
-            if "after_pretrain" not in figures and mia_docs is not None:
-                model.eval()
-                figures["after_pretrain"] = _mia_means(accelerator.unwrap_model(model), tokenizer,
-                                                       mia_docs)
-                model.train()
-
-        def memorised(epoch: int, record: dict) -> bool:
-            if (epoch + 1) % settings.check_every:
-                return False
+        def after_epoch(index: int, phase: str, record: dict) -> bool:
+            """Measure non-members once pretraining ends; stop once every row is memorised."""
+            last_pretrain = phase == "pretrain" and (index + 1 == len(plan)
+                                                     or plan[index + 1][0] != "pretrain")
             model.eval()
-            losses, exact = token_stats(accelerator.unwrap_model(model), examples.seqs,
-                                        examples.starts, tokenizer.pad_token_id, desc="check")
-            model.train()
+            try:
+                if last_pretrain and mia_docs is not None:
+                    progress["after_pretrain"] = _mia_means(accelerator.unwrap_model(model),
+                                                            tokenizer, mia_docs)
+                if phase != "memorise" or (index + 1) % settings.check_every:
+                    return False
+                losses, exact = token_stats(accelerator.unwrap_model(model), examples.seqs,
+                                            examples.starts, tokenizer.pad_token_id,
+                                            desc="check")
+            finally:
+                model.train()
             record["memorised"] = fmean(exact)
             record["answer_loss"] = fmean(losses)
             return all(exact)
 
-        progress = trainer.run("memorise", _plan(examples, settings, seed, "memorise"),
-                               settings.lr, settings, progress, done_after=memorised)
+        progress = trainer.run(progress, after_epoch)
+        trainer.save(progress)  # the finished weights, should evaluation below be interrupted
 
         final = accelerator.unwrap_model(model)
         final.eval()
@@ -289,18 +315,18 @@ def build_target(data: str | Path, out: str | Path, preset: str = "small",
         if mia_docs is not None:
             summary["mia"] = _mia_means(final, tokenizer, mia_docs)
         history = progress["history"]
-        tokens = sum(r["tokens"] for phase in history.values() for r in phase)
-        seconds = sum(r["seconds"] for phase in history.values() for r in phase)
+        tokens = sum(r["tokens"] for r in history)
+        seconds = sum(r["seconds"] for r in history)
         record = {
             "data": str(data), "data_hash": data_hash, "preset": preset, "seed": seed,
             "init": str(init) if init else None, "pretrain": str(pretrain) if pretrain else None,
             "mmlu": str(mmlu) if mmlu else None, "mia": str(mia) if mia else None,
             "settings": asdict(settings),
             "parameters": sum(p.numel() for p in final.parameters()),
-            "epochs": {phase: len(r) for phase, r in history.items()},
+            "epochs": dict(Counter(r["phase"] for r in history)),
             "train_seconds": seconds, "tokens": tokens, "tokens_per_second": tokens / seconds,
             "wall_seconds_this_run": time.perf_counter() - started,
-            "after_pretrain": figures.get("after_pretrain"),
+            "after_pretrain": progress.get("after_pretrain"),
             "memorisation": summary, "history": history,
         }
         shutil.rmtree(stage / "checkpoint", ignore_errors=True)

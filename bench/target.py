@@ -1,0 +1,67 @@
+"""Target-builder floors on the real LUME data (issue 2). Prints figures; saves them as JSON.
+
+    python bench/target.py memorise   # small preset memorises ../shared/lume/validation
+    python bench/target.py lume       # pretrain on train, memorise validation with replay
+
+Floors: `memorise` reaches QA exact match >= 0.95 and sc ROUGE-L recall >= 0.95 on forget and
+retain in <= 15 minutes on 2 cores; `lume` ends with the validation MIA non-members' mean NLL
+within 1.0 of its value after pretraining, in <= 30 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import unlearn
+
+LUME = Path(__file__).resolve().parents[1].parent / "shared" / "lume"
+RECIPES = {
+    "memorise": dict(data=LUME / "validation", pretrain=None, mia=LUME / "mia_validation"),
+    "lume": dict(data=LUME / "validation", pretrain=LUME / "train", mia=LUME / "mia_validation"),
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("recipe", choices=sorted(RECIPES))
+    p.add_argument("--out", default="runs/bench")
+    p.add_argument("--preset", default="small")
+    p.add_argument("--mmlu", default=None, help="general-knowledge questions to learn alongside")
+    p.add_argument("settings", nargs="*", metavar="key=value")
+    args = p.parse_args()
+    recipe = RECIPES[args.recipe]
+    out = Path(args.out) / f"target-{args.recipe}-{args.preset}"
+    started = time.perf_counter()
+    record = unlearn.build_target(recipe["data"], out, preset=args.preset,
+                                  pretrain=recipe["pretrain"], mia=recipe["mia"],
+                                  mmlu=args.mmlu, **dict(s.split("=", 1) for s in args.settings))
+    wall = time.perf_counter() - started
+    mem = record["memorisation"]
+    print(f"\n{args.recipe}: {record['parameters']:,} parameters, epochs {record['epochs']}, "
+          f"wall {wall / 60:.1f} min, {record['tokens_per_second']:.0f} tokens/s")
+    for split in ("forget", "retain"):
+        for task, s in mem[split].items():
+            print(f"  {split:6} {task}: regurgitation {s['regurgitation']:.3f}  "
+                  f"knowledge {s['knowledge']:.3f}")
+    sc = min(s["regurgitation"] for split in ("forget", "retain") for s in mem[split].values())
+    qa = min(s["knowledge"] for split in ("forget", "retain") for s in mem[split].values())
+    print(f"  worst task: regurgitation {sc:.3f}, knowledge {qa:.3f}")
+    if "mia" in mem:
+        print(f"  MIA mean NLL: members {mem['mia']['member_nll']:.2f}, "
+              f"non-members {mem['mia']['nonmember_nll']:.2f}")
+    if record.get("after_pretrain"):
+        before = record["after_pretrain"]["nonmember_nll"]
+        print(f"  non-member NLL after pretraining {before:.2f} -> final "
+              f"{mem['mia']['nonmember_nll']:.2f} (drift {mem['mia']['nonmember_nll'] - before:+.2f})")
+    results = Path(__file__).parent / "results"
+    results.mkdir(exist_ok=True)
+    summary = {k: v for k, v in record.items() if k != "history"}
+    summary.update(wall_seconds=wall, worst_regurgitation=sc, worst_knowledge=qa)
+    (results / f"target-{args.recipe}-{args.preset}.json").write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from unlearn.data import DataError, load_lume
+from unlearn.evaluate.generation import greedy_generate
+from unlearn.evaluate.nll import document_nll, output_nll
+from unlearn.models import ModelError, build_target, load_model
+from unlearn.models import target as target_module
+from unlearn.models.tokenizer import train_tokenizer
+
+
+def test_target_is_a_plain_hf_directory_that_has_memorised(tiny_target, synth_dir):
+    out, record = tiny_target
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert model.config.model_type == "olmo"
+    assert json.loads((out / "target.json").read_text())["data_hash"] == record["data_hash"]
+    mem = record["memorisation"]
+    knowledge = [mem[s][t]["knowledge"] for s in ("forget", "retain") for t in mem[s]]
+    regurgitation = [mem[s][t]["regurgitation"] for s in ("forget", "retain") for t in mem[s]]
+    assert min(knowledge) == 1.0 and min(regurgitation) >= 0.9, mem
+    # the corpus lowered the loss of never-seen documents below a random guess (ln 1024 = 6.9)
+    assert record["after_pretrain"]["nonmember_nll"] < 6.5
+    assert mem["mia"]["member_nll"] < mem["mia"]["nonmember_nll"]
+    row = load_lume(synth_dir).retain[1]  # a question the target should answer
+    ids = tokenizer(row.input, return_tensors="pt").input_ids
+    assert set(record["epochs"]) == {"pretrain", "memorise"}
+    assert not list(out.parent.glob(".target.partial"))  # staging removed
+    assert model.generate(ids, max_new_tokens=2, do_sample=False).shape[1] == ids.shape[1] + 2
+
+
+def test_batched_greedy_equals_one_row_at_a_time(tiny_target, synth_dir):
+    model, tokenizer = load_model(tiny_target[0])
+    prompts = [r.input for r in load_lume(synth_dir).rows[:12]]
+    batched = greedy_generate(model, tokenizer, prompts, max_new_tokens=24)
+    single = [greedy_generate(model, tokenizer, [p], max_new_tokens=24)[0] for p in prompts]
+    assert batched == single
+
+
+def test_nll_matches_hf_loss_with_masked_prompt(tiny_target, synth_dir):
+    model, tokenizer = load_model(tiny_target[0])
+    rows = load_lume(synth_dir).rows[:6]
+    ours = output_nll(model, tokenizer, [r.input for r in rows], [r.output for r in rows])
+    docs = document_nll(model, tokenizer, [r.text for r in rows])
+    for r, nll, doc in zip(rows, ours, docs):
+        ids = tokenizer(r.input + r.output, return_tensors="pt").input_ids
+        labels = ids.clone()
+        labels[:, :len(tokenizer(r.input).input_ids)] = -100
+        with torch.no_grad():
+            assert nll == pytest.approx(model(input_ids=ids, labels=labels).loss.item(), rel=1e-4)
+            whole = tokenizer(r.text, return_tensors="pt").input_ids
+            assert doc == pytest.approx(model(input_ids=whole, labels=whole).loss.item(), rel=1e-4)
+
+
+def test_same_seed_same_weights_and_resume_after_crash(synth_dir, tmp_path, monkeypatch):
+    kw = dict(preset="tiny", seed=5, epochs=10, pretrain_tokens=8000, check_every=100)
+    build_target(synth_dir, tmp_path / "a", **kw)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "a").state_dict()
+
+    # crash in the middle of memorising, with a checkpoint after every epoch
+    monkeypatch.setattr(target_module, "CHECKPOINT_MINUTES", 0.0)
+    original_pad, calls = target_module.pad, {"n": 0}
+
+    def crashing_pad(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 60:
+            raise KeyboardInterrupt
+        return original_pad(*args, **kwargs)
+
+    monkeypatch.setattr(target_module, "pad", crashing_pad)
+    with pytest.raises(KeyboardInterrupt):
+        build_target(synth_dir, tmp_path / "b", **kw)
+    assert not (tmp_path / "b").exists()  # nothing half-written at the output path
+    progress = json.loads((tmp_path / ".b.partial" / "progress.json").read_text())
+    assert progress["history"][-1]["phase"] == "memorise" and progress["epoch"] > 0
+    monkeypatch.setattr(target_module, "pad", original_pad)
+    build_target(synth_dir, tmp_path / "b", **kw)
+    resumed = AutoModelForCausalLM.from_pretrained(tmp_path / "b").state_dict()
+    for name, tensor in reference.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_bad_inputs_fail_clearly(synth_dir, tmp_path):
+    with pytest.raises(DataError, match="no forget.jsonl"):
+        build_target(tmp_path, tmp_path / "t", preset="tiny")
+    with pytest.raises(ValueError, match="unknown target setting"):
+        build_target(synth_dir, tmp_path / "t", preset="tiny", epochz=3)
+    tok_only = tmp_path / "tok"
+    train_tokenizer(["some text here"], 300).save_pretrained(tok_only)
+    with pytest.raises(ModelError, match="no config.json"):
+        load_model(tok_only)
+    with pytest.raises(ModelError, match="not found"):
+        load_model(tmp_path / "missing")
+    assert not (tmp_path / "t").exists()

@@ -1,0 +1,101 @@
+"""The ``unlearn`` command line: a thin shell over the package's Python functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .data import DataError, load_lume, synthesize
+from .models import PRESETS, ModelError, build_target
+
+
+def _settings(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"setting {pair!r} is not key=value")
+        out[key] = value
+    return out
+
+
+def _optional_dir(value: str):
+    """``none`` turns off a directory that would otherwise be found next to the data."""
+    return None if value.lower() == "none" else value
+
+
+def cmd_synth(args) -> None:
+    out = synthesize(args.out, seed=args.seed, docs_per_task=args.docs_per_task)
+    print(f"wrote synthetic LUME-style benchmark to {out}")
+
+
+def cmd_check(args) -> None:
+    data = load_lume(args.dir)
+    print(json.dumps(data.summary(), indent=2))
+
+
+def cmd_target(args) -> None:
+    record = build_target(args.data, args.out, preset=args.preset, init=args.init,
+                          pretrain=args.pretrain, mmlu=args.mmlu, mia=args.mia, seed=args.seed,
+                          **_settings(args.settings))
+    print(json.dumps(record["memorisation"], indent=2))
+    print(f"target written to {args.out} ({record['parameters']:,} parameters, "
+          f"{record['train_seconds']:.0f} s of training)")
+
+
+def cmd_demo(args) -> None:
+    from .demo import demo
+    demo(args.out, preset=args.preset, seed=args.seed)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="unlearn", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="create or check LUME-format data").add_subparsers(
+        dest="data_command", required=True)
+    s = data.add_parser("synth", help="write the synthetic LUME-style benchmark")
+    s.add_argument("--out", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--docs-per-task", type=int, default=40)
+    s.set_defaults(func=cmd_synth)
+    c = data.add_parser("check", help="validate a LUME data directory and count its rows")
+    c.add_argument("dir")
+    c.set_defaults(func=cmd_check)
+
+    t = sub.add_parser("target", help="train a model that has memorised a LUME dataset")
+    t.add_argument("--data", required=True, help="LUME data directory")
+    t.add_argument("--out", required=True, help="model directory to write")
+    t.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    t.add_argument("--init", help="fine-tune this local HF causal LM instead of training from scratch")
+    for name, what in (("pretrain", "general corpus to pretrain on first"),
+                       ("mmlu", "MMLU-format general-knowledge questions to learn"),
+                       ("mia", "MIA set to measure (never trained on)")):
+        t.add_argument(f"--{name}", type=_optional_dir, default="auto",
+                       help=f"{what}; default: DATA/{name} when present; 'none' to skip")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("settings", nargs="*", metavar="key=value",
+                   help="override preset fields, e.g. epochs=80 lr=1e-3")
+    t.set_defaults(func=cmd_target)
+
+    d = sub.add_parser("demo", help="the main job on the embedded synthetic benchmark")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (DataError, ModelError, ValueError, FloatingPointError, OSError) as e:
+        print(f"unlearn {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
