@@ -5,7 +5,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from unlearn.data import DataError, load_lume
-from unlearn.evaluate.generation import greedy_generate
+from unlearn.evaluate.generation import can_still_match, generate_one_by_one, greedy_generate
+from unlearn.evaluate.metrics import knowledge
 from unlearn.evaluate.nll import document_nll, output_nll
 from unlearn.models import ModelError, build_target, load_model
 from unlearn.models import target as target_module
@@ -34,10 +35,28 @@ def test_target_is_a_plain_hf_directory_that_has_memorised(tiny_target, synth_di
 
 def test_batched_greedy_equals_one_row_at_a_time(tiny_target, synth_dir):
     model, tokenizer = load_model(tiny_target[0])
-    prompts = [r.input for r in load_lume(synth_dir).rows[:12]]
-    batched = greedy_generate(model, tokenizer, prompts, max_new_tokens=24)
-    single = [greedy_generate(model, tokenizer, [p], max_new_tokens=24)[0] for p in prompts]
-    assert batched == single
+    rows = load_lume(synth_dir).rows
+    prompts = [r.input for r in rows] + ["Zz", "The capital of"]  # memorised and not
+    answers = [r.output if r.kind == "qa" else None for r in rows] + ["no", None]
+    fast = greedy_generate(model, tokenizer, prompts, max_new_tokens=40, answers=answers)
+    reference = generate_one_by_one(model, tokenizer, prompts, max_new_tokens=40)
+    for generation, expected, answer in zip(fast, reference, answers):
+        if generation.stopped_early:  # cut short only when it could never have matched
+            assert knowledge(answer, expected) == 0
+            assert expected.replace(" ", "").startswith(generation.text.replace(" ", ""))
+        else:
+            assert generation.text == expected
+    assert any(g.stopped_early for g in fast) and sum(not g.stopped_early for g in fast) > 40
+
+
+def test_can_still_match_is_conservative():
+    assert can_still_match("", "Madera")
+    assert can_still_match(" mad", "Madera")
+    assert can_still_match("Madera  ", "Madera")
+    assert can_still_match("word ", "word.")  # the space may be cleaned up by the next token
+    assert can_still_match("caf\ufffd", "café")  # half a UTF-8 character is not judged
+    assert not can_still_match("Mad dog", "Madera")
+    assert not can_still_match("Madera1", "Madera")
 
 
 def test_nll_matches_hf_loss_with_masked_prompt(tiny_target, synth_dir):
@@ -95,3 +114,24 @@ def test_bad_inputs_fail_clearly(synth_dir, tmp_path):
     with pytest.raises(ModelError, match="not found"):
         load_model(tmp_path / "missing")
     assert not (tmp_path / "t").exists()
+
+
+def test_init_fine_tunes_a_local_model_and_leaves_it_untouched(tiny_target, synth_dir, tmp_path):
+    import hashlib
+
+    source = tiny_target[0]
+
+    def checksums():
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(source.iterdir()) if p.is_file()}
+
+    before = checksums()
+    record = build_target(synth_dir, tmp_path / "ft", preset="tiny", init=source,
+                          pretrain=None, epochs=2, check_every=100)
+    assert checksums() == before
+    assert record["init"] == str(source) and record["epochs"] == {"memorise": 2}
+    tuned, _ = load_model(tmp_path / "ft")
+    original, _ = load_model(source)
+    assert tuned.config.hidden_size == original.config.hidden_size
+    assert not torch.equal(tuned.model.layers[0].mlp.up_proj.weight,
+                           original.model.layers[0].mlp.up_proj.weight)

@@ -12,8 +12,9 @@ from .metrics import row_score
 
 def score_rows(model, tokenizer, rows: list[Row], max_new_tokens: int = 256) -> list[float]:
     """Official per-row scores (ROUGE-L recall for sc rows, exact match for qa rows)."""
-    generated = greedy_generate(model, tokenizer, [r.input for r in rows], max_new_tokens)
-    return [row_score(r.kind, r.output, g) for r, g in zip(rows, generated)]
+    generated = greedy_generate(model, tokenizer, [r.input for r in rows], max_new_tokens,
+                                answers=[r.output if r.kind == "qa" else None for r in rows])
+    return [row_score(r.kind, r.output, g.text) for r, g in zip(rows, generated)]
 
 
 def task_means(rows: list[Row], scores: list[float]) -> dict[str, dict[str, float]]:

@@ -26,7 +26,7 @@ class TargetPreset:
     # phase 2: memorise the task rows (+ general-knowledge questions), replaying the corpus
     epochs: int = 60  # upper bound; training stops once every row is reproduced greedily
     lr: float = 2e-3
-    replay: float = 0.5  # corpus pieces replayed per task row each epoch
+    replay: float = 0.5  # corpus tokens replayed each epoch, per task token
     warmup_steps: int = 50
     check_every: int = 5  # epochs between teacher-forced memorisation checks
     # batching
@@ -51,7 +51,7 @@ PRESETS = {
                          pretrain_lr=3e-3, epochs=60, lr=3e-3, warmup_steps=10, check_every=5,
                          batch_tokens=2048, max_rows=8, precision="fp32"),
     "small": TargetPreset(vocab_size=4096, hidden_size=256, num_layers=8, num_heads=4,
-                          intermediate_size=768, max_rows=8, epochs=45, lr=3e-3),
+                          intermediate_size=768, max_rows=8, epochs=60, check_every=10),
     "base": TargetPreset(vocab_size=16384, hidden_size=768, num_layers=12, num_heads=12,
                          intermediate_size=3072, max_len=1024, pretrain_tokens=20_000_000,
                          pretrain_lr=6e-4, lr=3e-4, batch_tokens=16384, max_rows=32),

@@ -62,17 +62,17 @@ def _discover(data: Path, given, name: str):
 
 
 class _Examples:
-    """Tokenized training material: memorisation examples (prompt, answer) and corpus pieces."""
+    """Tokenized training material: memorisation examples, one sequence per (prompt, answer), and
+    the corpus packed as in LM pretraining (documents joined by EOS, cut into full blocks), which
+    keeps every batch dense."""
 
     def __init__(self, tokenizer, pairs: list[tuple[str, str]], corpus: list[str], max_len: int):
         eos = tokenizer.eos_token_id
         self.seqs = [tokenizer(p + " " + a).input_ids[: max_len - 1] + [eos] for p, a in pairs]
         self.starts = [min(len(tokenizer(p).input_ids), len(s) - 1)
                        for (p, _), s in zip(pairs, self.seqs)]
-        self.corpus = []
-        for doc in corpus:
-            ids = tokenizer(doc).input_ids + [eos]
-            self.corpus += [ids[i:i + max_len] for i in range(0, len(ids), max_len)]
+        stream = [t for doc in corpus for t in tokenizer(doc).input_ids + [eos]]
+        self.corpus = [stream[i:i + max_len] for i in range(0, len(stream), max_len)]
 
 
 def _plan_epoch(seqs: list[list[int]], preset: TargetPreset,
@@ -101,7 +101,10 @@ def _plan(examples: _Examples, preset: TargetPreset, seed: int) -> list[tuple[st
             budget -= sum(len(s) for s in batch)
         plan.append(("pretrain", batches))
         epoch += 1
-    replayed = round(preset.replay * len(examples.seqs)) if examples.corpus else 0
+    replayed = 0
+    if examples.corpus:
+        task_tokens = sum(len(s) for s in examples.seqs)
+        replayed = max(1, round(preset.replay * task_tokens / len(examples.corpus[0])))
     for epoch in range(preset.epochs):
         rng = random.Random(f"{seed}/memorise/{epoch}")
         picks = rng.sample(range(max(replayed, len(examples.corpus))), replayed)
