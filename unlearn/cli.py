@@ -44,6 +44,15 @@ def cmd_target(args) -> None:
           f"{record['train_seconds']:.0f} s of training)")
 
 
+def cmd_eval(args) -> None:
+    from .evaluate.lume import evaluate
+    from .evaluate.table import results_table
+    results = evaluate(args.model, args.data, args.out, mia=args.mia, mmlu=args.mmlu,
+                       max_new_tokens=args.max_new_tokens, dtype=args.dtype)
+    print(results_table(results))
+    print(f"results written to {args.out}")
+
+
 def cmd_demo(args) -> None:
     from .demo import demo
     demo(args.out, preset=args.preset, seed=args.seed)
@@ -78,6 +87,17 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("settings", nargs="*", metavar="key=value",
                    help="override preset fields, e.g. epochs=80 lr=1e-3")
     t.set_defaults(func=cmd_target)
+
+    e = sub.add_parser("eval", help="score a model as SemEval-2025 Task 4 did (LUME)")
+    e.add_argument("--model", required=True, help="HF model directory")
+    e.add_argument("--data", required=True, help="LUME data directory")
+    e.add_argument("--mia", help="MIA directory (member.jsonl, nonmember.jsonl)")
+    e.add_argument("--mmlu", help="MMLU-format directory of CSVs")
+    e.add_argument("--out", required=True)
+    e.add_argument("--max-new-tokens", type=int, default=256)
+    e.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="auto: bf16 on a GPU (as the official scorer), fp32 on a CPU")
+    e.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("demo", help="the main job on the embedded synthetic benchmark")
     d.add_argument("--out", default="runs/demo")

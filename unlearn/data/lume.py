@@ -153,15 +153,28 @@ def _check_record(where: str, record: object, columns: tuple[str, ...]) -> list[
     return problems
 
 
-def read_rows(path: Path, split: str) -> tuple[list[Row], list[str]]:
-    """Rows of one split file and the problems found in it (empty when the file is valid)."""
-    rows, problems, seen = [], [], {}
+def _unique_records(path: Path, columns: tuple[str, ...],
+                    problems: list[str]) -> Iterator[tuple[str, dict]]:
+    """``(where, record)`` for each well-formed record with an id not seen before; every other
+    record adds its problems to ``problems``."""
+    seen: dict[str, int] = {}
     for line, record in read_records(path):
         where = f"{path}:{line}"
-        found = _check_record(where, record, ROW_COLUMNS)
+        found = _check_record(where, record, columns)
         if found:
             problems += found
-            continue
+        elif record["id"] in seen:
+            problems.append(f"{where}: duplicate id {record['id']!r} (first on line "
+                            f"{seen[record['id']]}); ids must be unique")
+        else:
+            seen[record["id"]] = line
+            yield where, record
+
+
+def read_rows(path: Path, split: str) -> tuple[list[Row], list[str]]:
+    """Rows of one split file and the problems found in it (empty when the file is valid)."""
+    rows, problems = [], []
+    for where, record in _unique_records(path, ROW_COLUMNS, problems):
         kind = row_kind(record["id"])
         if kind is None:
             problems.append(f"{where}: id {record['id']!r} ends in neither scN nor qaN; "
@@ -176,11 +189,6 @@ def read_rows(path: Path, split: str) -> tuple[list[Row], list[str]]:
             problems.append(f"{where}: row says split {row_split!r} but sits in the {split} file; "
                             f"move it or fix its 'split' field")
             continue
-        if record["id"] in seen:
-            problems.append(f"{where}: duplicate id {record['id']!r} (first on line "
-                            f"{seen[record['id']]}); ids must be unique")
-            continue
-        seen[record["id"]] = line
         rows.append(Row(id=record["id"], input=record["input"], output=record["output"],
                         task=record["task"], split=split, kind=kind[0], doc_id=kind[1]))
     if not rows and not problems:
@@ -228,18 +236,8 @@ def read_documents(path: Path) -> list[Document]:
     if not path.is_file():
         raise DataError([f"{path}: file not found; an MIA directory holds member.jsonl and "
                          f"nonmember.jsonl"])
-    docs, problems, seen = [], [], {}
-    for line, record in read_records(path):
-        where = f"{path}:{line}"
-        found = _check_record(where, record, MIA_COLUMNS)
-        if found:
-            problems += found
-            continue
-        if record["id"] in seen:
-            problems.append(f"{where}: duplicate id {record['id']!r} (first on line "
-                            f"{seen[record['id']]}); ids must be unique")
-            continue
-        seen[record["id"]] = line
+    docs, problems = [], []
+    for _, record in _unique_records(path, MIA_COLUMNS, problems):
         docs.append(Document(id=record["id"], document=record["document"]))
     if not docs and not problems:
         problems.append(f"{path}: no documents; an MIA set must not be empty")

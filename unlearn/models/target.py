@@ -283,6 +283,7 @@ def build_target(data: str | Path, out: str | Path, preset: str = "small",
         examples = _Examples(tokenizer, pairs, corpus, settings.max_len)
         plan = _plan(examples, settings, seed)
         trainer = _Trainer(accelerator, model, tokenizer.pad_token_id, stage, settings, plan)
+        first_memorise = [phase for phase, _ in plan].index("memorise")
 
         def after_epoch(index: int, phase: str, record: dict) -> bool:
             """Measure non-members once pretraining ends; stop once every row is memorised."""
@@ -293,7 +294,8 @@ def build_target(data: str | Path, out: str | Path, preset: str = "small",
                 if last_pretrain and mia_docs is not None:
                     progress["after_pretrain"] = _mia_means(accelerator.unwrap_model(model),
                                                             tokenizer, mia_docs)
-                if phase != "memorise" or (index + 1) % settings.check_every:
+                memorise_epoch = index - first_memorise
+                if phase != "memorise" or (memorise_epoch + 1) % settings.check_every:
                     return False
                 losses, exact = token_stats(accelerator.unwrap_model(model), examples.seqs,
                                             examples.starts, tokenizer.pad_token_id,

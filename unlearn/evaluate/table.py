@@ -1,0 +1,23 @@
+"""A compact terminal view of evaluation results."""
+
+from __future__ import annotations
+
+
+def results_table(results: dict) -> str:
+    lines = [f"{'':8} {'task':6} {'regurgitation':>14} {'knowledge':>10}"]
+    for split in ("forget", "retain"):
+        block = results[f"{split}-set"]
+        for task in sorted(k for k in block if k.startswith("Task")):
+            s = block[task]
+            lines.append(f"{split:8} {task:6} {s['regurgitation-score']:14.3f} "
+                         f"{s['knowledge-score']:10.3f}")
+    lines.append(f"task aggregate (harmonic mean of 12): "
+                 f"{results['harmonic-mean-task-aggregate']:.3f}")
+    if "mia_loss_acc" in results:
+        lines.append(f"MIA loss AUC {results['mia_loss_acc']:.3f} -> score "
+                     f"{results['mia_final_score']:.3f}")
+    if "mmlu_average" in results:
+        lines.append(f"MMLU {results['mmlu_average']:.3f}")
+    lines.append(f"final score {results['final-score']:.3f} "
+                 f"(mean of {', '.join(results['final-score-terms'])})")
+    return "\n".join(lines)
