@@ -11,6 +11,7 @@ from unlearn.evaluate.nll import document_nll, output_nll
 from unlearn.models import ModelError, build_target, load_model
 from unlearn.models import target as target_module
 from unlearn.models.tokenizer import train_tokenizer
+from unlearn import training
 
 
 def test_target_is_a_plain_hf_directory_that_has_memorised(tiny_target, synth_dir):
@@ -80,7 +81,7 @@ def test_same_seed_same_weights_and_resume_after_crash(synth_dir, tmp_path, monk
     reference = AutoModelForCausalLM.from_pretrained(tmp_path / "a").state_dict()
 
     # crash in the middle of memorising, with a checkpoint after every epoch
-    monkeypatch.setattr(target_module, "CHECKPOINT_MINUTES", 0.0)
+    monkeypatch.setattr(training, "CHECKPOINT_MINUTES", 0.0)
     original_pad, calls = target_module.pad, {"n": 0}
 
     def crashing_pad(*args, **kwargs):
@@ -94,7 +95,7 @@ def test_same_seed_same_weights_and_resume_after_crash(synth_dir, tmp_path, monk
         build_target(synth_dir, tmp_path / "b", **kw)
     assert not (tmp_path / "b").exists()  # nothing half-written at the output path
     progress = json.loads((tmp_path / ".b.partial" / "progress.json").read_text())
-    assert progress["history"][-1]["phase"] == "memorise" and progress["epoch"] > 0
+    assert progress["history"][-1]["name"] == "memorise" and progress["epoch"] > 0
     monkeypatch.setattr(target_module, "pad", original_pad)
     build_target(synth_dir, tmp_path / "b", **kw)
     resumed = AutoModelForCausalLM.from_pretrained(tmp_path / "b").state_dict()

@@ -7,6 +7,7 @@ import json
 import sys
 
 from .data import DataError, load_lume, synthesize
+from .methods import METHODS
 from .models import PRESETS, ModelError, build_target
 
 
@@ -51,6 +52,16 @@ def cmd_eval(args) -> None:
                        max_new_tokens=args.max_new_tokens, dtype=args.dtype)
     print(results_table(results))
     print(f"results written to {args.out}")
+
+
+def cmd_run(args) -> None:
+    from .engine import run
+    record = run(args.method, args.model, args.data, args.out, config=args.config,
+                 seed=args.seed, eval_every=args.eval_every, profile=args.profile,
+                 **_settings(args.settings))
+    print(f"{args.method}: {record['steps']} steps in {record['train_seconds']:.0f} s, "
+          f"{record['trainable_parameters']:,} parameters trained, peak memory "
+          f"{record['peak_memory_mb']:.0f} MB; model written to {args.out}")
 
 
 def cmd_demo(args) -> None:
@@ -98,6 +109,22 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                    help="auto: bf16 on a GPU (as the official scorer), fp32 on a CPU")
     e.set_defaults(func=cmd_eval)
+
+    r = sub.add_parser("run", help="unlearn the forget set from a model")
+    r.add_argument("--method", required=True, choices=sorted(METHODS))
+    r.add_argument("--model", required=True, help="HF model directory (only read)")
+    r.add_argument("--data", required=True, help="LUME data directory")
+    r.add_argument("--out", required=True, help="model directory to write")
+    r.add_argument("--config", help="JSON or TOML file of method settings")
+    r.add_argument("--profile", choices=["auto", "paper", "small"], default="auto",
+                   help="defaults: the paper's, or adjusted for small from-scratch targets "
+                        "(auto: small when the model's target.json says it was built from scratch)")
+    r.add_argument("--eval-every", type=int, default=0, metavar="EPOCHS",
+                   help="score forget/retain every this many epochs into run.json")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("settings", nargs="*", metavar="key=value",
+                   help="override method settings, e.g. lr=1e-4 lora=true layers=last:2")
+    r.set_defaults(func=cmd_run)
 
     d = sub.add_parser("demo", help="the main job on the embedded synthetic benchmark")
     d.add_argument("--out", default="runs/demo")

@@ -29,8 +29,11 @@ class Generation:
 
 
 def decode(tokenizer, ids: list[int]) -> str:
-    """The official decoding of generated ids."""
-    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)
+    """The official decoding of generated ids: special tokens skipped and tokenization spaces
+    cleaned up (" ." becomes "."). The scorer ran on transformers 4, which applied that clean-up
+    to BPE tokenizers such as OLMo's; transformers 5 skips it for BPE, so it is applied here."""
+    text = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    return tokenizer.clean_up_tokenization(text)
 
 
 def can_still_match(text_so_far: str, answer: str) -> bool:

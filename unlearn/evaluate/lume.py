@@ -20,7 +20,7 @@ import torch
 from sklearn.metrics import auc, roc_curve
 
 from ..data import load_lume, load_mia, load_mmlu
-from ..data.lume import Row
+from ..data.lume import LumeData, MiaData, Row
 from ..io import atomic_directory, write_json
 from ..models.loading import load_model
 from .generation import greedy_generate
@@ -130,6 +130,39 @@ def final_scores(results: dict) -> None:
     results["final-score-terms"] = list(terms)
 
 
+@dataclass
+class Scores:
+    results: dict  # the official results.json content
+    rows: list[RowResult]
+    mia_nll: dict[str, list[float]] | None  # per MIA document, "member" and "nonmember"
+
+
+def score_model(lm, tokenizer, lume: LumeData, mia: MiaData | None = None,
+                questions: list | None = None, max_new_tokens: int = 256) -> Scores:
+    """Score a loaded model: the official numbers, computed from generations in memory."""
+    started = time.perf_counter()
+    rows = lume.rows
+    generations = greedy_generate(lm, tokenizer, [r.input for r in rows], max_new_tokens,
+                                  answers=[r.output if r.kind == "qa" else None for r in rows])
+    nlls = output_nll(lm, tokenizer, [r.input for r in rows], [r.output for r in rows])
+    scored = score_generations(rows, [g.text for g in generations], nlls,
+                               [g.stopped_early for g in generations])
+    results: dict = {"forget-set": split_scores([r for r in scored if r.split == "forget"]),
+                     "retain-set": split_scores([r for r in scored if r.split == "retain"])}
+    mia_nll = None
+    if mia is not None:
+        mia_nll = {name: document_nll(lm, tokenizer, [d.document for d in docs], desc=name)
+                   for name, docs in (("member", mia.member), ("nonmember", mia.nonmember))}
+        results["mia_loss_acc"] = mia_auc(mia_nll["member"], mia_nll["nonmember"])
+    if questions:
+        results["mmlu_average"] = mmlu_accuracy(lm, tokenizer, questions)
+    results["aggregated-terms"] = aggregated_terms(results["forget-set"], results["retain-set"])
+    results["harmonic-mean-task-aggregate"] = task_aggregate(results["aggregated-terms"])
+    final_scores(results)
+    results["seconds"] = time.perf_counter() - started
+    return Scores(results, scored, mia_nll)
+
+
 def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
              mia: str | Path | None = None, mmlu: str | Path | None = None,
              max_new_tokens: int = 256, dtype: str = "auto") -> dict:
@@ -141,7 +174,6 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
     ``dtype``: ``auto`` is bf16 on a GPU (as the official scorer) and fp32 on a CPU.
     Returns the results dict.
     """
-    started = time.perf_counter()
     lume = load_lume(data)
     mia_docs = load_mia(mia) if mia else None
     questions = load_mmlu(mmlu) if mmlu else None
@@ -149,44 +181,22 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
                    "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     lm, tokenizer = load_model(model, dtype=torch_dtype,
                                device="cuda" if torch.cuda.is_available() else None)
-
-    rows = lume.rows
-    generations = greedy_generate(lm, tokenizer, [r.input for r in rows], max_new_tokens,
-                                  answers=[r.output if r.kind == "qa" else None for r in rows])
-    nlls = output_nll(lm, tokenizer, [r.input for r in rows], [r.output for r in rows])
-    scored = score_generations(rows, [g.text for g in generations], nlls,
-                               [g.stopped_early for g in generations])
-    forget = [r for r in scored if r.split == "forget"]
-    retain = [r for r in scored if r.split == "retain"]
-
-    results: dict = {"forget-set": split_scores(forget), "retain-set": split_scores(retain)}
-    mia_nll = None
-    if mia_docs is not None:
-        mia_nll = {name: document_nll(lm, tokenizer, [d.document for d in docs], desc=name)
-                   for name, docs in (("member", mia_docs.member),
-                                      ("nonmember", mia_docs.nonmember))}
-        results["mia_loss_acc"] = mia_auc(mia_nll["member"], mia_nll["nonmember"])
-    if questions is not None:
-        results["mmlu_average"] = mmlu_accuracy(lm, tokenizer, questions)
-    results["aggregated-terms"] = aggregated_terms(results["forget-set"], results["retain-set"])
-    results["harmonic-mean-task-aggregate"] = task_aggregate(results["aggregated-terms"])
-    final_scores(results)
-    results["seconds"] = time.perf_counter() - started
+    scores = score_model(lm, tokenizer, lume, mia_docs, questions, max_new_tokens)
+    results = scores.results
     if "mmlu_average" in results and results["mmlu_average"] < MMLU_CUTOFF:
         print(f"warning: MMLU {results['mmlu_average']:.3f} is below the task's cut-off "
               f"{MMLU_CUTOFF}")
-
     if out is not None:
         with atomic_directory(out) as tmp:
-            write_rows_csv(tmp / "forget_0.csv", forget)
-            write_rows_csv(tmp / "retain_0.csv", retain)
+            write_rows_csv(tmp / "forget_0.csv", [r for r in scores.rows if r.split == "forget"])
+            write_rows_csv(tmp / "retain_0.csv", [r for r in scores.rows if r.split == "retain"])
             with open(tmp / "generations.jsonl", "w", encoding="utf-8") as f:
-                for r in scored:
+                for r in scores.rows:
                     f.write(json.dumps(asdict(r), ensure_ascii=False) + "\n")
-            if mia_nll is not None:
+            if scores.mia_nll is not None:
                 (tmp / "mia_results").mkdir()
                 docs = {"member": mia_docs.member, "nonmember": mia_docs.nonmember}
-                for name, values in mia_nll.items():
+                for name, values in scores.mia_nll.items():
                     pd.DataFrame({"id": [d.id for d in docs[name]], "nll": values}).to_csv(
                         tmp / "mia_results" / f"{name}_0.csv", index=False)
             write_json(tmp / "results.json", results)

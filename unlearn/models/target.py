@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import random
 import shutil
 import time
@@ -28,10 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 from statistics import fmean
 
-import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 from transformers import OlmoConfig, OlmoForCausalLM
 
 from ..data import load_corpus, load_lume, load_mia, load_mmlu
@@ -41,12 +37,10 @@ from ..evaluate.mmlu import mmlu_accuracy
 from ..evaluate.nll import document_nll, token_stats
 from ..accel import make_accelerator
 from ..io import atomic_directory, write_json
+from ..training import Epoch, NonFiniteLoss, Segment, Trainer
 from .loading import load_model, load_tokenizer
 from .presets import PRESETS, TargetPreset
 from .tokenizer import train_tokenizer
-
-CHECKPOINT_MINUTES = 2.0
-
 
 def fingerprint(*parts: object) -> str:
     """A short stable hash of JSON-able parts (data contents, settings)."""
@@ -85,21 +79,20 @@ def _plan_epoch(seqs: list[list[int]], preset: TargetPreset,
     return [[seqs[i] for i in b] for b in batches]
 
 
-def _plan(examples: _Examples, preset: TargetPreset, seed: int) -> list[tuple[str, list]]:
-    """``(phase, batches)`` for every epoch, fixed up front by the seed: the LR schedule knows its
-    length and a resumed run sees exactly the batches an uninterrupted one would."""
+def _plan(examples: _Examples, preset: TargetPreset, seed: int) -> list[Epoch]:
+    """Every epoch's batches, fixed up front by the seed (one micro-batch per step)."""
     plan = []
     budget = preset.pretrain_tokens if examples.corpus else 0
     epoch = 0
     while budget > 0:
         rng = random.Random(f"{seed}/pretrain/{epoch}")
-        batches = []
+        steps = []
         for batch in _plan_epoch(examples.corpus, preset, rng):
             if budget <= 0:
                 break
-            batches.append(batch)
+            steps.append([batch])
             budget -= sum(len(s) for s in batch)
-        plan.append(("pretrain", batches))
+        plan.append(Epoch(0, "pretrain", steps))
         epoch += 1
     replayed = 0
     if examples.corpus:
@@ -109,110 +102,30 @@ def _plan(examples: _Examples, preset: TargetPreset, seed: int) -> list[tuple[st
         rng = random.Random(f"{seed}/memorise/{epoch}")
         picks = rng.sample(range(max(replayed, len(examples.corpus))), replayed)
         replay = [examples.corpus[i % len(examples.corpus)] for i in picks]
-        plan.append(("memorise", _plan_epoch(examples.seqs + replay, preset, rng)))
+        batches = _plan_epoch(examples.seqs + replay, preset, rng)
+        plan.append(Epoch(0, "memorise", [[b] for b in batches]))
     return plan
 
 
-def _schedule(plan: list[tuple[str, list]], preset: TargetPreset):
-    """Learning rate per step: warm-up then cosine decay, once over the pretraining steps (peak
-    ``pretrain_lr``) and once again over the memorising steps (peak ``lr``)."""
-    phases = []
+def _segments(plan: list[Epoch], preset: TargetPreset) -> list[Segment]:
+    """Warm-up then cosine decay, once over the pretraining steps (peak ``pretrain_lr``) and once
+    again over the memorising steps (peak ``lr``); one optimizer throughout."""
+    segments = []
     for name, peak in (("pretrain", preset.pretrain_lr), ("memorise", preset.lr)):
-        steps = sum(len(b) for phase, b in plan if phase == name)
+        steps = sum(len(e.steps) for e in plan if e.name == name)
         if steps:
-            phases.append((steps, peak, min(preset.warmup_steps, steps // 10)))
-
-    def lr_at(step: int) -> float:
-        for steps, peak, warmup in phases:
-            if step < steps:
-                if step < warmup:
-                    return peak * (step + 1) / warmup
-                progress = (step - warmup) / max(1, steps - warmup)
-                return peak * 0.5 * (1 + math.cos(math.pi * progress))
-            step -= steps
-        return 0.0
-
-    return lr_at
+            segments.append(Segment(steps, peak, min(preset.warmup_steps, steps // 10)))
+    return segments
 
 
-class _Trainer:
-    """Trains through a plan of epochs; checkpoints (``stage/checkpoint``) at epoch boundaries."""
-
-    def __init__(self, accelerator: Accelerator, model, pad_id: int, stage: Path,
-                 preset: TargetPreset, plan: list[tuple[str, list]]):
-        self.acc, self.model, self.pad_id, self.stage = accelerator, model, pad_id, stage
-        self.plan = plan
-        # one optimizer and one schedule for both phases: lr is set absolutely by the schedule
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1.0, betas=(0.9, 0.95),
-                                      weight_decay=preset.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(plan, preset))
-        self.optimizer, self.scheduler = accelerator.prepare(optimizer, scheduler)
-
-    def save(self, progress: dict) -> None:
-        # pickled, not safetensors: safetensors drops the tied LM-head weight with a warning
-        self.acc.save_state(str(self.stage / "checkpoint"), safe_serialization=False)
-        write_json(self.stage / "progress.json", progress)
-
-    def resume(self, progress: dict) -> int:
-        """The epoch to start from; loads the checkpoint when there is one."""
-        if (self.stage / "checkpoint").is_dir() and progress.get("epoch"):
-            self.acc.load_state(str(self.stage / "checkpoint"))
-            return progress["epoch"]
-        return 0
-
-    def step(self, batch: list[list[int]], where: str) -> tuple[float, int]:
-        ids, mask = pad(batch, self.pad_id)
-        ids, mask = ids.to(self.acc.device), mask.to(self.acc.device)
+def _lm_loss(model, pad_id: int, device):
+    """Next-token loss over every non-padding token of a batch of sequences."""
+    def loss_fn(batch: list[list[int]]):
+        ids, mask = pad(batch, pad_id)
+        ids, mask = ids.to(device), mask.to(device)
         labels = ids.masked_fill(mask == 0, -100)
-        with self.acc.autocast():
-            loss = self.model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"{where}: loss became {loss.item()}; lower the learning rate (lr= or "
-                f"pretrain_lr=) and rerun: training resumes from the last checkpoint in "
-                f"{self.stage}")
-        self.acc.backward(loss)
-        self.acc.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss.item(), int(mask.sum())
-
-    def run(self, progress: dict, after_epoch) -> dict:
-        """Train from the checkpointed epoch on; ``after_epoch(index, phase, record)`` may
-        measure, and returns True to stop (memorised)."""
-        start = self.resume(progress)
-        if progress.get("done"):
-            return progress
-        history = progress.setdefault("history", [])
-        bar = tqdm(total=sum(len(b) for _, b in self.plan),
-                   initial=sum(len(b) for _, b in self.plan[:start]), unit="step",
-                   dynamic_ncols=True)
-        last_save = time.monotonic()
-        for index in range(start, len(self.plan)):
-            phase, batches = self.plan[index]
-            bar.set_description(phase)
-            losses, tokens, t0 = [], 0, time.perf_counter()
-            for batch in batches:
-                loss, n = self.step(batch, f"{phase} epoch {index}")
-                losses.append(loss)
-                tokens += n
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}",
-                                tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
-            record = {"phase": phase, "epoch": index, "loss": fmean(losses) if losses else None,
-                      "tokens": tokens, "seconds": time.perf_counter() - t0}
-            stop = after_epoch(index, phase, record)
-            history.append(record)
-            progress["epoch"] = index + 1
-            if stop:
-                break
-            if time.monotonic() - last_save > CHECKPOINT_MINUTES * 60:
-                self.save(progress)
-                last_save = time.monotonic()
-        bar.close()
-        progress["done"] = True
-        return progress
+        return model(input_ids=ids, attention_mask=mask, labels=labels).loss, int(mask.sum())
+    return loss_fn
 
 
 def _new_model(tokenizer, preset: TargetPreset) -> OlmoForCausalLM:
@@ -282,13 +195,15 @@ def build_target(data: str | Path, out: str | Path, preset: str = "small",
         model = accelerator.prepare(model)
         examples = _Examples(tokenizer, pairs, corpus, settings.max_len)
         plan = _plan(examples, settings, seed)
-        trainer = _Trainer(accelerator, model, tokenizer.pad_token_id, stage, settings, plan)
-        first_memorise = [phase for phase, _ in plan].index("memorise")
+        trainer = Trainer(accelerator, model, plan, _segments(plan, settings), stage,
+                          weight_decay=settings.weight_decay, betas=(0.9, 0.95))
+        first_memorise = [e.name for e in plan].index("memorise")
 
-        def after_epoch(index: int, phase: str, record: dict) -> bool:
+        def after_epoch(index: int, record: dict) -> bool:
             """Measure non-members once pretraining ends; stop once every row is memorised."""
+            phase = record["name"]
             last_pretrain = phase == "pretrain" and (index + 1 == len(plan)
-                                                     or plan[index + 1][0] != "pretrain")
+                                                     or plan[index + 1].name != "pretrain")
             model.eval()
             try:
                 if last_pretrain and mia_docs is not None:
@@ -306,7 +221,13 @@ def build_target(data: str | Path, out: str | Path, preset: str = "small",
             record["answer_loss"] = fmean(losses)
             return all(exact)
 
-        progress = trainer.run(progress, after_epoch)
+        try:
+            progress = trainer.run(progress, _lm_loss(model, tokenizer.pad_token_id,
+                                                      accelerator.device), after_epoch)
+        except NonFiniteLoss as e:
+            raise FloatingPointError(
+                f"{e}; lower the learning rate (lr= or pretrain_lr=) and rerun: training "
+                f"resumes from the last checkpoint in {stage}") from e
         trainer.save(progress)  # the finished weights, should evaluation below be interrupted
 
         final = accelerator.unwrap_model(model)
@@ -328,7 +249,7 @@ def build_target(data: str | Path, out: str | Path, preset: str = "small",
             "mmlu": str(mmlu) if mmlu else None, "mia": str(mia) if mia else None,
             "settings": asdict(settings),
             "parameters": sum(p.numel() for p in final.parameters()),
-            "epochs": dict(Counter(r["phase"] for r in history)),
+            "epochs": dict(Counter(r["name"] for r in history)),
             "train_seconds": seconds, "tokens": tokens, "tokens_per_second": tokens / seconds,
             "wall_seconds_this_run": time.perf_counter() - started,
             "after_pretrain": progress.get("after_pretrain"),

@@ -1,0 +1,214 @@
+import hashlib
+import json
+import random
+
+import pytest
+import torch
+
+from unlearn import engine, training
+from unlearn.engine import resolve_config, run
+from unlearn.methods import METHODS, Example, get_method
+from unlearn.methods.losses import Batch, forward
+from unlearn.models import load_model
+
+FAST = dict(epochs=1, batch_size=4)
+
+
+def _checksums(directory):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def _state(directory):
+    return load_model(directory)[0].state_dict()
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_writes_a_model_and_leaves_the_source_untouched(name, tiny_target,
+                                                                     synth_dir, tmp_path):
+    source = tiny_target[0]
+    before = _checksums(source)
+    record = run(name, source, synth_dir, tmp_path / name, seed=0, **FAST)
+    assert _checksums(source) == before
+    assert record["status"] == "complete" and record["method"] == name
+    saved = json.loads((tmp_path / name / "run.json").read_text())
+    assert saved["config"]["epochs"] == 1 and saved["profile"] == "small"
+    assert all(len(e["step_losses"]) > 0 for e in saved["history"])
+    after = _state(tmp_path / name)
+    original = _state(source)
+    assert any(not torch.equal(after[k], original[k]) for k in original), "nothing trained"
+
+
+def test_output_loss_masks_the_prompt(tiny_target, synth_dir):
+    model, tokenizer = load_model(tiny_target[0])
+    from unlearn.data import load_lume
+    row = load_lume(synth_dir).forget[0]
+    ids = tokenizer(row.input + " " + row.output).input_ids
+    start = len(tokenizer(row.input).input_ids)
+    batch = Batch.of([Example(tuple(ids), start, True, 0)], tokenizer.pad_token_id, "cpu")
+    labels = torch.tensor([ids])
+    labels[0, :start] = -100
+    with torch.no_grad():
+        expected = model(input_ids=labels.clamp(min=0) * 0 + torch.tensor([ids]),
+                         labels=labels).loss
+        ours = forward(model, batch).nll
+    torch.testing.assert_close(ours[0], expected)
+
+
+def _examples(n_forget, n_retain):
+    forget = [Example((1, 2, 3), 1, True, i) for i in range(n_forget)]
+    retain = [Example((1, 2, 3), 1, False, i) for i in range(n_retain)]
+    return forget, retain
+
+
+def test_sugd_chunks_in_file_order_with_a_carried_over_retain_cycle():
+    config = get_method("sugd").Config().override(chunk_size=3, positive_ratio=2, epochs=2,
+                                                  batch_size=4)
+    method = get_method("sugd")(config)
+    forget, retain = _examples(7, 5)
+    stages = method.stages(forget, retain, random.Random(0))
+    assert len(stages) == 3  # chunks of 3, 3, 1
+    merged = [[(e.forget, e.row) for step in stage[0] for e in step] for stage in stages]
+    assert merged[0] == [(True, 0), (False, 0), (False, 1), (True, 1), (False, 2), (False, 3),
+                         (True, 2), (False, 4), (False, 0)]
+    assert merged[1][:3] == [(True, 3), (False, 1), (False, 2)]  # the cycle carries over
+    assert merged[2] == [(True, 6), (False, 2), (False, 3)]
+    assert all(stage[0] == stage[1] for stage in stages)  # same order every epoch
+    assert [len(step) for step in stages[0][0]] == [4, 4, 1]
+
+
+def test_sugd_loss_is_the_row_mean_of_signed_factors(tiny_target, synth_dir):
+    model, tokenizer = load_model(tiny_target[0])
+    from unlearn.data import load_lume
+    data = load_lume(synth_dir)
+    examples = engine._examples(tokenizer, data.forget[:1], True, 512) + engine._examples(
+        tokenizer, data.retain[:2], False, 512)
+    batch = Batch.of(examples, tokenizer.pad_token_id, "cpu")
+    method = get_method("sugd")(get_method("sugd").Config())
+    with torch.no_grad():
+        nll = forward(model, batch).nll
+        loss = method.loss(model, batch, None)
+    torch.testing.assert_close(loss, (-nll[0] + 0.5 * nll[1] + 0.5 * nll[2]) / 3)
+
+
+def test_sugd_forgets_and_keeps_the_retain_set(tiny_target, synth_dir, tmp_path):
+    from unlearn.evaluate.lume import evaluate
+    run("sugd", tiny_target[0], synth_dir, tmp_path / "u", seed=0)
+    results = evaluate(tmp_path / "u", synth_dir)
+    forget, retain = results["forget-set"], results["retain-set"]
+    assert forget["overall-regurgitation-score"] < 0.3
+    assert retain["overall-regurgitation-score"] > 0.8
+
+
+def test_sugd_fresh_optimizer_per_chunk(tiny_target, synth_dir, tmp_path, monkeypatch):
+    cleared = []
+    original = training.Trainer.run
+
+    def spy(self, progress, loss_fn, after_epoch=None):
+        state = self.optimizer.state
+
+        def watch(index, record):
+            adam_steps = {int(v["step"]) for v in state.values()}
+            cleared.append((record["stage"], adam_steps, len(record["step_losses"])))
+            return after_epoch(index, record) if after_epoch else False
+        return original(self, progress, loss_fn, watch)
+
+    monkeypatch.setattr(training.Trainer, "run", spy)
+    run("sugd", tiny_target[0], synth_dir, tmp_path / "u", chunk_size=6, epochs=1)
+    assert [s for s, _, _ in cleared] == list(range(len(cleared))) and len(cleared) > 2
+    # Adam's step count restarts with every chunk: it equals that chunk's steps, not the total
+    assert all(adam == {steps} for _, adam, steps in cleared), cleared
+
+
+def test_last_k_layers_full_fine_tuning_touches_nothing_else(tiny_target, synth_dir, tmp_path):
+    run("gd", tiny_target[0], synth_dir, tmp_path / "u", layers="last:1", modules="mlp", **FAST)
+    after, original = _state(tmp_path / "u"), _state(tiny_target[0])
+    changed = {k for k in original if not torch.equal(after[k], original[k])}
+    assert changed and all(k.startswith("model.layers.3.mlp.") for k in changed), changed
+
+
+def test_lora_trains_adapters_only_and_saves_a_merged_model(tiny_target, synth_dir, tmp_path):
+    record = run("sugd", tiny_target[0], synth_dir, tmp_path / "u", lora=True, layers="last:2",
+                 epochs=1)
+    after, original = _state(tmp_path / "u"), _state(tiny_target[0])
+    assert set(after) == set(original)  # merged: no adapter weights left
+    changed = {k for k in original if not torch.equal(after[k], original[k])}
+    assert changed and all(k.split(".")[2] in ("2", "3") for k in changed), changed
+    assert all(any(t in k for t in ("q_proj", "v_proj", "up_proj", "down_proj")) for k in changed)
+    full = run("sugd", tiny_target[0], synth_dir, tmp_path / "f", layers="last:2", epochs=1)
+    assert record["trainable_parameters"] < full["trainable_parameters"] / 4
+
+
+def test_gradient_accumulation_gives_the_same_update(tiny_target, synth_dir, tmp_path):
+    run("gd", tiny_target[0], synth_dir, tmp_path / "a", epochs=1, batch_size=4, grad_accum=1,
+        precision="fp32")
+    run("gd", tiny_target[0], synth_dir, tmp_path / "b", epochs=1, batch_size=2, grad_accum=2,
+        precision="fp32")
+    a, b = _state(tmp_path / "a"), _state(tmp_path / "b")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_killed_run_resumes_to_the_same_result(tiny_target, synth_dir, tmp_path, monkeypatch):
+    kw = dict(seed=3, epochs=1, chunk_size=3)
+    run("sugd", tiny_target[0], synth_dir, tmp_path / "a", **kw)
+    monkeypatch.setattr(training, "CHECKPOINT_MINUTES", 0.0)
+    original, calls = Batch.of, {"n": 0}
+
+    def crashing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(Batch, "of", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        run("sugd", tiny_target[0], synth_dir, tmp_path / "b", **kw)
+    assert not (tmp_path / "b").exists()
+    assert (tmp_path / ".b.partial" / "checkpoint").is_dir()
+    monkeypatch.setattr(Batch, "of", original)
+    run("sugd", tiny_target[0], synth_dir, tmp_path / "b", **kw)
+    a, b = _state(tmp_path / "a"), _state(tmp_path / "b")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_nan_loss_stops_with_the_last_good_model(tiny_target, synth_dir, tmp_path, monkeypatch):
+    method = get_method("gd")
+    calls = {"n": 0}
+    real_loss = method.loss
+
+    def poisoned(self, model, batch, ref):
+        calls["n"] += 1
+        loss = real_loss(self, model, batch, ref)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(method, "loss", poisoned)
+    with pytest.raises(FloatingPointError, match="loss became nan"):
+        run("gd", tiny_target[0], synth_dir, tmp_path / "u", epochs=2, batch_size=2)
+    saved = json.loads((tmp_path / "u" / "run.json").read_text())
+    assert saved["status"].startswith("gd (epoch 0): loss became nan")
+    state = _state(tmp_path / "u")
+    assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_config_resolution(tiny_target, tmp_path):
+    sugd = get_method("sugd")
+    paper, profile = resolve_config(sugd, tmp_path, "auto")
+    assert profile == "paper" and paper.lr == 1e-5 and paper.layers == "last:8"
+    small, profile = resolve_config(sugd, tiny_target[0], "auto")
+    assert profile == "small" and small.layers == sugd.small_target["layers"]
+    (tmp_path / "c.toml").write_text('lr = 3e-4\nlora = true\n')
+    config, _ = resolve_config(sugd, tmp_path, "paper", tmp_path / "c.toml", epochs="2")
+    assert (config.lr, config.lora, config.epochs) == (3e-4, True, 2)
+    with pytest.raises(ValueError, match="unknown setting"):
+        resolve_config(sugd, tmp_path, "paper", chunk=3)
+    with pytest.raises(ValueError, match="unknown method"):
+        get_method("nope")
+
+
+def test_eval_every_records_scores(tiny_target, synth_dir, tmp_path):
+    record = run("ga", tiny_target[0], synth_dir, tmp_path / "u", epochs=2, batch_size=4,
+                 eval_every=1)
+    evals = [e["eval"] for e in record["history"]]
+    assert len(evals) == 2 and all("Task1" in e["forget-set"] for e in evals)

@@ -1,0 +1,240 @@
+"""The unlearning engine: one loop for every method.
+
+``run`` reads a target and a LUME dataset, lets the method lay out its epochs (SUGD: chunk after
+chunk), trains the chosen parameters (all, some layers, their MLPs, or LoRA adapters on them)
+and writes an ordinary HF model directory plus ``run.json``. The source model is only read.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import resource
+import shutil
+import sys
+import time
+import tomllib
+from copy import deepcopy
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+from peft import LoraConfig, get_peft_model
+
+from .accel import make_accelerator
+from .data import load_lume
+from .evaluate.lume import score_model
+from .io import atomic_directory, write_json
+from .methods import Method, get_method
+from .methods.base import Example
+from .methods.losses import Batch, Reference, forward
+from .models.layers import decoder_layers, is_mlp, layer_indices
+from .models.loading import load_model
+from .models.target import fingerprint
+from .training import Epoch, NonFiniteLoss, Segment, Trainer
+
+
+def resolve_config(method: type[Method], model_dir: Path, profile: str = "auto",
+                   config_file: str | Path | None = None, **overrides):
+    """The method's paper defaults; then, for a ``small`` profile, its small-target adjustments;
+    then a JSON/TOML config file; then ``overrides``. ``auto`` picks ``small`` for targets that
+    ``unlearn target`` trained from scratch (their ``target.json`` has no ``init``)."""
+    if profile == "auto":
+        record = model_dir / "target.json"
+        from_scratch = record.is_file() and json.loads(record.read_text()).get("init") is None
+        profile = "small" if from_scratch else "paper"
+    if profile not in ("paper", "small"):
+        raise ValueError(f"profile must be auto, paper or small, not {profile!r}")
+    config = method.Config()
+    if profile == "small":
+        config = config.override(**method.small_target)
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ValueError(f"{path}: config file not found")
+        text = path.read_text()
+        try:
+            values = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        except (ValueError, tomllib.TOMLDecodeError) as e:
+            raise ValueError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'JSON'}"
+                             f" ({e})") from e
+        config = config.override(**values)
+    return config.override(**overrides), profile
+
+
+def _examples(tokenizer, rows, forget: bool, max_len: int) -> list[Example]:
+    """Training text ``input + " " + output``; the first ``len(tokenize(input))`` tokens are the
+    prompt, masked from every loss."""
+    out = []
+    for i, r in enumerate(rows):
+        ids = tokenizer(r.input + " " + r.output).input_ids[:max_len]
+        start = min(len(tokenizer(r.input).input_ids), len(ids))
+        out.append(Example(tuple(ids), start, forget, i))
+    return out
+
+
+def _micro_batches(step: list[Example], grad_accum: int) -> list[list[Example]]:
+    """Split a step so every micro-batch holds its share of forget and of retain rows; a loss
+    that averages over rows then gives the whole step's gradient."""
+    forget = [e for e in step if e.forget]
+    retain = [e for e in step if not e.forget]
+    micro = [forget[k::grad_accum] + retain[k::grad_accum] for k in range(grad_accum)]
+    return [m for m in micro if m]
+
+
+def _plan(method: Method, forget, retain, seed: int) -> tuple[list[Epoch], list[Segment]]:
+    c = method.config
+    stages = method.stages(forget, retain, random.Random(f"{seed}/plan"))
+    plan, segments = [], []
+    for s, epochs in enumerate(stages):
+        name = method.name if len(stages) == 1 else f"{method.name} chunk {s + 1}/{len(stages)}"
+        for steps in epochs:
+            plan.append(Epoch(s, name, [_micro_batches(step, c.grad_accum) for step in steps]))
+        n = sum(len(steps) for steps in epochs)
+        segments.append(Segment(n, c.lr, round(c.warmup_ratio * n), c.schedule))
+    return plan, segments
+
+
+def _select_parameters(model, config):
+    """Freeze everything but the chosen layers (and modules), or wrap them in LoRA adapters.
+    Returns the model to train (a PEFT model with LoRA)."""
+    stack = decoder_layers(model)
+    chosen = layer_indices(config.layers, len(stack))
+    if config.lora:
+        targets = [t.strip() for t in config.lora_targets.split(",") if t.strip()]
+        if config.modules == "mlp":
+            targets = [t for t in targets if is_mlp("." + t)]
+            if not targets:
+                raise ValueError("modules=mlp with LoRA: lora_targets names no MLP projection")
+        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
+                          lora_dropout=config.lora_dropout, target_modules=targets,
+                          layers_to_transform=None if config.layers == "all" else chosen)
+        return get_peft_model(model, lora)
+    if config.modules not in ("all", "mlp"):
+        raise ValueError(f"modules must be all or mlp, not {config.modules!r}")
+    everything = config.layers == "all" and config.modules == "all"
+    for p in model.parameters():
+        p.requires_grad_(everything)
+    if not everything:
+        for i in chosen:
+            for name, p in stack[i].named_parameters():
+                if config.modules == "all" or is_mlp("." + name):
+                    p.requires_grad_(True)
+    return model
+
+
+def _peak_memory_mb() -> float:
+    """Peak GPU memory allocated by torch, or the process's peak resident set on a CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def run(method: str, model: str | Path, data: str | Path, out: str | Path,
+        config: str | Path | None = None, seed: int = 0, eval_every: int = 0,
+        profile: str = "auto", **overrides) -> dict:
+    """Unlearn the forget set of the LUME dataset ``data`` from the model in ``model``.
+
+    Writes the unlearned model (LoRA merged in) and its tokenizer to ``out``, with ``run.json``:
+    the resolved config, seed, wall time, peak memory, per-step losses and, every
+    ``eval_every`` epochs, the forget/retain scores. ``config`` names a JSON or TOML file of
+    settings; ``overrides`` set single ones (see each method's config class). Rerunning an
+    interrupted call resumes it. Returns the ``run.json`` record.
+    """
+    model_dir, out = Path(model), Path(out)
+    method_cls = get_method(method)
+    settings, profile = resolve_config(method_cls, model_dir, profile, config, **overrides)
+    algorithm = method_cls(settings)
+    lume = load_lume(data)
+    set_seed(seed)
+    accelerator = make_accelerator(settings.precision)
+    lm, tokenizer = load_model(model_dir, dtype=torch.float32)
+    forget = _examples(tokenizer, lume.forget, True, settings.max_len)
+    retain = _examples(tokenizer, lume.retain, False, settings.max_len)
+    plan, segments = _plan(algorithm, forget, retain, seed)
+    run_id = fingerprint(method, asdict(settings), seed, str(model_dir.resolve()),
+                         [(e.ids, e.start) for e in forget + retain])
+
+    reference = Reference()
+    if "logits" in algorithm.reference and not settings.lora:
+        reference.copy = deepcopy(lm).requires_grad_(False).to(accelerator.device)
+    if "forget_logprob" in algorithm.reference:
+        _reference_log_probs(lm, tokenizer, forget, reference, accelerator, settings.batch_size)
+    lm = _select_parameters(lm, settings)
+    lm.train()
+    if settings.lora:
+        reference.model = lm
+
+    started = time.perf_counter()
+    with atomic_directory(out, resumable=True) as stage:
+        progress_file = stage / "progress.json"
+        progress = json.loads(progress_file.read_text()) if progress_file.exists() else {}
+        if progress.get("run_id") != run_id:  # other inputs or settings: start over
+            shutil.rmtree(stage)
+            stage.mkdir()
+            progress = {"run_id": run_id}
+        prepared = accelerator.prepare(lm)
+        trainer = Trainer(accelerator, prepared, plan, segments, stage,
+                          weight_decay=settings.weight_decay, max_grad_norm=settings.max_grad_norm)
+
+        def loss_fn(micro: list[Example]):
+            batch = Batch.of(micro, tokenizer.pad_token_id, accelerator.device)
+            return algorithm.loss(prepared, batch, reference), int(batch.mask.sum())
+
+        def after_epoch(index: int, record: dict) -> bool:
+            last = index + 1 == len(plan)
+            if eval_every and ((index + 1) % eval_every == 0 or last):
+                prepared.eval()
+                with torch.no_grad():
+                    results = score_model(accelerator.unwrap_model(prepared), tokenizer,
+                                          lume).results
+                prepared.train()
+                record["eval"] = {k: results[k] for k in (
+                    "forget-set", "retain-set", "harmonic-mean-task-aggregate")}
+            return False
+
+        stopped = None
+        try:
+            progress = trainer.run(progress, loss_fn, after_epoch)
+        except NonFiniteLoss as e:
+            # the weights are those of the last good step: keep them, say so, then fail
+            stopped = f"{e}; the model saved is the last one before that step"
+        final = accelerator.unwrap_model(prepared)
+        if settings.lora:
+            final = final.merge_and_unload()
+        history = progress.get("history", [])
+        record = {
+            "method": method, "model": str(model_dir), "data": str(data), "seed": seed,
+            "profile": profile, "config": asdict(settings),
+            "status": stopped or "complete",
+            "trainable_parameters": sum(p.numel() for p in prepared.parameters()
+                                        if p.requires_grad),
+            "steps": sum(len(e.steps) for e in plan),
+            "train_seconds": sum(r["seconds"] for r in history),
+            "wall_seconds_this_run": time.perf_counter() - started,
+            "peak_memory_mb": _peak_memory_mb(),
+            "history": history,
+        }
+        shutil.rmtree(stage / "checkpoint", ignore_errors=True)
+        progress_file.unlink(missing_ok=True)
+        final.save_pretrained(stage)
+        tokenizer.save_pretrained(stage)
+        write_json(stage / "run.json", record)
+    if stopped:
+        raise FloatingPointError(f"{method}: {stopped}, in {out}; lower lr= and rerun")
+    return record
+
+
+@torch.no_grad()
+def _reference_log_probs(lm, tokenizer, forget: list[Example], reference: Reference,
+                         accelerator, batch_size: int) -> None:
+    """Summed output-token NLL of each forget row under the original model, computed once."""
+    lm.to(accelerator.device).eval()
+    for i in range(0, len(forget), batch_size):
+        chunk = forget[i:i + batch_size]
+        batch = Batch.of(chunk, tokenizer.pad_token_id, accelerator.device)
+        with accelerator.autocast():
+            sums = forward(lm, batch).nll_sum.tolist()
+        reference.forget_nll_sum.update(zip(batch.rows, sums))

@@ -1,0 +1,142 @@
+"""What every unlearning method shares: its settings, the registry, and the batch it sees.
+
+A method is a small class in its own module: a config dataclass (defaults from its paper) and a
+``loss`` over one micro-batch. Everything else (data, which parameters train, LoRA, optimizer,
+schedule, accumulation, checkpoints) is the engine's (:mod:`unlearn.engine`).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, fields, replace
+from typing import ClassVar
+
+import torch
+
+from .losses import Batch, Reference
+
+
+@dataclass(frozen=True)
+class UnlearnConfig:
+    """Settings shared by every method. Each method's config subclasses this and sets its paper's
+    defaults; ``small_target`` then adjusts them for the small from-scratch targets.
+
+    Which parameters train: ``layers`` is ``all``, ``last:K`` or a comma list of layer indices
+    (``0,3,5``); ``modules`` is ``all`` or ``mlp`` (the MLP blocks of those layers only).
+    Everything outside the chosen layers (embeddings, final norm) stays frozen unless
+    ``layers=all`` and ``modules=all``.
+    """
+
+    epochs: int = 5
+    lr: float = 1e-5
+    batch_size: int = 8  # rows per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    schedule: str = "linear"  # linear | cosine | constant, after warm-up
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    layers: str = "all"
+    modules: str = "all"
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_targets: str = "q_proj,v_proj,up_proj,down_proj"
+    retain_weight: float = 1.0  # weight of the retain term (methods that have one)
+    max_len: int = 512  # tokens per training row; longer rows are cut
+    precision: str = "auto"  # bf16 mixed precision on a GPU or a bf16 CPU, else fp32
+
+    def override(self, **changes) -> "UnlearnConfig":
+        """A copy with ``changes`` (strings from the command line are converted)."""
+        known = {f.name: f for f in fields(self)}
+        unknown = sorted(set(changes) - set(known))
+        if unknown:
+            raise ValueError(f"unknown setting(s) {', '.join(unknown)} for {type(self).__name__}; "
+                             f"known: {', '.join(sorted(known))}")
+        return replace(self, **{k: _convert(getattr(self, k), v) for k, v in changes.items()})
+
+
+def _convert(current, value):
+    if not isinstance(value, str) or isinstance(current, str):
+        return value
+    if isinstance(current, bool):
+        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"expected true or false, not {value!r}")
+        return value.lower() in ("true", "1", "yes")
+    return type(current)(value)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training row: its token ids, where its output starts, and which set it came from."""
+
+    ids: tuple[int, ...]
+    start: int  # index of the first output token (the prompt before it is masked)
+    forget: bool
+    row: int  # index in its split
+
+
+class Method:
+    """Base class. Subclasses set ``name``, ``Config`` and implement :meth:`loss`."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[UnlearnConfig]] = UnlearnConfig
+    #: adjustments to the paper's defaults for small from-scratch targets (see README)
+    small_target: ClassVar[dict] = {}
+    #: "logits": the frozen model's outputs on retain rows (KL); "forget_logprob": its summed
+    #: output log-probability of each forget row, computed once (NPO)
+    reference: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: UnlearnConfig):
+        self.config = config
+
+    def stages(self, forget: list[Example], retain: list[Example],
+               rng: random.Random) -> list[list[list[list[Example]]]]:
+        """``stages[s][epoch][step]`` = the rows of one optimizer step. The default: one stage;
+        every epoch the forget set shuffled into batches, each paired with as many retain rows
+        drawn in a shuffled cycle."""
+        c = self.config
+        per_step = c.batch_size * c.grad_accum
+        retain_cycle = _Cycle(retain, rng)
+        epochs = []
+        for _ in range(c.epochs):
+            order = rng.sample(forget, len(forget))
+            steps = []
+            for i in range(0, len(order), per_step):
+                chunk = order[i:i + per_step]
+                steps.append(chunk + (retain_cycle.take(len(chunk)) if retain else []))
+            epochs.append(steps)
+        return [epochs]
+
+    def loss(self, model, batch: Batch, ref: Reference) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class _Cycle:
+    """Retain rows in a shuffled order, reshuffled each time round."""
+
+    def __init__(self, rows: list, rng: random.Random):
+        self.rows, self.rng, self.queue = rows, rng, []
+
+    def take(self, n: int) -> list:
+        out = []
+        while len(out) < n:
+            if not self.queue:
+                self.queue = self.rng.sample(self.rows, len(self.rows))
+            out.append(self.queue.pop())
+        return out
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method available by its ``name``."""
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> type[Method]:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
+    return METHODS[name]

@@ -1,0 +1,26 @@
+"""Gradient ascent (GA): raise the loss of the forget rows; nothing holds the rest in place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import Method, UnlearnConfig, register
+from .losses import forward, mean_over
+
+
+@dataclass(frozen=True)
+class GAConfig(UnlearnConfig):
+    """LUME baseline settings (OLMo-7B): lr 1e-5, 5 epochs, full fine-tuning."""
+
+
+@register
+class GradientAscent(Method):
+    name = "ga"
+    Config = GAConfig
+    small_target = dict(lr=1e-4)
+
+    def stages(self, forget, retain, rng):
+        return super().stages(forget, [], rng)  # no retain rows: they would only cost compute
+
+    def loss(self, model, batch, ref):
+        return -mean_over(forward(model, batch).nll, batch.forget)

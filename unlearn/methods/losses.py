@@ -1,0 +1,107 @@
+"""Loss machinery every method shares: a padded batch with the prompt masked, the loss over
+output tokens per row, and the frozen reference model."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..evaluate.batching import pad
+
+IGNORE = -100
+
+
+@dataclass
+class Batch:
+    """Rows padded on the right; ``labels`` hold only output tokens (prompt and padding are
+    ``IGNORE``); ``forget`` marks the rows to unlearn; ``rows`` index the split each came from."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    labels: torch.Tensor
+    forget: torch.Tensor
+    rows: list[int]
+
+    @classmethod
+    def of(cls, examples: list, pad_id: int, device) -> "Batch":
+        ids, mask = pad([list(e.ids) for e in examples], pad_id)
+        labels = ids.masked_fill(mask == 0, IGNORE)
+        for i, e in enumerate(examples):
+            labels[i, :e.start] = IGNORE
+        forget = torch.tensor([e.forget for e in examples], dtype=torch.bool)
+        return cls(ids.to(device), mask.to(device), labels.to(device), forget.to(device),
+                   [e.row for e in examples])
+
+    @property
+    def retain(self) -> torch.Tensor:
+        return ~self.forget
+
+
+@dataclass
+class Outputs:
+    """A forward pass: logits, and per row the summed and mean NLL of its output tokens."""
+
+    logits: torch.Tensor  # (rows, positions - 1, vocab), aligned with the shifted labels
+    nll_sum: torch.Tensor  # (rows,)
+    tokens: torch.Tensor  # (rows,) output tokens scored
+
+    @property
+    def nll(self) -> torch.Tensor:
+        """Mean NLL over each row's output tokens (the ``loss`` HF reports for one row)."""
+        return self.nll_sum / self.tokens.clamp(min=1)
+
+
+def forward(model, batch: Batch) -> Outputs:
+    logits = model(input_ids=batch.ids, attention_mask=batch.mask).logits[:, :-1].float()
+    targets = batch.labels[:, 1:]
+    token_nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none",
+                                ignore_index=IGNORE)
+    scored = targets != IGNORE
+    return Outputs(logits, (token_nll * scored).sum(1), scored.sum(1))
+
+
+def mean_over(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` over the selected rows; 0 (with a gradient path) when none is."""
+    if not rows.any():
+        return values.sum() * 0.0
+    return values[rows].mean()
+
+
+def kl_to_reference(out: Outputs, ref_logits: torch.Tensor, batch: Batch,
+                    rows: torch.Tensor) -> torch.Tensor:
+    """KL(reference ‖ model) per output token, averaged over the output tokens of ``rows``."""
+    scored = (batch.labels[:, 1:] != IGNORE) & rows[:, None]
+    if not scored.any():
+        return out.logits.sum() * 0.0
+    log_p = F.log_softmax(out.logits[scored], -1)
+    log_q = F.log_softmax(ref_logits[scored].float(), -1)
+    return F.kl_div(log_p, log_q, log_target=True, reduction="batchmean")
+
+
+class Reference:
+    """The model as it was before unlearning, frozen.
+
+    With LoRA it is the same network with the adapters switched off (no second copy in
+    memory); otherwise a frozen copy is kept only when a method needs its logits during
+    training. Summed log-probabilities of forget rows (NPO) are computed once, up front.
+    """
+
+    def __init__(self, model=None, copy=None):
+        self.model, self.copy = model, copy
+        self.forget_nll_sum: dict[int, float] = {}
+
+    @torch.no_grad()
+    def logits(self, batch: Batch) -> torch.Tensor:
+        if self.copy is not None:
+            net, context = self.copy, nullcontext()
+        else:
+            net, context = self.model, self.model.disable_adapter()
+        with context:
+            return net(input_ids=batch.ids, attention_mask=batch.mask).logits[:, :-1]
+
+    def nll_sum_of(self, batch: Batch) -> torch.Tensor:
+        return torch.tensor([self.forget_nll_sum.get(r, float("nan")) for r in batch.rows],
+                            device=batch.ids.device)

@@ -1,0 +1,42 @@
+"""Finding a causal LM's decoder layers and choosing which of them train."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+MLP_NAMES = ("gate_proj", "up_proj", "down_proj", "fc1", "fc2", "c_fc", "dense_h_to_4h",
+             "dense_4h_to_h")
+
+
+def decoder_layers(model) -> nn.ModuleList:
+    """The stack of transformer blocks (``model.model.layers`` for OLMo/Llama-style models): the
+    longest ModuleList whose length is ``config.num_hidden_layers``."""
+    n = model.config.num_hidden_layers
+    stacks = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+    if not stacks:
+        raise ValueError(f"{type(model).__name__}: no stack of {n} decoder layers found")
+    return stacks[0]
+
+
+def layer_indices(spec: str, n: int) -> list[int]:
+    """``all``, ``last:K`` or a comma list (``0,3,5``) as sorted layer indices in ``range(n)``."""
+    spec = spec.strip()
+    if spec == "all":
+        return list(range(n))
+    if spec.startswith("last:"):
+        k = int(spec[5:])
+        if not 1 <= k <= n:
+            raise ValueError(f"layers={spec}: the model has {n} layers; use 1..{n}")
+        return list(range(n - k, n))
+    try:
+        chosen = sorted({int(x) for x in spec.split(",") if x.strip()})
+    except ValueError:
+        raise ValueError(f"layers={spec!r}: use all, last:K or a comma list like 0,3,5") from None
+    bad = [i for i in chosen if not 0 <= i < n]
+    if bad or not chosen:
+        raise ValueError(f"layers={spec}: indices must lie in 0..{n - 1}")
+    return chosen
+
+
+def is_mlp(name: str) -> bool:
+    return ".mlp." in name or any(f".{m}" in name for m in MLP_NAMES)

@@ -1,0 +1,170 @@
+"""The training loop shared by the target builder and every unlearning method.
+
+A run is a *plan* fixed up front by its seed: a list of epochs, each a list of optimizer steps,
+each a list of micro-batches (gradient accumulation). Because the plan is data, the learning-rate
+schedule knows its length and a resumed run sees exactly the batches an uninterrupted one would.
+Epochs belong to *stages*; a new stage starts with fresh optimizer state and its own schedule
+segment (SUGD unlearns chunk after chunk this way; everything else has one stage per phase).
+
+Checkpoints (accelerate ``save_state``: weights, optimizer, scheduler, RNG) are taken at epoch
+boundaries in a staging directory, so rerunning the same job continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import fmean
+from typing import Any, Callable
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from .io import write_json
+
+CHECKPOINT_MINUTES = 2.0
+
+
+@dataclass
+class Epoch:
+    stage: int  # epochs of one stage share optimizer state and a schedule segment
+    name: str  # shown on the progress bar and recorded in the history
+    steps: list[list[Any]]  # optimizer steps, each a list of micro-batches
+
+
+@dataclass(frozen=True)
+class Segment:
+    """The learning rate over one stage: linear warm-up to ``peak``, then ``shape`` decay."""
+
+    steps: int
+    peak: float
+    warmup: int = 0
+    shape: str = "cosine"  # cosine | linear | constant
+
+    def lr(self, step: int) -> float:
+        if step < self.warmup:
+            return self.peak * (step + 1) / self.warmup
+        progress = (step - self.warmup) / max(1, self.steps - self.warmup)
+        if self.shape == "constant":
+            return self.peak
+        if self.shape == "linear":
+            return self.peak * (1 - progress)
+        if self.shape == "cosine":
+            return self.peak * 0.5 * (1 + math.cos(math.pi * progress))
+        raise ValueError(f"unknown schedule shape {self.shape!r}; use cosine, linear or constant")
+
+
+def piecewise(segments: list[Segment]) -> Callable[[int], float]:
+    """One LR function over the whole run, segment after segment (for ``LambdaLR`` at lr=1)."""
+    def lr_at(step: int) -> float:
+        for segment in segments:
+            if step < segment.steps:
+                return segment.lr(step)
+            step -= segment.steps
+        return 0.0
+    return lr_at
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The loss became NaN or infinite; the weights are still those of the last good step."""
+
+
+class Trainer:
+    """Runs a plan: ``loss_fn(micro_batch) -> (loss, tokens)`` for each micro-batch, one AdamW
+    step per plan step, checkpoints in ``stage_dir/checkpoint``."""
+
+    def __init__(self, accelerator: Accelerator, model, plan: list[Epoch],
+                 segments: list[Segment], stage_dir: Path, weight_decay: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.999), max_grad_norm: float = 1.0):
+        self.acc, self.model, self.plan, self.stage_dir = accelerator, model, plan, stage_dir
+        self.max_grad_norm = max_grad_norm
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        # lr is set absolutely by the schedule (LambdaLR multiplies the base lr of 1)
+        optimizer = torch.optim.AdamW(self.params, lr=1.0, betas=betas,
+                                      weight_decay=weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, piecewise(segments))
+        self.optimizer, self.scheduler = accelerator.prepare(optimizer, scheduler)
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.stage_dir / "checkpoint"
+
+    def save(self, progress: dict) -> None:
+        # pickled, not safetensors: safetensors drops a tied LM-head weight with a warning
+        self.acc.save_state(str(self.checkpoint), safe_serialization=False)
+        write_json(self.stage_dir / "progress.json", progress)
+
+    def resume(self, progress: dict) -> int:
+        """The epoch to start from; loads the checkpoint when there is one."""
+        if self.checkpoint.is_dir() and progress.get("epoch"):
+            self.acc.load_state(str(self.checkpoint))
+            return progress["epoch"]
+        return 0
+
+    def step(self, micro_batches: list, loss_fn, where: str) -> tuple[float, int]:
+        """One optimizer step over the micro-batches; the loss of each is weighted by its share
+        of the step's rows, so accumulation gives the gradient of the whole batch."""
+        rows = sum(len(m) for m in micro_batches)
+        total, tokens = 0.0, 0
+        for i, micro in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            # gradients are all-reduced across processes once per step, not per micro-batch
+            with self.acc.no_sync(self.model) if not last else nullcontext():
+                with self.acc.autocast():
+                    loss, n = loss_fn(micro)
+                if not torch.isfinite(loss):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    raise NonFiniteLoss(f"{where}: loss became {loss.item()}")
+                self.acc.backward(loss * len(micro) / rows)
+            total += loss.item() * len(micro) / rows
+            tokens += n
+        if self.max_grad_norm:
+            self.acc.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total, tokens
+
+    def run(self, progress: dict, loss_fn, after_epoch=None) -> dict:
+        """Train from the checkpointed epoch on. ``after_epoch(index, record)`` may measure and
+        returns True to stop early. Raises :class:`NonFiniteLoss` with the model untouched by
+        the bad step."""
+        start = self.resume(progress)
+        if progress.get("done"):
+            return progress
+        history = progress.setdefault("history", [])
+        bar = tqdm(total=sum(len(e.steps) for e in self.plan),
+                   initial=sum(len(e.steps) for e in self.plan[:start]), unit="step",
+                   dynamic_ncols=True)
+        last_save = time.monotonic()
+        for index in range(start, len(self.plan)):
+            epoch = self.plan[index]
+            if index == 0 or self.plan[index - 1].stage != epoch.stage:
+                self.optimizer.state.clear()  # a fresh optimizer for a new stage
+            bar.set_description(epoch.name)
+            losses, tokens, t0 = [], 0, time.perf_counter()
+            for step in epoch.steps:
+                loss, n = self.step(step, loss_fn, f"{epoch.name} (epoch {index})")
+                losses.append(loss)
+                tokens += n
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}",
+                                tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+            record = {"epoch": index, "stage": epoch.stage, "name": epoch.name,
+                      "loss": fmean(losses) if losses else None, "step_losses": losses,
+                      "tokens": tokens, "seconds": time.perf_counter() - t0}
+            stop = after_epoch(index, record) if after_epoch else False
+            history.append(record)
+            progress["epoch"] = index + 1
+            if stop:
+                break
+            if time.monotonic() - last_save > CHECKPOINT_MINUTES * 60:
+                self.save(progress)
+                last_save = time.monotonic()
+        bar.close()
+        progress["done"] = True
+        return progress
