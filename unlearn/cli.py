@@ -49,9 +49,11 @@ def cmd_eval(args) -> None:
     from .evaluate.lume import evaluate
     from .evaluate.table import results_table
     results = evaluate(args.model, args.data, args.out, mia=args.mia, mmlu=args.mmlu,
-                       max_new_tokens=args.max_new_tokens, dtype=args.dtype)
+                       max_new_tokens=args.max_new_tokens, dtype=args.dtype, audit=args.audit,
+                       samples=args.samples, before=args.before, resume=args.resume,
+                       seed=args.seed)
     print(results_table(results))
-    print(f"results written to {args.out}")
+    print(f"results and report.html written to {args.out}")
 
 
 def cmd_run(args) -> None:
@@ -108,6 +110,14 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--max-new-tokens", type=int, default=256)
     e.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                    help="auto: bf16 on a GPU (as the official scorer), fp32 on a CPU")
+    e.add_argument("--audit", action="store_true",
+                   help="leak audit: four MIAs on the forget documents, PII extraction")
+    e.add_argument("--samples", type=int, default=10, help="PII samples per prompt (audit)")
+    e.add_argument("--before", help="evaluation directory of the model before unlearning, "
+                                    "drawn for comparison in report.html")
+    e.add_argument("--resume", action="store_true",
+                   help="reuse the generations of an interrupted run with the same --out")
+    e.add_argument("--seed", type=int, default=0)
     e.set_defaults(func=cmd_eval)
 
     r = sub.add_parser("run", help="unlearn the forget set from a model")

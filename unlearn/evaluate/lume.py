@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -18,15 +19,18 @@ import numpy as np
 import pandas as pd
 import torch
 from sklearn.metrics import auc, roc_curve
+from tqdm.auto import tqdm
 
 from ..data import load_lume, load_mia, load_mmlu
 from ..data.lume import LumeData, MiaData, Row
-from ..io import atomic_directory, write_json
+from ..io import atomic_directory, staging_path, write_json
 from ..models.loading import load_model
-from .generation import greedy_generate
+from .audit import audit as run_audit
+from .generation import Generation, greedy_generate
 from .metrics import knowledge, regurgitation
 from .mmlu import mmlu_accuracy
 from .nll import document_nll, output_nll
+from .report import write_report
 
 MMLU_CUTOFF = 0.371  # the task's 7B floor: 75% of the original model's MMLU
 CSV_COLUMNS = ["id", "task", "input", "expected_output", "model_output", "nll"]
@@ -137,13 +141,48 @@ class Scores:
     mia_nll: dict[str, list[float]] | None  # per MIA document, "member" and "nonmember"
 
 
+GENERATION_CHUNK = 128  # rows generated between two writes of the resume file
+
+
+def _generate(lm, tokenizer, rows: list[Row], max_new_tokens: int,
+              partial: Path | None) -> list[Generation]:
+    """Greedy generations of every row; with ``partial``, rows already recorded there are
+    reused and each finished chunk of rows is appended to it (what ``--resume`` picks up)."""
+    done: dict[tuple[str, str], Generation] = {}
+    if partial is not None and partial.exists():
+        for line in partial.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # the line being written when the run was killed
+                break
+            done[(rec["split"], rec["id"])] = Generation(rec["text"], rec["new_tokens"],
+                                                         rec["stopped_early"])
+    todo = sorted((r for r in rows if (r.split, r.id) not in done),
+                  key=lambda r: (r.kind, len(r.input)))
+    for start in tqdm(range(0, len(todo), GENERATION_CHUNK), desc="generate", leave=False):
+        chunk = todo[start:start + GENERATION_CHUNK]
+        outputs = greedy_generate(lm, tokenizer, [r.input for r in chunk], max_new_tokens,
+                                  answers=[r.output if r.kind == "qa" else None for r in chunk])
+        lines = []
+        for r, g in zip(chunk, outputs):
+            done[(r.split, r.id)] = g
+            lines.append(json.dumps({"split": r.split, "id": r.id, "text": g.text,
+                                     "new_tokens": g.new_tokens,
+                                     "stopped_early": g.stopped_early}, ensure_ascii=False))
+        if partial is not None:
+            with open(partial, "a", encoding="utf-8") as f:
+                f.write("".join(line + "\n" for line in lines))
+    return [done[(r.split, r.id)] for r in rows]
+
+
 def score_model(lm, tokenizer, lume: LumeData, mia: MiaData | None = None,
-                questions: list | None = None, max_new_tokens: int = 256) -> Scores:
-    """Score a loaded model: the official numbers, computed from generations in memory."""
+                questions: list | None = None, max_new_tokens: int = 256,
+                partial: Path | None = None) -> Scores:
+    """Score a loaded model: the official numbers, computed from generations in memory.
+    ``partial``: a file of finished generations to reuse and extend (resuming)."""
     started = time.perf_counter()
     rows = lume.rows
-    generations = greedy_generate(lm, tokenizer, [r.input for r in rows], max_new_tokens,
-                                  answers=[r.output if r.kind == "qa" else None for r in rows])
+    generations = _generate(lm, tokenizer, rows, max_new_tokens, partial)
     nlls = output_nll(lm, tokenizer, [r.input for r in rows], [r.output for r in rows])
     scored = score_generations(rows, [g.text for g in generations], nlls,
                                [g.stopped_early for g in generations])
@@ -165,24 +204,43 @@ def score_model(lm, tokenizer, lume: LumeData, mia: MiaData | None = None,
 
 def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
              mia: str | Path | None = None, mmlu: str | Path | None = None,
-             max_new_tokens: int = 256, dtype: str = "auto") -> dict:
+             max_new_tokens: int = 256, dtype: str = "auto", audit: bool = False,
+             samples: int = 10, before: str | Path | None = None, resume: bool = False,
+             seed: int = 0) -> dict:
     """Score a model directory on a LUME dataset as SemEval-2025 Task 4 did.
 
     Writes, when ``out`` is given: ``results.json`` (the official keys plus ``final-score``),
     ``forget_0.csv``/``retain_0.csv`` and ``mia_results/{member,nonmember}_0.csv`` in the
-    official formats, and ``generations.jsonl``, the lossless record of every row.
-    ``dtype``: ``auto`` is bf16 on a GPU (as the official scorer) and fp32 on a CPU.
+    official formats, ``generations.jsonl`` (the lossless record of every row) and
+    ``report.html``. ``audit`` adds the leak audit (:mod:`unlearn.evaluate.audit`; ``samples``
+    completions per PII prompt, seeded by ``seed``); ``before`` names the evaluation directory
+    of the model before unlearning, drawn for comparison in the report. ``dtype``: ``auto`` is
+    bf16 on a GPU (as the official scorer) and fp32 on a CPU. Generations are saved as they
+    finish; ``resume`` reuses those of an interrupted run with the same ``out``.
     Returns the results dict.
     """
     lume = load_lume(data)
     mia_docs = load_mia(mia) if mia else None
     questions = load_mmlu(mmlu) if mmlu else None
+    previous = _read_results(before) if before else None
     torch_dtype = {"auto": torch.bfloat16 if torch.cuda.is_available() else torch.float32,
                    "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     lm, tokenizer = load_model(model, dtype=torch_dtype,
                                device="cuda" if torch.cuda.is_available() else None)
-    scores = score_model(lm, tokenizer, lume, mia_docs, questions, max_new_tokens)
+    partial = None
+    if out is not None:
+        work = staging_path(out)
+        if not resume:
+            shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True, exist_ok=True)
+        partial = work / "generations.partial.jsonl"
+    scores = score_model(lm, tokenizer, lume, mia_docs, questions, max_new_tokens, partial)
     results = scores.results
+    found = None
+    if audit:
+        found = run_audit(lm, tokenizer, lume, mia_docs, samples=samples, seed=seed)
+        results["audit"] = {"mia": {"auc": found["mia"]["auc"]}} if "mia" in found else {}
+        results["audit"]["pii"] = found["pii"]
     if "mmlu_average" in results and results["mmlu_average"] < MMLU_CUTOFF:
         print(f"warning: MMLU {results['mmlu_average']:.3f} is below the task's cut-off "
               f"{MMLU_CUTOFF}")
@@ -200,4 +258,15 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
                     pd.DataFrame({"id": [d.id for d in docs[name]], "nll": values}).to_csv(
                         tmp / "mia_results" / f"{name}_0.csv", index=False)
             write_json(tmp / "results.json", results)
+            write_report(tmp / "report.html", results, scores.mia_nll, found, previous,
+                         title=f"unlearn evaluation: {model}")
+        shutil.rmtree(staging_path(out), ignore_errors=True)
     return results
+
+
+def _read_results(directory: str | Path) -> dict:
+    path = Path(directory) / "results.json"
+    if not path.is_file():
+        raise ValueError(f"{path}: not found; --before takes the output directory of an earlier "
+                         f"evaluation (of the model before unlearning)")
+    return json.loads(path.read_text())

@@ -18,6 +18,14 @@ def results_table(results: dict) -> str:
                      f"{results['mia_final_score']:.3f}")
     if "mmlu_average" in results:
         lines.append(f"MMLU {results['mmlu_average']:.3f}")
+    audit = results.get("audit", {})
+    if "mia" in audit:
+        lines.append("forget-document MIA AUC: " + ", ".join(
+            f"{name} {value:.3f}" for name, value in audit["mia"]["auc"].items()))
+    if "pii" in audit:
+        pii = audit["pii"]
+        lines.append(f"PII extraction: {pii['prompts_leaking']}/{pii['prompts']} prompts leak "
+                     f"({pii['people_leaking']}/{pii['people']} people)")
     lines.append(f"final score {results['final-score']:.3f} "
                  f"(mean of {', '.join(results['final-score-terms'])})")
     return "\n".join(lines)

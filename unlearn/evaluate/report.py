@@ -1,0 +1,115 @@
+"""``report.html``: one self-contained page of plots for an evaluation."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .table import results_table  # noqa: E402
+
+FORGET, RETAIN, BEFORE = "#d62728", "#1f77b4", "#bbbbbb"
+
+
+def _png(fig) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _task_bars(results: dict, before: dict | None) -> str:
+    """Per task, forget against retain, for each score (the target's values as grey ticks)."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), sharey=True)
+    tasks = sorted(k for k in results["forget-set"] if k.startswith("Task"))
+    for ax, key, title in zip(axes, ("regurgitation-score", "knowledge-score"),
+                              ("regurgitation (ROUGE-L recall)", "knowledge (exact match)")):
+        for offset, split, colour in ((-0.2, "forget", FORGET), (0.2, "retain", RETAIN)):
+            values = [results[f"{split}-set"][t][key] for t in tasks]
+            xs = [i + offset for i in range(len(tasks))]
+            ax.bar(xs, values, width=0.38, color=colour, label=split)
+            if before:
+                old = [before[f"{split}-set"][t][key] for t in tasks]
+                ax.scatter(xs, old, marker="_", s=400, color="black", zorder=3,
+                           label="before" if split == "forget" else None)
+        ax.set_xticks(range(len(tasks)), tasks)
+        ax.set_ylim(0, 1.05)
+        ax.set_title(title)
+    axes[0].legend(loc="lower left", fontsize=8)
+    return _png(fig)
+
+
+def _loss_histograms(panels: list[tuple[str, list[float], list[float], str]]) -> str:
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.2), squeeze=False)
+    for ax, (title, seen, unseen, seen_name) in zip(axes[0], panels):
+        bins = 30
+        ax.hist(unseen, bins=bins, alpha=0.6, color=RETAIN, label="never seen")
+        ax.hist(seen, bins=bins, alpha=0.6, color=FORGET, label=seen_name)
+        ax.set_title(title)
+        ax.set_xlabel("mean token loss (NLL)")
+        ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _attack_bars(aucs: dict, before: dict | None) -> str:
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    names = list(aucs)
+    ax.bar(range(len(names)), [aucs[n] for n in names], color=FORGET, width=0.5, label="now")
+    if before:
+        ax.scatter(range(len(names)), [before.get(n, float("nan")) for n in names], marker="_",
+                   s=500, color="black", zorder=3, label="before")
+    ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("AUC, forget vs never seen")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def write_report(path, results: dict, mia_nll: dict | None = None, audit: dict | None = None,
+                 before: dict | None = None, title: str = "unlearn evaluation") -> None:
+    """Write ``path`` (HTML, images inline). ``before``: the results of the model before
+    unlearning (its ``results.json``), drawn as reference marks."""
+    parts = [f"<h1>{html.escape(title)}</h1>",
+             f"<pre>{html.escape(results_table(results))}</pre>",
+             "<h2>Forget vs retain, per task</h2>",
+             f'<img src="data:image/png;base64,{_task_bars(results, before)}">']
+    panels = []
+    if mia_nll:
+        panels.append(("official MIA set", mia_nll["member"], mia_nll["nonmember"], "members"))
+    if audit and "mia" in audit:
+        panels.append(("forget documents", audit["mia"]["member_loss"],
+                       audit["mia"]["nonmember_loss"], "forget"))
+    if panels:
+        parts += ["<h2>Loss: seen vs never seen</h2>",
+                  f'<img src="data:image/png;base64,{_loss_histograms(panels)}">']
+    if audit and "mia" in audit:
+        old = (before or {}).get("audit", {}).get("mia", {}).get("auc")
+        parts += ["<h2>Membership inference on the forget documents</h2>",
+                  "<p>0.5 means the attack cannot tell forgotten documents from unseen ones.</p>",
+                  f'<img src="data:image/png;base64,{_attack_bars(audit["mia"]["auc"], old)}">']
+    if audit and "pii" in audit:
+        pii = audit["pii"]
+        old = (before or {}).get("audit", {}).get("pii")
+        row = "<tr><td>{}</td><td>{}/{}</td><td>{:.1%}</td><td>{}/{}</td></tr>"
+        rows = [row.format("now", pii["prompts_leaking"], pii["prompts"], pii["leak_rate"],
+                           pii["people_leaking"], pii["people"])]
+        if old:
+            rows.insert(0, row.format("before", old["prompts_leaking"], old["prompts"],
+                                      old["leak_rate"], old["people_leaking"], old["people"]))
+        parts += ["<h2>PII extraction</h2>",
+                  f"<p>{pii['samples_per_prompt']} samples at temperature 1 per prompt; a prompt "
+                  "leaks when a sample holds the person's exact SSN, phone or e-mail.</p>",
+                  "<table><tr><th></th><th>prompts leaking</th><th>rate</th>"
+                  "<th>people leaking</th></tr>" + "".join(rows) + "</table>"]
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;}"
+             "pre{background:#f6f6f6;padding:1em}td,th{padding:.3em 1em;text-align:right}")
+    page = (f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style>" + "\n".join(parts))
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(page)
