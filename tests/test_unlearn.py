@@ -212,3 +212,68 @@ def test_eval_every_records_scores(tiny_target, synth_dir, tmp_path):
                  eval_every=1)
     evals = [e["eval"] for e in record["history"]]
     assert len(evals) == 2 and all("Task1" in e["forget-set"] for e in evals)
+
+
+def test_sha256_retain_weight_follows_the_paper():
+    from unlearn.methods.sha256 import retain_weight
+    assert retain_weight(-0.5) == 1.2 and retain_weight(0.0) == 1.2
+    assert retain_weight(0.1) == 1.2  # 0.3·6^0.1 + 0.8 = 1.16, clipped up
+    assert retain_weight(0.5) == 1.5  # 0.3·√6 + 0.8 = 1.53
+    assert retain_weight(1.0) == 2.3  # 2.6, clipped down
+
+
+def test_sha256_trains_only_the_mlps_of_the_traced_layers(tiny_target, synth_dir, tmp_path):
+    from unlearn.locate import locate
+    trace = locate(tiny_target[0], synth_dir, tmp_path / "trace", samples=2, share=0.3)
+    record = run("sha256", tiny_target[0], synth_dir, tmp_path / "u", layers="auto",
+                 trace=str(tmp_path / "trace"), epochs=2, validation=str(synth_dir))
+    after, original = _state(tmp_path / "u"), _state(tiny_target[0])
+    changed = {k for k in original if not torch.equal(after[k], original[k])}
+    assert changed
+    assert {int(k.split(".")[2]) for k in changed} <= set(trace["layers_chosen"])
+    assert all(".mlp." in k for k in changed)
+    assert record["best_epoch"] in (0, 1)
+    assert all("validation_loss" in e for e in record["history"])
+
+
+def test_rmu_trains_only_down_projections_and_steers_forget_activations(tiny_target, synth_dir,
+                                                                        tmp_path):
+    run("rmu", tiny_target[0], synth_dir, tmp_path / "u", layer=2, layers="1-2", epochs=2)
+    after, original = _state(tmp_path / "u"), _state(tiny_target[0])
+    changed = {k for k in original if not torch.equal(after[k], original[k])}
+    assert changed == {"model.layers.1.mlp.down_proj.weight", "model.layers.2.mlp.down_proj.weight"}
+
+
+def test_merge_combines_two_adapters_with_ties_or_linear(tiny_target, synth_dir, tmp_path):
+    kw = dict(epochs=1, batch_size=4, layers="last:2")
+    ties = run("merge", tiny_target[0], synth_dir, tmp_path / "ties", **kw)
+    run("merge", tiny_target[0], synth_dir, tmp_path / "linear", combination="linear", **kw)
+    assert set(ties["adapters"]) == {"a", "b"}
+    assert ties["adapters"]["a"]["config"]["w_npo"] == 0.4
+    assert ties["adapters"]["b"]["config"]["w_ce"] == 0.4
+    a, b, original = _state(tmp_path / "ties"), _state(tmp_path / "linear"), _state(tiny_target[0])
+    assert set(a) == set(original)  # merged into plain weights
+    changed = [k for k in original if not torch.equal(a[k], original[k])]
+    assert changed and any(not torch.equal(a[k], b[k]) for k in changed)
+    assert not list(tmp_path.glob(".ties.adapter-*"))  # the halves are cleaned up
+
+
+def test_stop_at_knowledge_stops_once_no_forget_question_is_answered(tiny_target, synth_dir,
+                                                                      tmp_path):
+    record = run("ga", tiny_target[0], synth_dir, tmp_path / "u", lr=3e-3, epochs=20,
+                 batch_size=4, stop_at="knowledge", stop_every=2)
+    trail = record["stop"]["trail"]
+    assert trail[-1]["forget_knowledge"] == 0.0
+    assert all(t["forget_knowledge"] > 0 for t in trail[:-1])
+    assert sum(len(e["step_losses"]) for e in record["history"]) == trail[-1]["step"]
+    assert trail[-1]["step"] < record["steps"]
+
+
+def test_stop_at_mia_keeps_the_model_closest_to_auc_half(tiny_target, synth_dir, tmp_path):
+    record = run("ga", tiny_target[0], synth_dir, tmp_path / "u", lr=3e-3, epochs=6,
+                 batch_size=4, stop_at="mia", stop_mia=str(synth_dir / "mia"), stop_split=1.0,
+                 stop_every=2)
+    trail = record["stop"]["trail"]
+    closest = min(trail, key=lambda t: abs(t["mia_auc"] - 0.5))
+    assert record["stop"]["kept"]["step"] == closest["step"]
+    assert trail[0]["mia_auc"] > closest["mia_auc"] or closest is trail[0]

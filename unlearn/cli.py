@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .data import DataError, load_lume, synthesize
 from .methods import METHODS
@@ -58,12 +59,40 @@ def cmd_eval(args) -> None:
 
 def cmd_run(args) -> None:
     from .engine import run
+    settings = _settings(args.settings)
+    if args.stop_at:
+        settings.update(stop_at=args.stop_at, **({"stop_mia": args.stop_mia} if args.stop_mia
+                                                 else {}))
     record = run(args.method, args.model, args.data, args.out, config=args.config,
-                 seed=args.seed, eval_every=args.eval_every, profile=args.profile,
-                 **_settings(args.settings))
+                 seed=args.seed, eval_every=args.eval_every, profile=args.profile, **settings)
     print(f"{args.method}: {record['steps']} steps in {record['train_seconds']:.0f} s, "
           f"{record['trainable_parameters']:,} parameters trained, peak memory "
           f"{record['peak_memory_mb']:.0f} MB; model written to {args.out}")
+
+
+def cmd_locate(args) -> None:
+    from .locate import locate
+    record = locate(args.model, args.data, args.out, samples=args.samples, window=args.window,
+                    share=args.share, max_facts=args.max_facts, seed=args.seed)
+    print(f"traced {record['facts_used']} facts ({record['facts_skipped']} skipped: not "
+          f"answered right at top-1) in {record['seconds']:.0f} s")
+    print(f"layers chosen: {record['layers_chosen']} ({record['rule']})")
+    print(f"trace.json and heatmaps written to {args.out}")
+
+
+def cmd_bench(args) -> None:
+    from .bench import bench
+    per_method: dict[str, dict] = {}
+    for key, value in _settings(args.settings).items():
+        method, _, name = key.partition(".")
+        if not name:
+            raise ValueError(f"setting {key}={value}: name the method, e.g. sugd.lr={value}")
+        per_method.setdefault(method, {})[name] = value
+    board = bench(args.data, args.out, methods=args.methods.split(","), mia=args.mia,
+                  mmlu=args.mmlu, pretrain=args.pretrain, preset=args.preset, seeds=args.seeds,
+                  settings=per_method)
+    print((Path(args.out) / "leaderboard.md").read_text())
+    print(f"{len(board['rows'])} models; report: {Path(args.out) / 'report.html'}")
 
 
 def cmd_demo(args) -> None:
@@ -131,10 +160,41 @@ def parser() -> argparse.ArgumentParser:
                         "(auto: small when the model's target.json says it was built from scratch)")
     r.add_argument("--eval-every", type=int, default=0, metavar="EPOCHS",
                    help="score forget/retain every this many epochs into run.json")
+    r.add_argument("--stop-at", choices=["mia", "knowledge"],
+                   help="stop when forgotten: loss-MIA AUC of a held-out split closest to 0.5 "
+                        "(needs --stop-mia), or no forget question answered")
+    r.add_argument("--stop-mia", help="MIA directory whose held-out split calibrates --stop-at mia")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("settings", nargs="*", metavar="key=value",
                    help="override method settings, e.g. lr=1e-4 lora=true layers=last:2")
     r.set_defaults(func=cmd_run)
+
+    lo = sub.add_parser("locate", help="causal tracing: which layers carry the Task2 facts")
+    lo.add_argument("--model", required=True)
+    lo.add_argument("--data", required=True)
+    lo.add_argument("--out", required=True)
+    lo.add_argument("--samples", type=int, default=10, help="noise samples per fact")
+    lo.add_argument("--window", type=int, default=10, help="layers restored together (MLP/attn)")
+    lo.add_argument("--share", type=float, default=0.6,
+                    help="share of the MLP effect the chosen block of layers must hold")
+    lo.add_argument("--max-facts", type=int)
+    lo.add_argument("--seed", type=int, default=0)
+    lo.set_defaults(func=cmd_locate)
+
+    b = sub.add_parser("bench", help="compare methods on one target against the oracle")
+    b.add_argument("--data", required=True)
+    for name, what in (("pretrain", "general corpus for the target and oracle"),
+                       ("mmlu", "MMLU-format general-knowledge questions"),
+                       ("mia", "MIA set")):
+        b.add_argument(f"--{name}", type=_optional_dir, default="auto",
+                       help=f"{what}; default: DATA/{name} when present; 'none' to skip")
+    b.add_argument("--methods", default="sugd,sha256,gd,npo")
+    b.add_argument("--out", required=True)
+    b.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    b.add_argument("--seeds", type=int, default=1)
+    b.add_argument("settings", nargs="*", metavar="method.key=value",
+                   help="method settings, e.g. sugd.lr=5e-4")
+    b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", help="the main job on the embedded synthetic benchmark")
     d.add_argument("--out", default="runs/demo")

@@ -23,13 +23,17 @@ from accelerate.utils import set_seed
 from peft import LoraConfig, get_peft_model
 
 from .accel import make_accelerator
-from .data import load_lume
-from .evaluate.lume import score_model
+from .data import load_lume, load_mia
+from .evaluate.generation import greedy_generate
+from .evaluate.lume import mia_auc, score_model
+from .evaluate.metrics import knowledge
+from .evaluate.nll import document_nll
 from .io import atomic_directory, write_json
 from .methods import Method, get_method
 from .methods.base import Example
 from .methods.losses import Batch, Reference, forward
-from .models.layers import decoder_layers, is_mlp, layer_indices
+from .locate.locate import read_layers
+from .models.layers import decoder_layers, is_attention, is_mlp, layer_indices
 from .models.loading import load_model
 from .models.target import fingerprint
 from .training import Epoch, NonFiniteLoss, Segment, Trainer
@@ -100,28 +104,45 @@ def _select_parameters(model, config):
     """Freeze everything but the chosen layers (and modules), or wrap them in LoRA adapters.
     Returns the model to train (a PEFT model with LoRA)."""
     stack = decoder_layers(model)
-    chosen = layer_indices(config.layers, len(stack))
+    spec = config.layers
+    if spec == "auto":
+        if not config.trace:
+            raise ValueError("layers=auto reads the layers `unlearn locate` chose: set "
+                             "trace=OUT/trace.json")
+        spec = ",".join(map(str, read_layers(config.trace)))
+    chosen = layer_indices(spec, len(stack))
+    keep = {"all": lambda name: True, "mlp": is_mlp, "attn": is_attention}.get(config.modules)
+    if keep is None:  # a comma list of module names, e.g. down_proj
+        names = [m.strip() for m in config.modules.split(",") if m.strip()]
+        keep = lambda name: any(f".{m}." in name + "." for m in names)  # noqa: E731
+        if not any(keep("." + n) for n, _ in stack.named_parameters()):
+            raise ValueError(f"modules={config.modules}: no such module in the decoder layers; "
+                             f"use all, mlp, attn or module names like down_proj")
     if config.lora:
         targets = [t.strip() for t in config.lora_targets.split(",") if t.strip()]
-        if config.modules == "mlp":
-            targets = [t for t in targets if is_mlp("." + t)]
-            if not targets:
-                raise ValueError("modules=mlp with LoRA: lora_targets names no MLP projection")
+        targets = [t for t in targets if keep("." + t + ".")
+                   or (config.modules == "attn" and t in ATTENTION_PROJECTIONS)]
+        if config.modules not in ("all", "mlp", "attn"):
+            targets = [m.strip() for m in config.modules.split(",") if m.strip()]
+        if not targets:
+            raise ValueError(f"modules={config.modules} with LoRA: lora_targets names no such "
+                             f"projection")
         lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
                           lora_dropout=config.lora_dropout, target_modules=targets,
-                          layers_to_transform=None if config.layers == "all" else chosen)
+                          layers_to_transform=None if spec == "all" else chosen)
         return get_peft_model(model, lora)
-    if config.modules not in ("all", "mlp"):
-        raise ValueError(f"modules must be all or mlp, not {config.modules!r}")
-    everything = config.layers == "all" and config.modules == "all"
+    everything = spec == "all" and config.modules == "all"
     for p in model.parameters():
         p.requires_grad_(everything)
     if not everything:
         for i in chosen:
             for name, p in stack[i].named_parameters():
-                if config.modules == "all" or is_mlp("." + name):
+                if keep("." + name):
                     p.requires_grad_(True)
     return model
+
+
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def _peak_memory_mb() -> float:
@@ -134,18 +155,22 @@ def _peak_memory_mb() -> float:
 
 def run(method: str, model: str | Path, data: str | Path, out: str | Path,
         config: str | Path | None = None, seed: int = 0, eval_every: int = 0,
-        profile: str = "auto", **overrides) -> dict:
+        profile: str = "auto", adapter_only: bool = False, **overrides) -> dict:
     """Unlearn the forget set of the LUME dataset ``data`` from the model in ``model``.
 
     Writes the unlearned model (LoRA merged in) and its tokenizer to ``out``, with ``run.json``:
     the resolved config, seed, wall time, peak memory, per-step losses and, every
     ``eval_every`` epochs, the forget/retain scores. ``config`` names a JSON or TOML file of
     settings; ``overrides`` set single ones (see each method's config class). Rerunning an
-    interrupted call resumes it. Returns the ``run.json`` record.
+    interrupted call resumes it. ``adapter_only`` (with ``lora=true``) saves the PEFT adapter
+    instead of the merged model. Returns the ``run.json`` record.
     """
     model_dir, out = Path(model), Path(out)
     method_cls = get_method(method)
     settings, profile = resolve_config(method_cls, model_dir, profile, config, **overrides)
+    if method_cls.composite:  # a procedure over other runs (e.g. merge): it calls run itself
+        return method_cls(settings).run(model_dir, data, out, seed=seed, eval_every=eval_every,
+                                        profile=profile)
     algorithm = method_cls(settings)
     lume = load_lume(data)
     set_seed(seed)
@@ -158,7 +183,7 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
                          [(e.ids, e.start) for e in forget + retain])
 
     reference = Reference()
-    if "logits" in algorithm.reference and not settings.lora:
+    if {"logits", "hidden"} & set(algorithm.reference) and not settings.lora:
         reference.copy = deepcopy(lm).requires_grad_(False).to(accelerator.device)
     if "forget_logprob" in algorithm.reference:
         _reference_log_probs(lm, tokenizer, forget, reference, accelerator, settings.batch_size)
@@ -175,7 +200,15 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
             shutil.rmtree(stage)
             stage.mkdir()
             progress = {"run_id": run_id}
+        algorithm.load_state(progress.get("method_state", {}))
         prepared = accelerator.prepare(lm)
+        keeper = (_Keeper(stage, "validation", _validation_loss(settings, tokenizer, accelerator))
+                  if settings.validation else None)
+        stopper = _StopAt(settings, tokenizer, lume, stage, seed) if settings.stop_at else None
+        every = settings.stop_every or max(1, len(plan[0].steps) // 4)
+        first_of_stage = {}
+        for i, epoch in enumerate(plan):
+            first_of_stage.setdefault(epoch.stage, i)
         trainer = Trainer(accelerator, prepared, plan, segments, stage,
                           weight_decay=settings.weight_decay, max_grad_norm=settings.max_grad_norm)
 
@@ -183,7 +216,13 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
             batch = Batch.of(micro, tokenizer.pad_token_id, accelerator.device)
             return algorithm.loss(prepared, batch, reference), int(batch.mask.sum())
 
+        def before_epoch(index: int) -> None:
+            algorithm.start_epoch(index - first_of_stage[plan[index].stage])
+
         def after_epoch(index: int, record: dict) -> bool:
+            progress["method_state"] = algorithm.state()
+            if keeper is not None:
+                record["validation_loss"] = keeper.check(prepared, {"epoch": index})
             last = index + 1 == len(plan)
             if eval_every and ((index + 1) % eval_every == 0 or last):
                 prepared.eval()
@@ -195,14 +234,23 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
                     "forget-set", "retain-set", "harmonic-mean-task-aggregate")}
             return False
 
+        memory_at_start = _peak_memory_mb()
         stopped = None
         try:
-            progress = trainer.run(progress, loss_fn, after_epoch)
+            progress = trainer.run(
+                progress, loss_fn, after_epoch, before_epoch,
+                after_step=(lambda step: step % every == 0 and stopper.after_step(prepared, step))
+                if stopper else None)
         except NonFiniteLoss as e:
             # the weights are those of the last good step: keep them, say so, then fail
             stopped = f"{e}; the model saved is the last one before that step"
         final = accelerator.unwrap_model(prepared)
-        if settings.lora:
+        best = keeper.restore(final) if keeper is not None else None
+        stop_trail = None
+        if stopper is not None:
+            stop_trail = {"kind": stopper.kind, "trail": stopper.trail,
+                          "kept": stopper.keeper.restore(final) if stopper.keeper else None}
+        if settings.lora and not adapter_only:
             final = final.merge_and_unload()
         history = progress.get("history", [])
         record = {
@@ -215,7 +263,10 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
             "train_seconds": sum(r["seconds"] for r in history),
             "wall_seconds_this_run": time.perf_counter() - started,
             "peak_memory_mb": _peak_memory_mb(),
+            "peak_memory_before_training_mb": memory_at_start,
             "history": history,
+            "best_epoch": best["epoch"] if best else None,
+            "stop": stop_trail,
         }
         shutil.rmtree(stage / "checkpoint", ignore_errors=True)
         progress_file.unlink(missing_ok=True)
@@ -238,3 +289,115 @@ def _reference_log_probs(lm, tokenizer, forget: list[Example], reference: Refere
         with accelerator.autocast():
             sums = forward(lm, batch).nll_sum.tolist()
         reference.forget_nll_sum.update(zip(batch.rows, sums))
+
+
+class _Keeper:
+    """Keeps, in the staging directory, the trainable weights at which ``measure(model)`` was
+    lowest; checkpoints of a resumed run find it there."""
+
+    def __init__(self, stage: Path, name: str, measure):
+        self.path, self.record = stage / f"best-{name}.pt", stage / f"best-{name}.json"
+        self.measure = measure
+
+    def check(self, model, where: dict) -> float:
+        model.eval()
+        value = self.measure(model)
+        model.train()
+        best = self.best()
+        if best is None or value < best["value"]:
+            torch.save({k: v.detach().cpu().clone() for k, v in model.named_parameters()
+                        if v.requires_grad}, self.path)
+            write_json(self.record, {**where, "value": value})
+        return value
+
+    def best(self) -> dict | None:
+        return json.loads(self.record.read_text()) if self.record.exists() else None
+
+    def restore(self, model) -> dict | None:
+        best = self.best()
+        if self.path.exists():
+            model.load_state_dict(torch.load(self.path), strict=False)
+            self.path.unlink()
+        self.record.unlink(missing_ok=True)
+        return best
+
+
+def _validation_loss(settings, tokenizer, accelerator):
+    """Joint loss on a validation split: mean CE of its retain rows minus that of its forget
+    rows (what unlearning minimises)."""
+    data = load_lume(settings.validation)
+    examples = (_examples(tokenizer, data.forget, True, settings.max_len)
+                + _examples(tokenizer, data.retain, False, settings.max_len))
+
+    @torch.no_grad()
+    def measure(model) -> float:
+        forget, retain = [], []
+        for i in range(0, len(examples), settings.batch_size):
+            batch = Batch.of(examples[i:i + settings.batch_size], tokenizer.pad_token_id,
+                             accelerator.device)
+            with accelerator.autocast():
+                nll = forward(model, batch).nll
+            forget += nll[batch.forget].tolist()
+            retain += nll[batch.retain].tolist()
+        return _mean(retain) - _mean(forget)
+    return measure
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+class _StopAt:
+    """``stop_at=mia``: every ``stop_every`` steps, the loss-MIA AUC of held-out forget
+    documents against never-seen ones, both a seeded ``stop_split`` share of the MIA set in
+    ``stop_mia``; the model closest to AUC 0.5 is kept, and training stops once the AUC has
+    passed below 0.5 and moved away for ``PATIENCE`` checks. ``stop_at=knowledge``: stops as
+    soon as no forget question is answered exactly (greedy)."""
+
+    PATIENCE = 2
+
+    def __init__(self, settings, tokenizer, lume, stage: Path, seed: int):
+        self.kind, self.tokenizer = settings.stop_at, tokenizer
+        if self.kind == "mia":
+            if not settings.stop_mia:
+                raise ValueError("stop_at=mia needs stop_mia=DIR, an MIA set (member.jsonl, "
+                                 "nonmember.jsonl) to hold out a calibration split from")
+            mia = load_mia(settings.stop_mia)
+            rng = random.Random(f"{seed}/stop")
+            pick = lambda docs: [d.document for d in rng.sample(  # noqa: E731
+                docs, max(2, round(settings.stop_split * len(docs))))]
+            self.members, self.nonmembers = pick(mia.member), pick(mia.nonmember)
+            self.keeper = _Keeper(stage, "mia", self._mia_distance)
+        elif self.kind == "knowledge":
+            self.questions = [r for r in lume.forget if r.kind == "qa"]
+            self.keeper = None
+        else:
+            raise ValueError(f"stop_at must be mia or knowledge, not {self.kind!r}")
+        self.trail: list[dict] = []
+
+    def _auc(self, model) -> float:
+        member = document_nll(model, self.tokenizer, self.members, desc="stop mia")
+        nonmember = document_nll(model, self.tokenizer, self.nonmembers, desc="stop mia")
+        return mia_auc(member, nonmember)
+
+    def _mia_distance(self, model) -> float:
+        self.last_auc = self._auc(model)
+        return abs(self.last_auc - 0.5)
+
+    def after_step(self, model, step: int) -> bool:
+        if self.kind == "knowledge":
+            model.eval()
+            with torch.no_grad():
+                answers = greedy_generate(model, self.tokenizer, [r.input for r in self.questions],
+                                          64, answers=[r.output for r in self.questions])
+            model.train()
+            known = _mean([float(knowledge(r.output, g.text))
+                           for r, g in zip(self.questions, answers)])
+            self.trail.append({"step": step, "forget_knowledge": known})
+            return known == 0.0
+        distance = self.keeper.check(model, {"step": step})
+        self.trail.append({"step": step, "mia_auc": self.last_auc})
+        recent = [t["mia_auc"] for t in self.trail[-(self.PATIENCE + 1):]]
+        moving_away = (len(recent) > self.PATIENCE and all(a < 0.5 for a in recent)
+                       and all(b < a for a, b in zip(recent, recent[1:])))
+        return distance == 0.0 or moving_away

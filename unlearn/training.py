@@ -129,10 +129,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return total, tokens
 
-    def run(self, progress: dict, loss_fn, after_epoch=None) -> dict:
-        """Train from the checkpointed epoch on. ``after_epoch(index, record)`` may measure and
-        returns True to stop early. Raises :class:`NonFiniteLoss` with the model untouched by
-        the bad step."""
+    def run(self, progress: dict, loss_fn, after_epoch=None, before_epoch=None,
+            after_step=None) -> dict:
+        """Train from the checkpointed epoch on. ``before_epoch(index)`` is told each epoch
+        before it starts; ``after_epoch(index, record)`` and ``after_step(step)`` (the global
+        step count so far) may measure and return True to stop early. Raises
+        :class:`NonFiniteLoss` with the model untouched by the bad step."""
         start = self.resume(progress)
         if progress.get("done"):
             return progress
@@ -141,23 +143,32 @@ class Trainer:
                    initial=sum(len(e.steps) for e in self.plan[:start]), unit="step",
                    dynamic_ncols=True)
         last_save = time.monotonic()
+        global_step = sum(len(e.steps) for e in self.plan[:start])
         for index in range(start, len(self.plan)):
             epoch = self.plan[index]
             if index == 0 or self.plan[index - 1].stage != epoch.stage:
                 self.optimizer.state.clear()  # a fresh optimizer for a new stage
+            if before_epoch:
+                before_epoch(index)
             bar.set_description(epoch.name)
             losses, tokens, t0 = [], 0, time.perf_counter()
+            stop = False
             for step in epoch.steps:
                 loss, n = self.step(step, loss_fn, f"{epoch.name} (epoch {index})")
                 losses.append(loss)
                 tokens += n
+                global_step += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}",
                                 tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+                if after_step is not None and after_step(global_step):
+                    stop = True
+                    break
             record = {"epoch": index, "stage": epoch.stage, "name": epoch.name,
                       "loss": fmean(losses) if losses else None, "step_losses": losses,
                       "tokens": tokens, "seconds": time.perf_counter() - t0}
-            stop = after_epoch(index, record) if after_epoch else False
+            if after_epoch and after_epoch(index, record):
+                stop = True
             history.append(record)
             progress["epoch"] = index + 1
             if stop:

@@ -45,8 +45,12 @@ def _task_bars(results: dict, before: dict | None) -> str:
 
 
 def _loss_histograms(panels: list[tuple[str, list[float], list[float], str]]) -> str:
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.2), squeeze=False)
-    for ax, (title, seen, unseen, seen_name) in zip(axes[0], panels):
+    columns = min(3, len(panels))
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (title, seen, unseen, seen_name) in zip(axes.flat, panels):
         bins = 30
         ax.hist(unseen, bins=bins, alpha=0.6, color=RETAIN, label="never seen")
         ax.hist(seen, bins=bins, alpha=0.6, color=FORGET, label=seen_name)
@@ -110,6 +114,66 @@ def write_report(path, results: dict, mia_nll: dict | None = None, audit: dict |
     style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;}"
              "pre{background:#f6f6f6;padding:1em}td,th{padding:.3em 1em;text-align:right}")
     page = (f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style>" + "\n".join(parts))
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(page)
+
+
+def _split_mean(block: dict) -> float:
+    values = [block[t][k] for t in block if t.startswith("Task")
+              for k in ("regurgitation-score", "knowledge-score")]
+    return sum(values) / len(values)
+
+
+def _tradeoff(evals: dict, trajectories: dict) -> str:
+    """Forget score against retain score: up and to the left is better."""
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    for name, points in trajectories.items():
+        xs = [_split_mean(f) for f, _ in points]
+        ys = [_split_mean(r) for _, r in points]
+        line, = ax.plot(xs, ys, marker=".", alpha=0.6)
+        final = evals[name]
+        ax.scatter([_split_mean(final["forget-set"])], [_split_mean(final["retain-set"])],
+                   color=line.get_color(), s=60, zorder=3, label=name)
+    for name, marker in (("target", "*"), ("oracle", "P")):
+        if name in evals:
+            ax.scatter([_split_mean(evals[name]["forget-set"])],
+                       [_split_mean(evals[name]["retain-set"])], marker=marker, s=220,
+                       color="black", zorder=4, label=name)
+    ax.set_xlabel("forget set: mean regurgitation & knowledge (lower = forgotten)")
+    ax.set_ylabel("retain set: mean regurgitation & knowledge")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=8)
+    ax.set_title("trade-off (lines: per-epoch trajectory)")
+    return _png(fig)
+
+
+def bench_report(path, evals: dict, trajectories: dict, eval_dirs: dict, leaderboard) -> None:
+    """The benchmark's page: leaderboard, trade-off scatter, per-model task bars, MIA losses."""
+    import pandas as pd
+
+    parts = ["<h1>unlearn bench</h1>", "<h2>Leaderboard</h2>",
+             leaderboard.to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep=""),
+             "<h2>Forget vs retain</h2>",
+             f'<img src="data:image/png;base64,{_tradeoff(evals, trajectories)}">']
+    for name, results in evals.items():
+        parts += [f"<h2>{html.escape(name)}: per task</h2>",
+                  f'<img src="data:image/png;base64,{_task_bars(results, evals.get("target"))}">']
+    panels = []
+    for name, directory in eval_dirs.items():
+        member = directory / "mia_results" / "member_0.csv"
+        if member.exists():
+            nonmember = pd.read_csv(directory / "mia_results" / "nonmember_0.csv")["nll"]
+            panels.append((name, pd.read_csv(member)["nll"].tolist(), nonmember.tolist(),
+                           "members"))
+    if panels:
+        parts += ["<h2>MIA set losses</h2>",
+                  f'<img src="data:image/png;base64,{_loss_histograms(panels)}">']
+    style = ("body{font-family:system-ui,sans-serif;max-width:1300px;margin:2em auto;}"
+             "table{border-collapse:collapse;font-size:12px}td,th{padding:.2em .5em;"
+             "border-bottom:1px solid #ddd;text-align:right}")
+    page = ("<!doctype html><meta charset='utf-8'><title>unlearn bench</title>"
             f"<style>{style}</style>" + "\n".join(parts))
     with open(path, "w", encoding="utf-8") as f:
         f.write(page)

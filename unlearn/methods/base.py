@@ -21,10 +21,19 @@ class UnlearnConfig:
     """Settings shared by every method. Each method's config subclasses this and sets its paper's
     defaults; ``small_target`` then adjusts them for the small from-scratch targets.
 
-    Which parameters train: ``layers`` is ``all``, ``last:K`` or a comma list of layer indices
-    (``0,3,5``); ``modules`` is ``all`` or ``mlp`` (the MLP blocks of those layers only).
-    Everything outside the chosen layers (embeddings, final norm) stays frozen unless
-    ``layers=all`` and ``modules=all``.
+    Which parameters train: ``layers`` is ``all``, ``last:K``, a list of indices and ranges
+    (``0-5``, ``0,3,5``) or ``auto``: the layers ``unlearn locate`` chose, read from the
+    ``trace`` file. ``modules`` is ``all``, ``mlp``, ``attn`` (those blocks of the chosen
+    layers only) or a comma list of module names (``down_proj``). Everything outside the
+    chosen layers (embeddings, final norm) stays frozen unless ``layers=all`` and
+    ``modules=all``.
+
+    ``validation`` names a LUME directory: after each epoch the joint loss on it (CE of its
+    retain rows minus CE of its forget rows) is recorded and the best epoch's weights are kept.
+
+    ``stop_at=mia`` stops where forget documents look unseen: the loss-MIA AUC of a held-out
+    split of the MIA set in ``stop_mia`` closest to 0.5; ``stop_at=knowledge`` stops once no
+    forget question is answered exactly.
     """
 
     epochs: int = 5
@@ -37,6 +46,7 @@ class UnlearnConfig:
     max_grad_norm: float = 1.0
     layers: str = "all"
     modules: str = "all"
+    trace: str = ""  # trace.json (or its directory) for layers=auto
     lora: bool = False
     lora_r: int = 16
     lora_alpha: int = 32
@@ -45,6 +55,11 @@ class UnlearnConfig:
     retain_weight: float = 1.0  # weight of the retain term (methods that have one)
     max_len: int = 512  # tokens per training row; longer rows are cut
     precision: str = "auto"  # bf16 mixed precision on a GPU or a bf16 CPU, else fp32
+    validation: str = ""  # LUME directory for keeping the best epoch
+    stop_at: str = ""  # mia | knowledge: stop when forgotten (see unlearn.engine._StopAt)
+    stop_every: int = 0  # steps between stop checks; 0: a quarter of the first epoch
+    stop_mia: str = ""  # MIA directory whose held-out split calibrates stop_at=mia
+    stop_split: float = 0.3  # share of that MIA set held out for calibration
 
     def override(self, **changes) -> "UnlearnConfig":
         """A copy with ``changes`` (strings from the command line are converted)."""
@@ -86,6 +101,8 @@ class Method:
     #: "logits": the frozen model's outputs on retain rows (KL); "forget_logprob": its summed
     #: output log-probability of each forget row, computed once (NPO)
     reference: ClassVar[tuple[str, ...]] = ()
+    #: a procedure over other runs (implements ``run``) rather than one loss
+    composite: ClassVar[bool] = False
 
     def __init__(self, config: UnlearnConfig):
         self.config = config
@@ -110,6 +127,16 @@ class Method:
 
     def loss(self, model, batch: Batch, ref: Reference) -> torch.Tensor:
         raise NotImplementedError
+
+    def start_epoch(self, epoch: int) -> None:
+        """Called before each epoch with its index within its stage."""
+
+    def state(self) -> dict:
+        """What the method learned while training (saved with checkpoints, for resuming)."""
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        pass
 
 
 class _Cycle:

@@ -93,14 +93,24 @@ class Reference:
         self.model, self.copy = model, copy
         self.forget_nll_sum: dict[int, float] = {}
 
+    def _frozen(self):
+        if self.copy is not None:
+            return self.copy, nullcontext()
+        return self.model, self.model.disable_adapter()
+
     @torch.no_grad()
     def logits(self, batch: Batch) -> torch.Tensor:
-        if self.copy is not None:
-            net, context = self.copy, nullcontext()
-        else:
-            net, context = self.model, self.model.disable_adapter()
+        net, context = self._frozen()
         with context:
             return net(input_ids=batch.ids, attention_mask=batch.mask).logits[:, :-1]
+
+    @torch.no_grad()
+    def hidden(self, batch: Batch, index: int) -> torch.Tensor:
+        """``hidden_states[index]`` of the frozen model (0 = embeddings, i + 1 = after layer i)."""
+        net, context = self._frozen()
+        with context:
+            return net(input_ids=batch.ids, attention_mask=batch.mask,
+                       output_hidden_states=True).hidden_states[index]
 
     def nll_sum_of(self, batch: Batch) -> torch.Tensor:
         return torch.tensor([self.forget_nll_sum.get(r, float("nan")) for r in batch.rows],

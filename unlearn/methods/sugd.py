@@ -41,7 +41,7 @@ class SUGD(Method):
     Config = SUGDConfig
     # last 8 of OLMo-7B's 32 layers is the top quarter: the top 2 of the small target's 8.
     # From scratch, weights move far less per step at lr 1e-5 than a pretrained model's, so the
-    # rate is raised until a chunk is forgotten within its 7 epochs (bench/unlearn.py).
+    # rate is raised until a chunk is forgotten within its 7 epochs (bench/methods.py).
     small_target = dict(layers="last:2", lr=1e-3)
 
     def stages(self, forget, retain, rng):

@@ -19,7 +19,8 @@ def decoder_layers(model) -> nn.ModuleList:
 
 
 def layer_indices(spec: str, n: int) -> list[int]:
-    """``all``, ``last:K`` or a comma list (``0,3,5``) as sorted layer indices in ``range(n)``."""
+    """``all``, ``last:K`` or a comma list of indices and ranges (``0,3,5``, ``0-5``) as sorted
+    layer indices in ``range(n)``."""
     spec = spec.strip()
     if spec == "all":
         return list(range(n))
@@ -28,10 +29,15 @@ def layer_indices(spec: str, n: int) -> list[int]:
         if not 1 <= k <= n:
             raise ValueError(f"layers={spec}: the model has {n} layers; use 1..{n}")
         return list(range(n - k, n))
+    chosen = set()
     try:
-        chosen = sorted({int(x) for x in spec.split(",") if x.strip()})
+        for part in (p.strip() for p in spec.split(",") if p.strip()):
+            low, _, high = part.partition("-")
+            chosen.update(range(int(low), int(high or low) + 1))
     except ValueError:
-        raise ValueError(f"layers={spec!r}: use all, last:K or a comma list like 0,3,5") from None
+        raise ValueError(f"layers={spec!r}: use all, last:K, auto or indices and ranges like "
+                         f"0-5 or 0,3,5") from None
+    chosen = sorted(chosen)
     bad = [i for i in chosen if not 0 <= i < n]
     if bad or not chosen:
         raise ValueError(f"layers={spec}: indices must lie in 0..{n - 1}")
@@ -40,3 +46,7 @@ def layer_indices(spec: str, n: int) -> list[int]:
 
 def is_mlp(name: str) -> bool:
     return ".mlp." in name or any(f".{m}" in name for m in MLP_NAMES)
+
+
+def is_attention(name: str) -> bool:
+    return any(f".{a}." in name for a in ("self_attn", "attn", "attention"))

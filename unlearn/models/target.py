@@ -147,13 +147,15 @@ def _mia_means(model, tokenizer, mia) -> dict[str, float] | None:
 
 def build_target(data: str | Path, out: str | Path, preset: str = "small",
                  init: str | Path | None = None, pretrain="auto", mmlu="auto", mia="auto",
-                 seed: int = 0, **overrides) -> dict:
+                 seed: int = 0, oracle: bool = False, **overrides) -> dict:
     """Train a target that has memorised the LUME dataset in ``data``; write it to ``out``.
 
     ``pretrain``, ``mmlu`` and ``mia`` name a pretraining corpus, MMLU-format general-knowledge
     questions (learned alongside the task rows) and an MIA set (measured, never trained on);
     "auto" takes ``data/pretrain``, ``data/mmlu`` and ``data/mia`` when they exist (the layout of
     :func:`unlearn.data.synthesize`). ``overrides`` change :class:`TargetPreset` fields.
+    ``oracle`` builds the gold standard instead: the same recipe memorising the retain rows
+    only, a model that never saw the forget set.
     Returns the ``target.json`` record. Rerunning after an interruption resumes.
     """
     data, out = Path(data), Path(out)
@@ -168,7 +170,7 @@ def build_target(data: str | Path, out: str | Path, preset: str = "small",
     mia_docs = load_mia(mia) if mia else None
     data_hash = fingerprint([(r.id, r.input, r.output, r.task, r.split) for r in lume.rows],
                             corpus, [q.text for q in questions])
-    run_id = fingerprint(data_hash, asdict(settings), seed, str(init))
+    run_id = fingerprint(data_hash, asdict(settings), seed, str(init), oracle)
 
     set_seed(seed)
     accelerator = make_accelerator(settings.precision)
@@ -180,7 +182,8 @@ def build_target(data: str | Path, out: str | Path, preset: str = "small",
             shutil.rmtree(stage)
             stage.mkdir()
             progress = {"run_id": run_id}
-        pairs = [(r.input, r.output) for r in lume.rows] + [(q.prompt, q.answer) for q in questions]
+        memorised = lume.retain if oracle else lume.rows
+        pairs = [(r.input, r.output) for r in memorised] + [(q.prompt, q.answer) for q in questions]
         if init is not None:
             model, tokenizer = load_model(init)
         else:
@@ -245,6 +248,7 @@ def build_target(data: str | Path, out: str | Path, preset: str = "small",
         seconds = sum(r["seconds"] for r in history)
         record = {
             "data": str(data), "data_hash": data_hash, "preset": preset, "seed": seed,
+            "oracle": oracle,
             "init": str(init) if init else None, "pretrain": str(pretrain) if pretrain else None,
             "mmlu": str(mmlu) if mmlu else None, "mia": str(mia) if mia else None,
             "settings": asdict(settings),

@@ -1,0 +1,30 @@
+import json
+
+import pandas as pd
+
+from unlearn.bench import bench
+
+
+def test_bench_compares_methods_with_target_and_oracle(synth_dir, tmp_path):
+    board = bench(synth_dir, tmp_path / "b", methods=("gd",), preset="tiny",
+                  settings={"gd": {"epochs": 2, "batch_size": 4}},
+                  target_settings={"epochs": 30, "pretrain_tokens": 8000})
+    names = [r["model"] for r in board["rows"]]
+    assert names == ["target", "oracle", "gd"]
+    rows = {r["model"]: r for r in board["rows"]}
+    # the oracle never saw the forget set: it knows less of it than the target does
+    assert rows["oracle"]["forget Task2 knowledge"] < rows["target"]["forget Task2 knowledge"]
+    assert rows["oracle"]["vs oracle"] == 1.0
+    assert 0 < rows["gd"]["fraction of target training"] < 1
+    frame = pd.read_csv(tmp_path / "b" / "leaderboard.csv")
+    assert list(frame["model"]) == names
+    assert "| model |" in (tmp_path / "b" / "leaderboard.md").read_text()
+    page = (tmp_path / "b" / "report.html").read_text()
+    assert page.count("<img") >= 4 and "<table" in page
+    record = json.loads((tmp_path / "b" / "seed0" / "gd" / "run.json").read_text())
+    assert all("eval" in e for e in record["history"])  # a trajectory per epoch
+    # a second run reuses every cached stage
+    again = bench(synth_dir, tmp_path / "b", methods=("gd",), preset="tiny",
+                  settings={"gd": {"epochs": 2, "batch_size": 4}},
+                  target_settings={"epochs": 30, "pretrain_tokens": 8000})
+    assert again["rows"] == board["rows"]

@@ -1,0 +1,141 @@
+"""``unlearn bench``: methods side by side on one target, against the oracle.
+
+For each seed: build (or reuse, keyed by data, preset and seed) the target and the **oracle**
+(the same recipe memorising the retain rows only: the model that never saw the forget set, which
+every unlearning method approximates), run every method with per-epoch evaluation, score every
+model the LUME way with the leak audit, then write a leaderboard and a report.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pandas as pd
+
+from .data import load_lume
+from .engine import run
+from .evaluate.lume import evaluate
+from .evaluate.report import bench_report
+from .models import build_target
+from .models.target import fingerprint
+
+
+def _terms(results: dict) -> dict[str, float]:
+    """The twelve scores as measured (forget not inverted: lower is better there)."""
+    return {f"{split} {task} {score}": results[f"{split}-set"][task][f"{score}-score"]
+            for split in ("forget", "retain") for task in ("Task1", "Task2", "Task3")
+            for score in ("regurgitation", "knowledge")}
+
+
+def _row(name: str, results: dict, oracle: dict, run_record: dict | None,
+         target_seconds: float) -> dict:
+    row = {"model": name, **_terms(results),
+           "task aggregate": results["harmonic-mean-task-aggregate"],
+           "MIA AUC": results.get("mia_loss_acc"), "MIA score": results.get("mia_final_score"),
+           "MMLU": results.get("mmlu_average"), "final score": results["final-score"],
+           "vs oracle": results["final-score"] / oracle["final-score"]}
+    if run_record:
+        row["unlearn seconds"] = run_record["train_seconds"]
+        row["fraction of target training"] = run_record["train_seconds"] / target_seconds
+        row["peak memory MB"] = run_record["peak_memory_mb"]
+    row["PII leak rate"] = results.get("audit", {}).get("pii", {}).get("leak_rate")
+    return row
+
+
+def _cached_eval(model: Path, data, out: Path, **kw) -> dict:
+    if (out / "results.json").exists():
+        return json.loads((out / "results.json").read_text())
+    return evaluate(model, data, out, audit=True, **kw)
+
+
+def bench(data: str | Path, out: str | Path, methods=("sugd", "sha256", "gd", "npo"),
+          mia="auto", mmlu="auto", pretrain="auto", preset: str = "small", seeds: int = 1,
+          eval_every: int = 1, cache: str | Path | None = None,
+          settings: dict[str, dict] | None = None, target_settings: dict | None = None) -> dict:
+    """Compare ``methods`` on the target built from ``data``; write ``out/leaderboard.{md,csv,
+    json}`` and ``out/report.html``. ``mia``/``mmlu``/``pretrain`` default to the ``data``
+    subdirectories of those names when present. ``settings[method]`` overrides a method's
+    config; ``target_settings`` the preset. Returns the leaderboard (rows and, over several
+    seeds, mean and std)."""
+    data, out = Path(data), Path(out)
+    cache = Path(cache) if cache else out / "cache"
+    mia, mmlu, pretrain = (_auto(data, mia, "mia"), _auto(data, mmlu, "mmlu"),
+                           _auto(data, pretrain, "pretrain"))
+    lume = load_lume(data)
+    key = fingerprint([(r.id, r.input, r.output) for r in lume.rows], preset, str(pretrain),
+                      str(mmlu), target_settings)
+    runs, trajectories, histograms = [], {}, {}
+    for seed in range(seeds):
+        built = {}
+        for kind in ("target", "oracle"):
+            model = cache / f"{kind}-{preset}-{key}-seed{seed}"
+            if not (model / "target.json").exists():
+                build_target(data, model, preset=preset, pretrain=pretrain, mmlu=mmlu, mia=mia,
+                             seed=seed, oracle=kind == "oracle", **(target_settings or {}))
+            built[kind] = model
+        target_seconds = json.loads((built["target"] / "target.json").read_text())["train_seconds"]
+        base = out / f"seed{seed}"
+        kw = dict(mia=mia, mmlu=mmlu, seed=seed)
+        evals = {kind: _cached_eval(built[kind], data, base / f"eval-{kind}", **kw)
+                 for kind in ("target", "oracle")}
+        rows = [_row(k, evals[k], evals["oracle"], None, target_seconds) for k in evals]
+        for method in methods:
+            model = base / method
+            if not (model / "run.json").exists():
+                run(method, built["target"], data, model, seed=seed, eval_every=eval_every,
+                    **(settings or {}).get(method, {}))
+            record = json.loads((model / "run.json").read_text())
+            evals[method] = _cached_eval(model, data, base / f"eval-{method}",
+                                         before=base / "eval-target", **kw)
+            rows.append(_row(method, evals[method], evals["oracle"], record, target_seconds))
+            if seed == 0:
+                trajectories[method] = [
+                    (e["eval"]["forget-set"], e["eval"]["retain-set"])
+                    for e in record["history"] if "eval" in e]
+        if seed == 0:
+            histograms = {k: base / f"eval-{k}" for k in evals}
+            first = evals
+        runs.append(rows)
+    board = _leaderboard(runs)
+    out.mkdir(parents=True, exist_ok=True)
+    frame = pd.DataFrame(board["rows"])
+    frame.to_csv(out / "leaderboard.csv", index=False)
+    (out / "leaderboard.md").write_text(_markdown(frame))
+    (out / "leaderboard.json").write_text(json.dumps(board, indent=2))
+    bench_report(out / "report.html", first, trajectories, histograms, frame)
+    return board
+
+
+def _auto(data: Path, given, name: str):
+    if given != "auto":
+        return given
+    return data / name if (data / name).is_dir() else None
+
+
+def _leaderboard(runs: list[list[dict]]) -> dict:
+    """One row per model: the value for one seed; mean and std over several."""
+    if len(runs) == 1:
+        return {"seeds": 1, "rows": runs[0]}
+    rows = []
+    for i, first in enumerate(runs[0]):
+        row = {"model": first["model"]}
+        for column, value in first.items():
+            if column == "model" or value is None:
+                continue
+            values = [r[i][column] for r in runs]
+            row[column] = statistics.mean(values)
+            row[f"{column} std"] = statistics.stdev(values)
+        rows.append(row)
+    return {"seeds": len(runs), "rows": rows, "per_seed": runs}
+
+
+def _markdown(frame: pd.DataFrame) -> str:
+    def cell(v):
+        return "" if v is None or (isinstance(v, float) and v != v) else (
+            f"{v:.3f}" if isinstance(v, float) else str(v))
+    lines = ["| " + " | ".join(frame.columns) + " |",
+             "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(False)]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,76 @@
+"""``unlearn locate``: trace a model's Task2 facts, write ``trace.json`` and heatmaps."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from ..data import load_lume  # noqa: E402
+from ..io import atomic_directory, write_json  # noqa: E402
+from ..models.loading import load_model  # noqa: E402
+from .trace import GROUPS, KINDS, choose_layers, facts_from, trace_facts  # noqa: E402
+
+TITLES = {"residual": "whole layer output (residual)", "mlp": "MLP output, window",
+          "attn": "attention output, window"}
+
+
+def heatmap(effects: list[list[float]], kind: str, path: Path, window: int) -> None:
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    image = ax.imshow(effects, aspect="auto", cmap={"residual": "Purples", "mlp": "Greens",
+                                                    "attn": "Reds"}[kind])
+    ax.set_yticks(range(len(GROUPS)), GROUPS)
+    ax.set_xlabel("layer" + ("" if kind == "residual" else f" (centre of {window})"))
+    ax.set_title(f"indirect effect: {TITLES[kind]}")
+    fig.colorbar(image, ax=ax, label="p restored − p corrupted")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def locate(model: str | Path, data: str | Path, out: str | Path, samples: int = 10,
+           window: int = 10, share: float = 0.6, noise_scale: float = 3.0,
+           max_facts: int | None = None, seed: int = 0) -> dict:
+    """Causal tracing of the Task2 facts in ``data`` through ``model``.
+
+    Writes ``out/trace.json`` (indirect effects per kind, position group and layer; facts used;
+    the chosen layers) and ``out/{mlp,attn,residual}.png``. The layer choice: the smallest
+    contiguous block of layers holding ``share`` of the MLP indirect effect at the last
+    subject token. Returns the trace record.
+    """
+    started = time.perf_counter()
+    lume = load_lume(data)
+    facts = facts_from(lume.rows)
+    if not facts:
+        raise ValueError(f"{data}: no Task2 question of the form 'What is the X of NAME?' or "
+                         f"'What is NAME's X?' to trace")
+    facts = facts[:max_facts] if max_facts else facts
+    lm, tokenizer = load_model(model, dtype=torch.float32,
+                               device="cuda" if torch.cuda.is_available() else None)
+    record = trace_facts(lm, tokenizer, facts, samples, window, noise_scale, seed)
+    last_subject = record["indirect_effect"]["mlp"][GROUPS.index("last subject token")]
+    record.update(model=str(model), data=str(data), share=share,
+                  layers_chosen=choose_layers(last_subject, share),
+                  rule=f"smallest contiguous block of layers holding {share:.0%} of the positive "
+                       f"MLP indirect effect at the last subject token",
+                  seconds=time.perf_counter() - started)
+    with atomic_directory(out) as tmp:
+        for kind in KINDS:
+            heatmap(record["indirect_effect"][kind], kind, tmp / f"{kind}.png", window)
+        write_json(tmp / "trace.json", record)
+    return record
+
+
+def read_layers(trace: str | Path) -> list[int]:
+    """The layers a ``trace.json`` (or the directory holding it) chose."""
+    path = Path(trace)
+    path = path / "trace.json" if path.is_dir() else path
+    if not path.is_file():
+        raise ValueError(f"{path}: no trace.json; run `unlearn locate` first or give layers "
+                         f"explicitly")
+    return json.loads(path.read_text())["layers_chosen"]
