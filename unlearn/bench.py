@@ -19,7 +19,7 @@ from .engine import run
 from .evaluate.lume import evaluate
 from .evaluate.report import bench_report
 from .models import build_target
-from .models.target import fingerprint
+from .models.target import _discover, fingerprint
 
 
 def _terms(results: dict) -> dict[str, float]:
@@ -61,8 +61,8 @@ def bench(data: str | Path, out: str | Path, methods=("sugd", "sha256", "gd", "n
     seeds, mean and std)."""
     data, out = Path(data), Path(out)
     cache = Path(cache) if cache else out / "cache"
-    mia, mmlu, pretrain = (_auto(data, mia, "mia"), _auto(data, mmlu, "mmlu"),
-                           _auto(data, pretrain, "pretrain"))
+    mia, mmlu, pretrain = (_discover(data, mia, "mia"), _discover(data, mmlu, "mmlu"),
+                           _discover(data, pretrain, "pretrain"))
     lume = load_lume(data)
     key = fingerprint([(r.id, r.input, r.output) for r in lume.rows], preset, str(pretrain),
                       str(mmlu), target_settings)
@@ -106,12 +106,6 @@ def bench(data: str | Path, out: str | Path, methods=("sugd", "sha256", "gd", "n
     (out / "leaderboard.json").write_text(json.dumps(board, indent=2))
     bench_report(out / "report.html", first, trajectories, histograms, frame)
     return board
-
-
-def _auto(data: Path, given, name: str):
-    if given != "auto":
-        return given
-    return data / name if (data / name).is_dir() else None
 
 
 def _leaderboard(runs: list[list[dict]]) -> dict:

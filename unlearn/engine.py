@@ -24,9 +24,8 @@ from peft import LoraConfig, get_peft_model
 
 from .accel import make_accelerator
 from .data import load_lume, load_mia
-from .evaluate.generation import greedy_generate
 from .evaluate.lume import mia_auc, score_model
-from .evaluate.metrics import knowledge
+from .evaluate.memorisation import score_rows
 from .evaluate.nll import document_nll
 from .io import atomic_directory, write_json
 from .methods import Method, get_method
@@ -120,8 +119,7 @@ def _select_parameters(model, config):
                              f"use all, mlp, attn or module names like down_proj")
     if config.lora:
         targets = [t.strip() for t in config.lora_targets.split(",") if t.strip()]
-        targets = [t for t in targets if keep("." + t + ".")
-                   or (config.modules == "attn" and t in ATTENTION_PROJECTIONS)]
+        targets = [t for t in targets if keep("." + t + ".")]
         if config.modules not in ("all", "mlp", "attn"):
             targets = [m.strip() for m in config.modules.split(",") if m.strip()]
         if not targets:
@@ -140,9 +138,6 @@ def _select_parameters(model, config):
                 if keep("." + name):
                     p.requires_grad_(True)
     return model
-
-
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def _peak_memory_mb() -> float:
@@ -388,11 +383,8 @@ class _StopAt:
         if self.kind == "knowledge":
             model.eval()
             with torch.no_grad():
-                answers = greedy_generate(model, self.tokenizer, [r.input for r in self.questions],
-                                          64, answers=[r.output for r in self.questions])
+                known = _mean(score_rows(model, self.tokenizer, self.questions, 64))
             model.train()
-            known = _mean([float(knowledge(r.output, g.text))
-                           for r, g in zip(self.questions, answers)])
             self.trail.append({"step": step, "forget_knowledge": known})
             return known == 0.0
         distance = self.keeper.check(model, {"step": step})

@@ -48,5 +48,8 @@ def is_mlp(name: str) -> bool:
     return ".mlp." in name or any(f".{m}" in name for m in MLP_NAMES)
 
 
+ATTENTION_NAMES = ("self_attn", "attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj")
+
+
 def is_attention(name: str) -> bool:
-    return any(f".{a}." in name for a in ("self_attn", "attn", "attention"))
+    return any(f".{a}." in name for a in ATTENTION_NAMES)
