@@ -13,7 +13,9 @@ def test_bench_compares_methods_with_target_and_oracle(synth_dir, tmp_path):
     assert names == ["target", "oracle", "gd"]
     rows = {r["model"]: r for r in board["rows"]}
     # the oracle never saw the forget set: it knows less of it than the target does
-    assert rows["oracle"]["forget Task2 knowledge"] < rows["target"]["forget Task2 knowledge"]
+    def regurgitated(name):
+        return sum(rows[name][f"forget Task{t} regurgitation"] for t in (1, 2, 3))
+    assert regurgitated("oracle") < regurgitated("target") - 0.3, rows
     assert rows["oracle"]["vs oracle"] == 1.0
     assert 0 < rows["gd"]["fraction of target training"] < 1
     frame = pd.read_csv(tmp_path / "b" / "leaderboard.csv")

@@ -33,7 +33,8 @@ def test_subject_span_covers_the_name(tiny_target, synth_dir):
 def test_layer_choice_finds_a_known_peak():
     effect = [0.0, 0.01, 0.02, 0.30, 0.40, 0.20, 0.02, 0.0, -0.05, 0.0]
     assert choose_layers(effect, share=0.6) == [3, 4]  # 0.70 of 0.95
-    assert choose_layers(effect, share=0.9) == [2, 3, 4, 5]
+    assert choose_layers(effect, share=0.9) == [3, 4, 5]  # 0.90 of 0.95
+    assert choose_layers(effect, share=0.97) == [2, 3, 4, 5, 6]
     assert choose_layers(effect, share=0.3) == [4]
     assert choose_layers([0.0, -1.0], share=0.6) == [0, 1]  # no positive effect: all layers
 

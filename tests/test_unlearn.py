@@ -104,14 +104,14 @@ def test_sugd_fresh_optimizer_per_chunk(tiny_target, synth_dir, tmp_path, monkey
     cleared = []
     original = training.Trainer.run
 
-    def spy(self, progress, loss_fn, after_epoch=None):
+    def spy(self, progress, loss_fn, after_epoch=None, *hooks, **named_hooks):
         state = self.optimizer.state
 
         def watch(index, record):
             adam_steps = {int(v["step"]) for v in state.values()}
             cleared.append((record["stage"], adam_steps, len(record["step_losses"])))
             return after_epoch(index, record) if after_epoch else False
-        return original(self, progress, loss_fn, watch)
+        return original(self, progress, loss_fn, watch, *hooks, **named_hooks)
 
     monkeypatch.setattr(training.Trainer, "run", spy)
     run("sugd", tiny_target[0], synth_dir, tmp_path / "u", chunk_size=6, epochs=1)

@@ -65,7 +65,7 @@ class SHA256(Method):
         self.epoch = epoch
 
     @property
-    def reference(self) -> float | None:
+    def baseline_retain_loss(self) -> float | None:
         losses = self.reference_losses
         return sum(losses) / len(losses) if losses else None
 
@@ -76,8 +76,8 @@ class SHA256(Method):
         if batch.retain.any():
             if self.epoch == 0:
                 self.reference_losses.append(retain.item())
-            elif self.reference is not None:
-                m = retain_weight(retain.item() - self.reference)
+            elif self.baseline_retain_loss is not None:
+                m = retain_weight(retain.item() - self.baseline_retain_loss)
         return -mean_over(out.nll, batch.forget) + m * retain
 
     def state(self) -> dict:
