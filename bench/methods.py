@@ -4,6 +4,11 @@
         --data ../shared/lume/validation --mia ../shared/lume/mia_validation \
         --mmlu runs/synth/mmlu --methods sugd,gd,ga,npo
 
+A label may name a variant, `label:method`, with its own settings: `--methods
+sugd,sugd_stop:sugd sugd_stop.stop_at=mia` compares SUGD at its fixed epochs with SUGD stopped
+by the MIA rule (issue 8). When a variant stops at the MIA, every model is scored on the MIA
+documents it did not calibrate on (`MiaData.split`), so the comparison is on unseen documents.
+
 Each method runs in its own process (so its peak memory is its own) through the `unlearn run`
 command, then the unlearned model is evaluated. Prints one row per model and writes
 bench/results/unlearn-<name>.json. Floors: sugd has the best final score, its forget knowledge
@@ -20,6 +25,9 @@ import sys
 from pathlib import Path
 
 import unlearn
+from unlearn.data import load_mia
+
+STOP_SPLIT = 0.3  # share of the MIA set a stop_at=mia variant calibrates on
 
 
 def _evaluate(model: Path, args, out: Path) -> dict:
@@ -62,20 +70,29 @@ def main() -> None:
                    help="per-method overrides, e.g. sugd.lr=5e-4")
     args = p.parse_args()
     target_dir, out = Path(args.target), Path(args.out)
+    variants = [v.split(":", 1) if ":" in v else (v, v) for v in args.methods.split(",")]
+    stops_at_mia = any(s.split(".", 1)[1] == "stop_at=mia" for s in args.settings)
+    if stops_at_mia:  # score every model on the documents the stopping rule never saw
+        _, scored = load_mia(args.mia).split(STOP_SPLIT, args.seed)
+        stop_mia, args.mia = args.mia, str(scored.save(out / "mia-scored"))
     train_seconds = json.loads((target_dir / "target.json").read_text())["train_seconds"]
     target = _evaluate(target_dir, args, out / "target-eval")
     rows = [_row("target", target, target, None, train_seconds, None)]
-    for method in args.methods.split(","):
-        settings = [s.split(".", 1)[1] for s in args.settings if s.startswith(method + ".")]
-        model_dir = out / method
-        subprocess.run([sys.executable, "-m", "unlearn.cli", "run", "--method", method,
-                        "--model", str(target_dir), "--data", args.data, "--out", str(model_dir),
-                        "--seed", str(args.seed), *settings], check=True)
+    for label, method in variants:
+        settings = [s.split(".", 1)[1] for s in args.settings if s.startswith(label + ".")]
+        if "stop_at=mia" in settings:
+            settings += [f"stop_mia={stop_mia}", f"stop_split={STOP_SPLIT}"]
+        model_dir = out / label
+        if not (model_dir / "run.json").is_file():  # a finished run is reused
+            subprocess.run([sys.executable, "-m", "unlearn.cli", "run", "--method", method,
+                            "--model", str(target_dir), "--data", args.data,
+                            "--out", str(model_dir), "--seed", str(args.seed), *settings],
+                           check=True)
         record = json.loads((model_dir / "run.json").read_text())
-        results = _evaluate(model_dir, args, out / f"{method}-eval")
-        rows.append(_row(method, results, target, record["train_seconds"], train_seconds,
+        results = _evaluate(model_dir, args, out / f"{label}-eval")
+        rows.append(_row(label, results, target, record["train_seconds"], train_seconds,
                          record["peak_memory_mb"]))
-    columns = [("model", "{:8}"), ("forget_knowledge", "{:6.3f}"), ("retain_knowledge", "{:6.3f}"),
+    columns = [("model", "{:10}"), ("forget_knowledge", "{:6.3f}"), ("retain_knowledge", "{:6.3f}"),
                ("retain_knowledge_vs_target", "{:6.3f}"), ("forget_regurgitation", "{:6.3f}"),
                ("retain_regurgitation", "{:6.3f}"), ("task_aggregate", "{:6.3f}"),
                ("mia_score", "{:6.3f}"), ("mmlu", "{:6.3f}"), ("final_score", "{:6.3f}"),

@@ -183,3 +183,15 @@ def test_property_single_corruption_reported_at_its_line(tmp_path, names, how, p
     with pytest.raises(DataError) as e:
         load_lume(tmp_path)
     assert f"forget.jsonl:{line}:" in str(e.value)
+
+
+def test_mia_split_holds_out_a_seeded_share_and_saves_the_rest(synth_dir, tmp_path):
+    mia = load_mia(synth_dir / "mia")
+    held, rest = mia.split(0.3, seed=1)
+    for part_held, part_rest, whole in ((held.member, rest.member, mia.member),
+                                        (held.nonmember, rest.nonmember, mia.nonmember)):
+        assert {d.id for d in part_held}.isdisjoint(d.id for d in part_rest)
+        assert sorted(d.id for d in part_held + part_rest) == sorted(d.id for d in whole)
+        assert len(part_held) == max(2, round(0.3 * len(whole)))
+    assert mia.split(0.3, seed=1) == (held, rest) and mia.split(0.3, seed=2) != (held, rest)
+    assert load_mia(rest.save(tmp_path / "rest")) == rest

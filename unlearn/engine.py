@@ -244,7 +244,8 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
         stop_trail = None
         if stopper is not None:
             stop_trail = {"kind": stopper.kind, "trail": stopper.trail,
-                          "kept": stopper.keeper.restore(final) if stopper.keeper else None}
+                          "kept": stopper.keeper.restore(final) if stopper.keeper else None,
+                          "calibration_ids": getattr(stopper, "calibration_ids", None)}
         if settings.lora and not adapter_only:
             final = final.merge_and_unload()
         history = progress.get("history", [])
@@ -357,11 +358,10 @@ class _StopAt:
             if not settings.stop_mia:
                 raise ValueError("stop_at=mia needs stop_mia=DIR, an MIA set (member.jsonl, "
                                  "nonmember.jsonl) to hold out a calibration split from")
-            mia = load_mia(settings.stop_mia)
-            rng = random.Random(f"{seed}/stop")
-            pick = lambda docs: [d.document for d in rng.sample(  # noqa: E731
-                docs, max(2, round(settings.stop_split * len(docs))))]
-            self.members, self.nonmembers = pick(mia.member), pick(mia.nonmember)
+            held_out, _ = load_mia(settings.stop_mia).split(settings.stop_split, seed)
+            self.calibration_ids = [d.id for d in held_out.member + held_out.nonmember]
+            self.members = [d.document for d in held_out.member]
+            self.nonmembers = [d.document for d in held_out.nonmember]
             self.keeper = _Keeper(stage, "mia", self._mia_distance)
         elif self.kind == "knowledge":
             self.questions = [r for r in lume.forget if r.kind == "qa"]

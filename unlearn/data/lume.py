@@ -15,6 +15,7 @@ Every problem found is reported with its file and line, all at once, in one :cla
 from __future__ import annotations
 
 import json
+import random
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -90,6 +91,30 @@ class LumeData:
 class MiaData:
     member: list[Document]
     nonmember: list[Document]
+
+    def split(self, share: float, seed: int = 0) -> tuple[MiaData, MiaData]:
+        """A seeded ``share`` of members and of non-members held out (at least 2 of each), and
+        the rest. Calibrating on the held-out part and scoring on the rest keeps a stopping rule
+        from being judged on the documents it looked at."""
+        rng = random.Random(f"{seed}/mia-split")
+        parts = []
+        for docs in (self.member, self.nonmember):
+            count = min(len(docs), max(2, round(share * len(docs))))
+            picked = set(rng.sample(range(len(docs)), count))
+            parts.append(([d for i, d in enumerate(docs) if i in picked],
+                          [d for i, d in enumerate(docs) if i not in picked]))
+        (held_member, rest_member), (held_nonmember, rest_nonmember) = parts
+        return MiaData(held_member, held_nonmember), MiaData(rest_member, rest_nonmember)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``member.jsonl`` and ``nonmember.jsonl`` (the format :func:`load_mia` reads)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, docs in (("member", self.member), ("nonmember", self.nonmember)):
+            lines = (json.dumps({"id": d.id, "document": d.document}, ensure_ascii=False)
+                     for d in docs)
+            (directory / f"{name}.jsonl").write_text("".join(line + "\n" for line in lines))
+        return directory
 
 
 def row_kind(row_id: str) -> tuple[str, str] | None:

@@ -32,8 +32,9 @@ class UnlearnConfig:
     retain rows minus CE of its forget rows) is recorded and the best epoch's weights are kept.
 
     ``stop_at=mia`` stops where forget documents look unseen: the loss-MIA AUC of a held-out
-    split of the MIA set in ``stop_mia`` closest to 0.5; ``stop_at=knowledge`` stops once no
-    forget question is answered exactly.
+    split of the MIA set in ``stop_mia`` closest to 0.5 (``MiaData.split(stop_split, seed)``:
+    score the MIA on the other part, which ``run.json`` names by listing the held-out ids);
+    ``stop_at=knowledge`` stops once no forget question is answered exactly.
     """
 
     epochs: int = 5
