@@ -94,7 +94,7 @@ def test_same_seed_same_weights_and_resume_after_crash(synth_dir, tmp_path, monk
     with pytest.raises(KeyboardInterrupt):
         build_target(synth_dir, tmp_path / "b", **kw)
     assert not (tmp_path / "b").exists()  # nothing half-written at the output path
-    progress = json.loads((tmp_path / ".b.partial" / "progress.json").read_text())
+    progress = json.loads((tmp_path / ".b.partial" / "checkpoint" / "progress.json").read_text())
     assert progress["history"][-1]["name"] == "memorise" and progress["epoch"] > 0
     monkeypatch.setattr(target_module, "pad", original_pad)
     build_target(synth_dir, tmp_path / "b", **kw)

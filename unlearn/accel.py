@@ -41,4 +41,7 @@ def make_accelerator(precision: str = "auto") -> Accelerator:
     # (a notebook that builds a target, then unlearns). Reset that part only; the distributed
     # process group (PartialState) is kept.
     AcceleratorState._reset_state()
-    return Accelerator(mixed_precision="bf16" if mode == "bf16" else "no")
+    # cpu=True without a GPU: under `accelerate launch`/torchrun that makes the processes one
+    # gloo group (MULTI_CPU) instead of independent runs
+    return Accelerator(mixed_precision="bf16" if mode == "bf16" else "no",
+                       cpu=not torch.cuda.is_available())

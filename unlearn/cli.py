@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -49,6 +50,8 @@ def cmd_target(args) -> None:
 def cmd_eval(args) -> None:
     from .evaluate.lume import evaluate
     from .evaluate.table import results_table
+    if _rank() != 0:  # under `accelerate launch`, one process scores (rows are not sharded yet)
+        return
     results = evaluate(args.model, args.data, args.out, mia=args.mia, mmlu=args.mmlu,
                        max_new_tokens=args.max_new_tokens, dtype=args.dtype, audit=args.audit,
                        samples=args.samples, before=args.before, resume=args.resume,
@@ -204,8 +207,15 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _rank() -> int:
+    """This process's rank under `accelerate launch`/torchrun (0 when run alone)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if _rank() != 0:  # one process reports; the others work silently beside it
+        sys.stdout = open(os.devnull, "w")
     try:
         args.func(args)
     except (DataError, ModelError, ValueError, FloatingPointError, OSError) as e:

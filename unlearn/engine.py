@@ -32,10 +32,12 @@ from .methods import Method, get_method
 from .methods.base import Example
 from .methods.losses import Batch, Reference, forward
 from .locate.locate import read_layers
-from .models.layers import decoder_layers, is_attention, is_mlp, layer_indices
+from .models.layers import (decoder_layers, is_attention, is_mlp, layer_indices,
+                             resolve_projections)
 from .models.loading import load_model
 from .models.target import fingerprint
-from .training import Epoch, NonFiniteLoss, Segment, Trainer
+from .training import (Epoch, NonFiniteLoss, Segment, Trainer, load_progress,
+                       remove_checkpoints)
 
 
 def resolve_config(method: type[Method], model_dir: Path, profile: str = "auto",
@@ -118,7 +120,8 @@ def _select_parameters(model, config):
             raise ValueError(f"modules={config.modules}: no such module in the decoder layers; "
                              f"use all, mlp, attn or module names like down_proj")
     if config.lora:
-        targets = [t.strip() for t in config.lora_targets.split(",") if t.strip()]
+        targets = resolve_projections(stack, [t.strip() for t in config.lora_targets.split(",")
+                                              if t.strip()])
         targets = [t for t in targets if keep("." + t + ".")]
         if config.modules not in ("all", "mlp", "attn"):
             targets = [m.strip() for m in config.modules.split(",") if m.strip()]
@@ -188,18 +191,23 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
         reference.model = lm
 
     started = time.perf_counter()
-    with atomic_directory(out, resumable=True) as stage:
-        progress_file = stage / "progress.json"
-        progress = json.loads(progress_file.read_text()) if progress_file.exists() else {}
+    main = accelerator.is_main_process  # in a distributed run, the one that writes files
+    with atomic_directory(out, resumable=True, publish=main) as stage:
+        progress = load_progress(stage)
+        accelerator.wait_for_everyone()  # all have read progress before main may reset it
         if progress.get("run_id") != run_id:  # other inputs or settings: start over
-            shutil.rmtree(stage)
-            stage.mkdir()
+            if main:
+                shutil.rmtree(stage)
+                stage.mkdir()
+            accelerator.wait_for_everyone()
             progress = {"run_id": run_id}
         algorithm.load_state(progress.get("method_state", {}))
         prepared = accelerator.prepare(lm)
-        keeper = (_Keeper(stage, "validation", _validation_loss(settings, tokenizer, accelerator))
-                  if settings.validation else None)
-        stopper = _StopAt(settings, tokenizer, lume, stage, seed) if settings.stop_at else None
+        bare = accelerator.unwrap_model(prepared)  # parameter names without the DDP wrapper
+        keeper = (_Keeper(stage, "validation", _validation_loss(settings, tokenizer, accelerator),
+                          writes=main) if settings.validation else None)
+        stopper = (_StopAt(settings, tokenizer, lume, stage, seed, writes=main)
+                   if settings.stop_at else None)
         every = settings.stop_every or max(1, len(plan[0].steps) // 4)
         first_of_stage = {}
         for i, epoch in enumerate(plan):
@@ -217,13 +225,12 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
         def after_epoch(index: int, record: dict) -> bool:
             progress["method_state"] = algorithm.state()
             if keeper is not None:
-                record["validation_loss"] = keeper.check(prepared, {"epoch": index})
+                record["validation_loss"] = keeper.check(bare, {"epoch": index})
             last = index + 1 == len(plan)
             if eval_every and ((index + 1) % eval_every == 0 or last):
                 prepared.eval()
                 with torch.no_grad():
-                    results = score_model(accelerator.unwrap_model(prepared), tokenizer,
-                                          lume).results
+                    results = score_model(bare, tokenizer, lume).results
                 prepared.train()
                 record["eval"] = {k: results[k] for k in (
                     "forget-set", "retain-set", "harmonic-mean-task-aggregate")}
@@ -234,7 +241,7 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
         try:
             progress = trainer.run(
                 progress, loss_fn, after_epoch, before_epoch,
-                after_step=(lambda step: step % every == 0 and stopper.after_step(prepared, step))
+                after_step=(lambda step: step % every == 0 and stopper.after_step(bare, step))
                 if stopper else None)
         except NonFiniteLoss as e:
             # the weights are those of the last good step: keep them, say so, then fail
@@ -253,6 +260,7 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
             "method": method, "model": str(model_dir), "data": str(data), "seed": seed,
             "profile": profile, "config": asdict(settings),
             "status": stopped or "complete",
+            "processes": accelerator.num_processes,
             "trainable_parameters": sum(p.numel() for p in prepared.parameters()
                                         if p.requires_grad),
             "steps": sum(len(e.steps) for e in plan),
@@ -264,11 +272,13 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
             "best_epoch": best["epoch"] if best else None,
             "stop": stop_trail,
         }
-        shutil.rmtree(stage / "checkpoint", ignore_errors=True)
-        progress_file.unlink(missing_ok=True)
-        final.save_pretrained(stage)
-        tokenizer.save_pretrained(stage)
-        write_json(stage / "run.json", record)
+        accelerator.wait_for_everyone()
+        if main:
+            remove_checkpoints(stage)
+            final.save_pretrained(stage)
+            tokenizer.save_pretrained(stage)
+            write_json(stage / "run.json", record)
+        accelerator.wait_for_everyone()
     if stopped:
         raise FloatingPointError(f"{method}: {stopped}, in {out}; lower lr= and rerun")
     return record
@@ -291,16 +301,16 @@ class _Keeper:
     """Keeps, in the staging directory, the trainable weights at which ``measure(model)`` was
     lowest; checkpoints of a resumed run find it there."""
 
-    def __init__(self, stage: Path, name: str, measure):
+    def __init__(self, stage: Path, name: str, measure, writes: bool = True):
         self.path, self.record = stage / f"best-{name}.pt", stage / f"best-{name}.json"
-        self.measure = measure
+        self.measure, self.writes = measure, writes
 
     def check(self, model, where: dict) -> float:
         model.eval()
         value = self.measure(model)
         model.train()
         best = self.best()
-        if best is None or value < best["value"]:
+        if self.writes and (best is None or value < best["value"]):
             torch.save({k: v.detach().cpu().clone() for k, v in model.named_parameters()
                         if v.requires_grad}, self.path)
             write_json(self.record, {**where, "value": value})
@@ -311,10 +321,10 @@ class _Keeper:
 
     def restore(self, model) -> dict | None:
         best = self.best()
-        if self.path.exists():
+        if self.writes and self.path.exists():
             model.load_state_dict(torch.load(self.path), strict=False)
             self.path.unlink()
-        self.record.unlink(missing_ok=True)
+            self.record.unlink(missing_ok=True)
         return best
 
 
@@ -352,7 +362,7 @@ class _StopAt:
 
     PATIENCE = 2
 
-    def __init__(self, settings, tokenizer, lume, stage: Path, seed: int):
+    def __init__(self, settings, tokenizer, lume, stage: Path, seed: int, writes: bool = True):
         self.kind, self.tokenizer = settings.stop_at, tokenizer
         if self.kind == "mia":
             if not settings.stop_mia:
@@ -362,7 +372,7 @@ class _StopAt:
             self.calibration_ids = [d.id for d in held_out.member + held_out.nonmember]
             self.members = [d.document for d in held_out.member]
             self.nonmembers = [d.document for d in held_out.nonmember]
-            self.keeper = _Keeper(stage, "mia", self._mia_distance)
+            self.keeper = _Keeper(stage, "mia", self._mia_distance, writes)
         elif self.kind == "knowledge":
             self.questions = [r for r in lume.forget if r.kind == "qa"]
             self.keeper = None

@@ -30,13 +30,21 @@ def _publish(tmp: Path, out: Path) -> None:
 
 
 @contextmanager
-def atomic_directory(out: str | Path, resumable: bool = False) -> Iterator[Path]:
+def atomic_directory(out: str | Path, resumable: bool = False,
+                     publish: bool = True) -> Iterator[Path]:
     """Yield a directory to fill; it becomes ``out`` only when the block finishes.
 
     A failed block leaves nothing at ``out``. With ``resumable`` the work directory is
     :func:`staging_path` and is kept after a failure, so a rerun can continue from its contents.
+    ``publish=False`` (the other processes of a distributed run) shares the staging directory
+    but leaves moving it into place to the main process.
     """
     out = Path(out)
+    if not publish:
+        if not resumable:
+            raise ValueError("only a resumable (shared) staging directory can be left unpublished")
+        yield staging_path(out)
+        return
     out.parent.mkdir(parents=True, exist_ok=True)
     if resumable:
         tmp = staging_path(out)

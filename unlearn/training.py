@@ -6,13 +6,18 @@ schedule knows its length and a resumed run sees exactly the batches an uninterr
 Epochs belong to *stages*; a new stage starts with fresh optimizer state and its own schedule
 segment (SUGD unlearns chunk after chunk this way; everything else has one stage per phase).
 
-Checkpoints (accelerate ``save_state``: weights, optimizer, scheduler, RNG) are taken at epoch
-boundaries in a staging directory, so rerunning the same job continues where it stopped.
+Checkpoints (accelerate ``save_state``: weights, optimizer, scheduler, RNG, plus the progress
+record) are taken at epoch boundaries in a staging directory, so rerunning the same job
+continues where it stopped. A checkpoint is written beside the previous one and swapped in by
+renames, so a process killed at any instant leaves one complete, self-consistent checkpoint.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -26,7 +31,8 @@ from tqdm.auto import tqdm
 
 from .io import write_json
 
-CHECKPOINT_MINUTES = 2.0
+# Minutes between checkpoints (taken at the next epoch boundary); the environment may change it.
+CHECKPOINT_MINUTES = float(os.environ.get("UNLEARN_CHECKPOINT_MINUTES", "2"))
 
 
 @dataclass
@@ -69,6 +75,25 @@ def piecewise(segments: list[Segment]) -> Callable[[int], float]:
     return lr_at
 
 
+def _checkpoints(stage_dir: Path) -> list[Path]:
+    """Where a complete checkpoint may lie, newest first (``.old`` only survives a kill
+    between the two renames of a swap)."""
+    return [stage_dir / "checkpoint", stage_dir / "checkpoint.old"]
+
+
+def load_progress(stage_dir: Path) -> dict:
+    """The progress record saved with the latest complete checkpoint ({} when none)."""
+    for directory in _checkpoints(stage_dir):
+        if (directory / "progress.json").is_file():
+            return json.loads((directory / "progress.json").read_text())
+    return {}
+
+
+def remove_checkpoints(stage_dir: Path) -> None:
+    for directory in [*_checkpoints(stage_dir), stage_dir / "checkpoint.new"]:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 class NonFiniteLoss(FloatingPointError):
     """The loss became NaN or infinite; the weights are still those of the last good step."""
 
@@ -87,41 +112,80 @@ class Trainer:
         optimizer = torch.optim.AdamW(self.params, lr=1.0, betas=betas,
                                       weight_decay=weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, piecewise(segments))
-        self.optimizer, self.scheduler = accelerator.prepare(optimizer, scheduler)
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.stage_dir / "checkpoint"
+        # The scheduler is not prepared: accelerate would step it once per process per step,
+        # running the schedule num_processes times too fast. It is checkpointed all the same.
+        self.optimizer, self.scheduler = accelerator.prepare(optimizer), scheduler
+        accelerator.register_for_checkpointing(scheduler)
 
     def save(self, progress: dict) -> None:
+        current, old = _checkpoints(self.stage_dir)
+        new = self.stage_dir / "checkpoint.new"
+        if self.acc.is_main_process:
+            shutil.rmtree(new, ignore_errors=True)
+        self.acc.wait_for_everyone()
         # pickled, not safetensors: safetensors drops a tied LM-head weight with a warning
-        self.acc.save_state(str(self.checkpoint), safe_serialization=False)
-        write_json(self.stage_dir / "progress.json", progress)
+        self.acc.save_state(str(new), safe_serialization=False)
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            write_json(new / "progress.json", progress)
+            shutil.rmtree(old, ignore_errors=True)
+            if current.exists():
+                os.replace(current, old)
+            os.replace(new, current)
+            shutil.rmtree(old, ignore_errors=True)
+        self.acc.wait_for_everyone()
+
+    def _any_process(self, flag: bool) -> bool:
+        """True on every process when it is true on one (clocks differ between processes)."""
+        if self.acc.num_processes == 1:
+            return flag
+        return bool(self.acc.reduce(torch.tensor(float(flag), device=self.acc.device), "max"))
 
     def resume(self, progress: dict) -> int:
-        """The epoch to start from; loads the checkpoint when there is one."""
-        if self.checkpoint.is_dir() and progress.get("epoch"):
-            self.acc.load_state(str(self.checkpoint))
-            return progress["epoch"]
-        return 0
+        """The epoch to start from; loads the checkpoint ``progress`` came from (see
+        :func:`load_progress`) when there is one."""
+        if not progress.get("epoch"):
+            return 0
+        for directory in _checkpoints(self.stage_dir):
+            if (directory / "progress.json").is_file():
+                self.acc.load_state(str(directory))
+                return progress["epoch"]
+        raise FileNotFoundError(f"{self.stage_dir}: progress says epoch {progress['epoch']} "
+                                "but no checkpoint holds it; delete the directory and rerun")
+
+    def _share(self, micro_batches: list) -> list[tuple[list, float]]:
+        """This process's micro-batches of a step (every ``num_processes``-th) with their share
+        of the step's rows. Every process gets as many; one short of work runs a micro-batch
+        at weight 0, since data-parallel backward passes must all join the all-reduce."""
+        rows = sum(len(m) for m in micro_batches)
+        processes, rank = self.acc.num_processes, self.acc.process_index
+        mine = [(m, len(m) / rows) for m in micro_batches[rank::processes]]
+        return mine + [(micro_batches[0], 0.0)] * (-(-len(micro_batches) // processes) - len(mine))
 
     def step(self, micro_batches: list, loss_fn, where: str) -> tuple[float, int]:
         """One optimizer step over the micro-batches; the loss of each is weighted by its share
-        of the step's rows, so accumulation gives the gradient of the whole batch."""
-        rows = sum(len(m) for m in micro_batches)
+        of the step's rows, so accumulation gives the gradient of the whole batch. Processes
+        split the micro-batches between them (so ``grad_accum`` should be a multiple of their
+        number) and scale the weights so that the averaged gradient equals the one-process
+        gradient: a run's result does not depend on how many processes ran it."""
+        processes = self.acc.num_processes
+        mine = self._share(micro_batches)
         total, tokens = 0.0, 0
-        for i, micro in enumerate(micro_batches):
-            last = i == len(micro_batches) - 1
+        for i, (micro, weight) in enumerate(mine):
+            last = i == len(mine) - 1
             # gradients are all-reduced across processes once per step, not per micro-batch
             with self.acc.no_sync(self.model) if not last else nullcontext():
                 with self.acc.autocast():
                     loss, n = loss_fn(micro)
-                if not torch.isfinite(loss):
+                loss_sum = loss.detach() * weight
+                if processes > 1:
+                    loss_sum = self.acc.reduce(loss_sum, "sum")
+                if not torch.isfinite(loss_sum):  # every process sees it: they stop together
                     self.optimizer.zero_grad(set_to_none=True)
-                    raise NonFiniteLoss(f"{where}: loss became {loss.item()}")
-                self.acc.backward(loss * len(micro) / rows)
-            total += loss.item() * len(micro) / rows
-            tokens += n
+                    raise NonFiniteLoss(f"{where}: loss became {loss_sum.item()}")
+                self.acc.backward(loss * weight * processes)  # DDP averages over processes
+            total += loss_sum.item()
+            tokens += n if weight else 0
         if self.max_grad_norm:
             self.acc.clip_grad_norm_(self.params, self.max_grad_norm)
         self.optimizer.step()
@@ -173,7 +237,7 @@ class Trainer:
             progress["epoch"] = index + 1
             if stop:
                 break
-            if time.monotonic() - last_save > CHECKPOINT_MINUTES * 60:
+            if self._any_process(time.monotonic() - last_save > CHECKPOINT_MINUTES * 60):
                 self.save(progress)
                 last_save = time.monotonic()
         bar.close()

@@ -48,8 +48,35 @@ def is_mlp(name: str) -> bool:
     return ".mlp." in name or any(f".{m}" in name for m in MLP_NAMES)
 
 
-ATTENTION_NAMES = ("self_attn", "attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj")
+ATTENTION_NAMES = ("self_attn", "attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj",
+                   "query_key_value", "c_attn")
 
 
 def is_attention(name: str) -> bool:
     return any(f".{a}." in name for a in ATTENTION_NAMES)
+
+
+# The same projection under other architectures' names (GPT-NeoX fuses q, k and v; GPT-2 style
+# models name the MLP c_fc/c_proj), so LoRA targets written for Llama/OLMo carry over.
+PROJECTION_ALIASES = {
+    "q_proj": ("query_key_value", "c_attn", "query"),
+    "k_proj": ("query_key_value", "c_attn", "key"),
+    "v_proj": ("query_key_value", "c_attn", "value"),
+    "o_proj": ("dense", "c_proj", "out_proj"),
+    "up_proj": ("dense_h_to_4h", "c_fc", "fc1"),
+    "gate_proj": (),
+    "down_proj": ("dense_4h_to_h", "c_proj", "fc2"),
+}
+
+
+def resolve_projections(layers: nn.ModuleList, names: list[str]) -> list[str]:
+    """``names`` as the module names this model uses: each kept when a decoder layer has a
+    module of that name, else replaced by its first alias present; unknown ones dropped."""
+    present = {name.rsplit(".", 1)[-1] for name, _ in layers[0].named_modules()}
+    resolved = []
+    for name in names:
+        match = name if name in present else next(
+            (a for a in PROJECTION_ALIASES.get(name, ()) if a in present), None)
+        if match and match not in resolved:
+            resolved.append(match)
+    return resolved

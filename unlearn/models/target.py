@@ -37,7 +37,8 @@ from ..evaluate.mmlu import mmlu_accuracy
 from ..evaluate.nll import document_nll, token_stats
 from ..accel import make_accelerator
 from ..io import atomic_directory, write_json
-from ..training import Epoch, NonFiniteLoss, Segment, Trainer
+from ..training import (Epoch, NonFiniteLoss, Segment, Trainer, load_progress,
+                        remove_checkpoints)
 from .loading import load_model, load_tokenizer
 from .presets import PRESETS, TargetPreset
 from .tokenizer import train_tokenizer
@@ -175,24 +176,26 @@ def build_target(data: str | Path, out: str | Path, preset: str = "small",
     set_seed(seed)
     accelerator = make_accelerator(settings.precision)
     started = time.perf_counter()
-    with atomic_directory(out, resumable=True) as stage:
-        progress_file = stage / "progress.json"
-        progress = json.loads(progress_file.read_text()) if progress_file.exists() else {}
+    main = accelerator.is_main_process  # in a distributed run, the one that writes files
+    with atomic_directory(out, resumable=True, publish=main) as stage:
+        progress = load_progress(stage)
+        accelerator.wait_for_everyone()  # all have read progress before main may reset it
         if progress.get("run_id") != run_id:  # other inputs or settings: start over
-            shutil.rmtree(stage)
-            stage.mkdir()
+            if main:
+                shutil.rmtree(stage)
+                stage.mkdir()
+            accelerator.wait_for_everyone()
             progress = {"run_id": run_id}
         memorised = lume.retain if oracle else lume.rows
         pairs = [(r.input, r.output) for r in memorised] + [(q.prompt, q.answer) for q in questions]
         if init is not None:
             model, tokenizer = load_model(init)
         else:
-            if (stage / "tokenizer.json").exists():
-                tokenizer = load_tokenizer(stage)
-            else:
-                tokenizer = train_tokenizer(corpus + [p + " " + a for p, a in pairs],
-                                            settings.vocab_size)
-                tokenizer.save_pretrained(stage)
+            if main and not (stage / "tokenizer.json").exists():
+                train_tokenizer(corpus + [p + " " + a for p, a in pairs],
+                                settings.vocab_size).save_pretrained(stage)
+            accelerator.wait_for_everyone()  # one tokenizer, trained once, for every process
+            tokenizer = load_tokenizer(stage)
             model = _new_model(tokenizer, settings)
         model.train()
         model = accelerator.prepare(model)
@@ -259,9 +262,11 @@ def build_target(data: str | Path, out: str | Path, preset: str = "small",
             "after_pretrain": progress.get("after_pretrain"),
             "memorisation": summary, "history": history,
         }
-        shutil.rmtree(stage / "checkpoint", ignore_errors=True)
-        (stage / "progress.json").unlink()
-        final.save_pretrained(stage)
-        tokenizer.save_pretrained(stage)
-        write_json(stage / "target.json", record)
+        accelerator.wait_for_everyone()
+        if main:
+            remove_checkpoints(stage)
+            final.save_pretrained(stage)
+            tokenizer.save_pretrained(stage)
+            write_json(stage / "target.json", record)
+        accelerator.wait_for_everyone()
     return record

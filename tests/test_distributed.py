@@ -1,0 +1,77 @@
+"""Runs as users launch them: separate processes, data parallel under `accelerate launch`, and
+a process killed with SIGKILL then rerun."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from unlearn import run
+from unlearn.io import staging_path
+from unlearn.models import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = ["precision=fp32", "epochs=2", "batch_size=4", "grad_accum=2"]
+
+
+def _state(directory):
+    return load_model(directory)[0].state_dict()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli(model, data, out, *extra) -> list[str]:
+    return ["-m", "unlearn.cli", "run", "--method", "gd", "--model", str(model), "--data",
+            str(data), "--out", str(out), "--seed", "0", *SETTINGS, *extra]
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tiny_target, synth_dir, tmp_path):
+    run("gd", tiny_target[0], synth_dir, tmp_path / "one", seed=0,
+        **dict(s.split("=") for s in SETTINGS))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                    str(ROOT / "configs" / "accelerate" / "cpu-2proc.yaml"),
+                    "--main_process_port", str(_free_port()),
+                    *_cli(tiny_target[0], synth_dir, tmp_path / "two")],
+                   check=True, env=env, cwd=ROOT, timeout=600)
+    record = json.loads((tmp_path / "two" / "run.json").read_text())
+    assert record["status"] == "complete" and record["processes"] == 2
+    one, two = _state(tmp_path / "one"), _state(tmp_path / "two")
+    changed = [k for k in one if not torch.equal(one[k], _state(tiny_target[0])[k])]
+    assert changed  # the comparison is between trained weights, not two untouched copies
+    for k in one:  # the same gradients, summed in another order
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_sigkilled_run_resumes_to_the_same_model(tiny_target, synth_dir, tmp_path):
+    epochs = "epochs=6"  # enough left after the first checkpoint that the kill lands mid-run
+    run("gd", tiny_target[0], synth_dir, tmp_path / "whole", seed=0,
+        **dict(s.split("=") for s in [*SETTINGS, epochs]))
+    out = tmp_path / "killed"
+    env = {**os.environ, "UNLEARN_CHECKPOINT_MINUTES": "0"}  # a checkpoint every epoch
+    process = subprocess.Popen([sys.executable, *_cli(tiny_target[0], synth_dir, out, epochs)],
+                               env=env, cwd=ROOT, stderr=subprocess.DEVNULL)
+    progress = staging_path(out) / "checkpoint" / "progress.json"
+    deadline = time.monotonic() + 300
+    while not (progress.exists() and json.loads(progress.read_text()).get("epoch")):
+        assert process.poll() is None, "the run ended before its first checkpoint"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)  # mid-run: no chance to clean up
+    process.wait()
+    assert not out.exists()  # nothing half-written where the model goes
+    subprocess.run([sys.executable, *_cli(tiny_target[0], synth_dir, out, epochs)], env=env,
+                   cwd=ROOT, check=True, timeout=600)
+    whole, resumed = _state(tmp_path / "whole"), _state(out)
+    for k in whole:
+        torch.testing.assert_close(resumed[k], whole[k], rtol=0, atol=0, msg=k)
