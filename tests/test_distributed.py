@@ -1,6 +1,7 @@
 """Runs as users launch them: separate processes, data parallel under `accelerate launch`, and
 a process killed with SIGKILL then rerun."""
 
+import errno
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from unlearn import run
@@ -75,3 +77,22 @@ def test_sigkilled_run_resumes_to_the_same_model(tiny_target, synth_dir, tmp_pat
     whole, resumed = _state(tmp_path / "whole"), _state(out)
     for k in whole:
         torch.testing.assert_close(resumed[k], whole[k], rtol=0, atol=0, msg=k)
+
+
+def test_a_full_disk_leaves_no_partial_model(tiny_target, synth_dir, tmp_path, monkeypatch):
+    from transformers import PreTrainedModel
+
+    def disk_full(self, directory, *args, **kwargs):
+        (Path(directory) / "model.safetensors").write_bytes(b"half")  # a write cut short
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        run("gd", tiny_target[0], synth_dir, tmp_path / "u", epochs=1, batch_size=8)
+    assert not (tmp_path / "u").exists()
+
+
+def test_settings_out_of_range_fail_before_any_work(tiny_target, synth_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"chunk_size=0: must be greater than 0"):
+        run("sugd", tiny_target[0], synth_dir, tmp_path / "u", chunk_size=0)
+    assert not list(tmp_path.iterdir())

@@ -69,7 +69,20 @@ class UnlearnConfig:
         if unknown:
             raise ValueError(f"unknown setting(s) {', '.join(unknown)} for {type(self).__name__}; "
                              f"known: {', '.join(sorted(known))}")
-        return replace(self, **{k: _convert(getattr(self, k), v) for k, v in changes.items()})
+        changed = replace(self, **{k: _convert(getattr(self, k), v) for k, v in changes.items()})
+        changed.check()
+        return changed
+
+    # Settings that count things or scale steps: zero or less makes an empty plan or no update.
+    POSITIVE: ClassVar[tuple[str, ...]] = ("epochs", "lr", "batch_size", "grad_accum", "max_len",
+                                           "chunk_size", "lora_r")
+
+    def check(self) -> None:
+        """Raise one clear error for a setting out of range (e.g. ``chunk_size=0``)."""
+        for name in self.POSITIVE:
+            value = getattr(self, name, None)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name}={value}: must be greater than 0")
 
 
 def _convert(current, value):
