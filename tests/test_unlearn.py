@@ -277,3 +277,12 @@ def test_stop_at_mia_keeps_the_model_closest_to_auc_half(tiny_target, synth_dir,
     closest = min(trail, key=lambda t: abs(t["mia_auc"] - 0.5))
     assert record["stop"]["kept"]["step"] == closest["step"]
     assert trail[0]["mia_auc"] > closest["mia_auc"] or closest is trail[0]
+
+
+def test_mean_over_ignores_unselected_rows_even_when_undefined():
+    from unlearn.methods.losses import mean_over
+    values = torch.tensor([float("nan"), 2.0, 4.0], requires_grad=True)
+    assert mean_over(values, torch.tensor([False, True, True])).item() == 3.0
+    # a batch of retain rows only: NPO's forget term is 0, not NaN from undefined ratios
+    none = mean_over(values, torch.tensor([False, False, False]))
+    assert none.item() == 0.0 and none.requires_grad

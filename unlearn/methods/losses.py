@@ -64,9 +64,10 @@ def forward(model, batch: Batch) -> Outputs:
 
 
 def mean_over(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Mean of ``values`` over the selected rows; 0 (with a gradient path) when none is."""
+    """Mean of ``values`` over the selected rows; 0 (with a gradient path) when none is.
+    Unselected rows never enter, so a value undefined for them (NaN) cannot leak in."""
     if not rows.any():
-        return values.sum() * 0.0
+        return values[rows].sum()  # an empty sum: 0, still attached to the graph
     return values[rows].mean()
 
 
