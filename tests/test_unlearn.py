@@ -286,3 +286,19 @@ def test_mean_over_ignores_unselected_rows_even_when_undefined():
     # a batch of retain rows only: NPO's forget term is 0, not NaN from undefined ratios
     none = mean_over(values, torch.tensor([False, False, False]))
     assert none.item() == 0.0 and none.requires_grad
+
+
+def test_npo_gradient_stays_finite_when_retain_rows_outnumber_forget_rows(tiny_target):
+    from unlearn.methods.base import Example
+    from unlearn.methods.losses import Reference
+    from unlearn.methods.npo import NPO, NPOConfig
+    model, tokenizer = load_model(tiny_target[0])
+    ids = tuple(tokenizer("Alice was born in Paris.").input_ids)
+    # retain row 7 has no forget row 7: its reference value must not be undefined (NaN)
+    batch = Batch.of([Example(ids, 2, True, 0), Example(ids, 2, False, 7)],
+                     tokenizer.pad_token_id, "cpu")
+    reference = Reference()
+    reference.forget_nll_sum[0] = 5.0
+    model.train()
+    NPO(NPOConfig()).loss(model, batch, reference).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -114,5 +114,9 @@ class Reference:
                        output_hidden_states=True).hidden_states[index]
 
     def nll_sum_of(self, batch: Batch) -> torch.Tensor:
-        return torch.tensor([self.forget_nll_sum.get(r, float("nan")) for r in batch.rows],
-                            device=batch.ids.device)
+        """The reference's summed output NLL of each forget row of ``batch``, and 0 for the
+        others: finite everywhere, because a NaN in a row a loss then leaves out would still
+        turn its gradient to NaN (0 × NaN) on the way back."""
+        forget = batch.forget.tolist()
+        return torch.tensor([self.forget_nll_sum[r] if f else 0.0
+                             for r, f in zip(batch.rows, forget)], device=batch.ids.device)
