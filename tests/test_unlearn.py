@@ -274,9 +274,10 @@ def test_stop_at_mia_keeps_the_model_closest_to_auc_half(tiny_target, synth_dir,
                  batch_size=4, stop_at="mia", stop_mia=str(synth_dir / "mia"), stop_split=1.0,
                  stop_every=2)
     trail = record["stop"]["trail"]
-    closest = min(trail, key=lambda t: abs(t["mia_auc"] - 0.5))
+    distance = min(abs(t["mia_auc"] - 0.5) for t in trail)
+    closest = [t for t in trail if abs(t["mia_auc"] - 0.5) == distance][-1]  # ties: the later
     assert record["stop"]["kept"]["step"] == closest["step"]
-    assert trail[0]["mia_auc"] > closest["mia_auc"] or closest is trail[0]
+    assert trail[0]["mia_auc"] > closest["mia_auc"] or distance == abs(trail[0]["mia_auc"] - 0.5)
 
 
 def test_mean_over_ignores_unselected_rows_even_when_undefined():

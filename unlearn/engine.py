@@ -310,7 +310,9 @@ class _Keeper:
         value = self.measure(model)
         model.train()
         best = self.best()
-        if self.writes and (best is None or value < best["value"]):
+        # a tie goes to the later model: as good by the measure, and further along (a stop
+        # rule whose MIA never moves keeps the fixed schedule's result, not its first step)
+        if self.writes and (best is None or value <= best["value"]):
             torch.save({k: v.detach().cpu().clone() for k, v in model.named_parameters()
                         if v.requires_grad}, self.path)
             write_json(self.record, {**where, "value": value})
