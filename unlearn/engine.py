@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import random
 import resource
-import shutil
 import sys
 import time
 import tomllib
@@ -36,7 +35,7 @@ from .models.layers import (decoder_layers, is_attention, is_mlp, layer_indices,
                              resolve_projections)
 from .models.loading import load_model
 from .models.target import fingerprint
-from .training import (Epoch, NonFiniteLoss, Segment, Trainer, load_progress,
+from .training import (Epoch, NonFiniteLoss, Segment, Trainer, resume_progress,
                        remove_checkpoints)
 
 
@@ -193,14 +192,7 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
     started = time.perf_counter()
     main = accelerator.is_main_process  # in a distributed run, the one that writes files
     with atomic_directory(out, resumable=True, publish=main) as stage:
-        progress = load_progress(stage)
-        accelerator.wait_for_everyone()  # all have read progress before main may reset it
-        if progress.get("run_id") != run_id:  # other inputs or settings: start over
-            if main:
-                shutil.rmtree(stage)
-                stage.mkdir()
-            accelerator.wait_for_everyone()
-            progress = {"run_id": run_id}
+        progress = resume_progress(accelerator, stage, run_id)
         algorithm.load_state(progress.get("method_state", {}))
         prepared = accelerator.prepare(lm)
         bare = accelerator.unwrap_model(prepared)  # parameter names without the DDP wrapper

@@ -81,12 +81,25 @@ def _checkpoints(stage_dir: Path) -> list[Path]:
     return [stage_dir / "checkpoint", stage_dir / "checkpoint.old"]
 
 
-def load_progress(stage_dir: Path) -> dict:
-    """The progress record saved with the latest complete checkpoint ({} when none)."""
-    for directory in _checkpoints(stage_dir):
-        if (directory / "progress.json").is_file():
-            return json.loads((directory / "progress.json").read_text())
-    return {}
+def _latest_checkpoint(stage_dir: Path) -> Path | None:
+    """The complete checkpoint to resume from (it holds its progress record), if any."""
+    return next((d for d in _checkpoints(stage_dir) if (d / "progress.json").is_file()), None)
+
+
+def resume_progress(accelerator: Accelerator, stage_dir: Path, run_id: str) -> dict:
+    """The progress record of the latest complete checkpoint when it belongs to ``run_id``;
+    otherwise (other inputs or settings) the staging directory is emptied and a fresh record
+    returned. In a distributed run the main process resets, the others wait."""
+    latest = _latest_checkpoint(stage_dir)
+    progress = json.loads((latest / "progress.json").read_text()) if latest else {}
+    accelerator.wait_for_everyone()  # all have read progress before main may reset it
+    if progress.get("run_id") == run_id:
+        return progress
+    if accelerator.is_main_process:
+        shutil.rmtree(stage_dir)
+        stage_dir.mkdir()
+    accelerator.wait_for_everyone()
+    return {"run_id": run_id}
 
 
 def remove_checkpoints(stage_dir: Path) -> None:
@@ -143,13 +156,13 @@ class Trainer:
 
     def resume(self, progress: dict) -> int:
         """The epoch to start from; loads the checkpoint ``progress`` came from (see
-        :func:`load_progress`) when there is one."""
+        :func:`resume_progress`) when there is one."""
         if not progress.get("epoch"):
             return 0
-        for directory in _checkpoints(self.stage_dir):
-            if (directory / "progress.json").is_file():
-                self.acc.load_state(str(directory))
-                return progress["epoch"]
+        latest = _latest_checkpoint(self.stage_dir)
+        if latest is not None:
+            self.acc.load_state(str(latest))
+            return progress["epoch"]
         raise FileNotFoundError(f"{self.stage_dir}: progress says epoch {progress['epoch']} "
                                 "but no checkpoint holds it; delete the directory and rerun")
 

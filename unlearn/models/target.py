@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import shutil
 import time
 from collections import Counter
 from dataclasses import asdict
@@ -37,7 +36,7 @@ from ..evaluate.mmlu import mmlu_accuracy
 from ..evaluate.nll import document_nll, token_stats
 from ..accel import make_accelerator
 from ..io import atomic_directory, write_json
-from ..training import (Epoch, NonFiniteLoss, Segment, Trainer, load_progress,
+from ..training import (Epoch, NonFiniteLoss, Segment, Trainer, resume_progress,
                         remove_checkpoints)
 from .loading import load_model, load_tokenizer
 from .presets import PRESETS, TargetPreset
@@ -178,14 +177,7 @@ def build_target(data: str | Path, out: str | Path, preset: str = "small",
     started = time.perf_counter()
     main = accelerator.is_main_process  # in a distributed run, the one that writes files
     with atomic_directory(out, resumable=True, publish=main) as stage:
-        progress = load_progress(stage)
-        accelerator.wait_for_everyone()  # all have read progress before main may reset it
-        if progress.get("run_id") != run_id:  # other inputs or settings: start over
-            if main:
-                shutil.rmtree(stage)
-                stage.mkdir()
-            accelerator.wait_for_everyone()
-            progress = {"run_id": run_id}
+        progress = resume_progress(accelerator, stage, run_id)
         memorised = lume.retain if oracle else lume.rows
         pairs = [(r.input, r.output) for r in memorised] + [(q.prompt, q.answer) for q in questions]
         if init is not None:
