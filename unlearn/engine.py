@@ -69,10 +69,19 @@ def resolve_config(method: type[Method], model_dir: Path, profile: str = "auto",
 
 def _examples(tokenizer, rows, forget: bool, max_len: int) -> list[Example]:
     """Training text ``input + " " + output``; the first ``len(tokenize(input))`` tokens are the
-    prompt, masked from every loss."""
+    prompt, masked from every loss.
+
+    Retain rows end in EOS, as the target learned them. Ascent on forget outputs lowers the
+    end-of-answer EOS everywhere; without EOS in the retain term nothing holds it up, and retain
+    answers come out right but run on ("Hardy.-"), which exact match scores 0. Forget rows get no
+    EOS: where an answer stops is not what is being forgotten."""
+    eos = None if forget else tokenizer.eos_token_id
     out = []
     for i, r in enumerate(rows):
-        ids = tokenizer(r.input + " " + r.output).input_ids[:max_len]
+        ids = tokenizer(r.input + " " + r.output).input_ids
+        if eos is not None and ids[-1:] != [eos]:  # some tokenizers append it themselves
+            ids = ids + [eos]
+        ids = ids[:max_len]
         start = min(len(tokenizer(r.input).input_ids), len(ids))
         out.append(Example(tuple(ids), start, forget, i))
     return out
