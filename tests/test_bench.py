@@ -17,6 +17,12 @@ def test_bench_compares_methods_with_target_and_oracle(synth_dir, tmp_path):
         return sum(rows[name][f"forget Task{t} regurgitation"] for t in (1, 2, 3))
     assert regurgitated("oracle") < regurgitated("target") - 0.3, rows
     assert rows["oracle"]["vs oracle"] == 1.0
+    # target and oracle are fine-tuned from one pretrained base, so they differ by the forget set
+    records = {p.name.split("-")[0]: json.loads((p / "target.json").read_text())
+               for p in (tmp_path / "b" / "cache").iterdir()}
+    assert records["target"]["init"] == records["oracle"]["init"]
+    assert records["target"]["init"].split("/")[-1].startswith("base-")
+    assert records["base"]["epochs"] == {"pretrain": records["base"]["epochs"]["pretrain"]}
     assert 0 < rows["gd"]["fraction of target training"] < 1
     frame = pd.read_csv(tmp_path / "b" / "leaderboard.csv")
     assert list(frame["model"]) == names

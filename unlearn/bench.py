@@ -1,9 +1,11 @@
 """``unlearn bench``: methods side by side on one target, against the oracle.
 
-For each seed: build (or reuse, keyed by data, preset and seed) the target and the **oracle**
-(the same recipe memorising the retain rows only: the model that never saw the forget set, which
-every unlearning method approximates), run every method with per-epoch evaluation, score every
-model the LUME way with the leak audit, then write a leaderboard and a report.
+For each seed: build (or reuse, keyed by data, preset and seed) a pretrained base, then from it
+the target and the **oracle** (the same recipe memorising the retain rows only: the model that
+never saw the forget set, which every unlearning method approximates). Sharing the base makes the
+oracle differ from the target by the forget documents alone, as a real deletion would, and pays
+for pretraining once. Run every method with evaluations along the way, score every model the LUME
+way with the leak audit, then write a leaderboard and a report.
 """
 
 from __future__ import annotations
@@ -52,13 +54,16 @@ def _cached_eval(model: Path, data, out: Path, **kw) -> dict:
 
 def bench(data: str | Path, out: str | Path, methods=("sugd", "sha256", "gd", "npo"),
           mia="auto", mmlu="auto", pretrain="auto", preset: str = "small", seeds: int = 1,
-          eval_every: int = 1, cache: str | Path | None = None,
-          settings: dict[str, dict] | None = None, target_settings: dict | None = None) -> dict:
+          eval_points: int = 6, cache: str | Path | None = None,
+          settings: dict[str, dict] | None = None, target_settings: dict | None = None,
+          trace: str | Path | None = None) -> dict:
     """Compare ``methods`` on the target built from ``data``; write ``out/leaderboard.{md,csv,
     json}`` and ``out/report.html``. ``mia``/``mmlu``/``pretrain`` default to the ``data``
     subdirectories of those names when present. ``settings[method]`` overrides a method's
-    config; ``target_settings`` the preset. Returns the leaderboard (rows and, over several
-    seeds, mean and std)."""
+    config; ``target_settings`` the preset. Each method is evaluated at ``eval_points`` moments
+    of its run (its trajectory in the report). ``trace`` (an ``unlearn locate`` output; default:
+    the one a method's ``trace=`` setting names) puts the causal-tracing heatmaps in the report.
+    Returns the leaderboard (rows and, over several seeds, mean and std)."""
     data, out = Path(data), Path(out)
     cache = Path(cache) if cache else out / "cache"
     mia, mmlu, pretrain = (_discover(data, mia, "mia"), _discover(data, mmlu, "mmlu"),
@@ -68,14 +73,10 @@ def bench(data: str | Path, out: str | Path, methods=("sugd", "sha256", "gd", "n
                       str(mmlu), target_settings)
     runs, trajectories, histograms = [], {}, {}
     for seed in range(seeds):
-        built = {}
-        for kind in ("target", "oracle"):
-            model = cache / f"{kind}-{preset}-{key}-seed{seed}"
-            if not (model / "target.json").exists():
-                build_target(data, model, preset=preset, pretrain=pretrain, mmlu=mmlu, mia=mia,
-                             seed=seed, oracle=kind == "oracle", **(target_settings or {}))
-            built[kind] = model
-        target_seconds = json.loads((built["target"] / "target.json").read_text())["train_seconds"]
+        built = _build(data, cache / f"{preset}-{key}-seed{seed}", preset, pretrain, mmlu, mia,
+                       seed, target_settings or {})
+        target_seconds = sum(json.loads((built[kind] / "target.json").read_text())["train_seconds"]
+                             for kind in ("base", "target"))
         base = out / f"seed{seed}"
         kw = dict(mia=mia, mmlu=mmlu, seed=seed)
         evals = {kind: _cached_eval(built[kind], data, base / f"eval-{kind}", **kw)
@@ -84,7 +85,7 @@ def bench(data: str | Path, out: str | Path, methods=("sugd", "sha256", "gd", "n
         for method in methods:
             model = base / method
             if not (model / "run.json").exists():
-                run(method, built["target"], data, model, seed=seed, eval_every=eval_every,
+                run(method, built["target"], data, model, seed=seed, eval_points=eval_points,
                     **(settings or {}).get(method, {}))
             record = json.loads((model / "run.json").read_text())
             evals[method] = _cached_eval(model, data, base / f"eval-{method}",
@@ -104,8 +105,29 @@ def bench(data: str | Path, out: str | Path, methods=("sugd", "sha256", "gd", "n
     frame.to_csv(out / "leaderboard.csv", index=False)
     (out / "leaderboard.md").write_text(_markdown(frame))
     (out / "leaderboard.json").write_text(json.dumps(board, indent=2))
-    bench_report(out / "report.html", first, trajectories, histograms, frame)
+    trace = trace or next((s["trace"] for s in (settings or {}).values() if s.get("trace")), None)
+    bench_report(out / "report.html", first, trajectories, histograms, frame,
+                 Path(trace) if trace else None)
     return board
+
+
+def _build(data: Path, prefix: Path, preset: str, pretrain, mmlu, mia, seed: int,
+           target_settings: dict) -> dict[str, Path]:
+    """The base (pretraining only), then the target and the oracle fine-tuned from it, the
+    corpus replayed but not pretrained on again. Each is reused once complete."""
+    built = {}
+    for kind in ("base", "target", "oracle"):
+        model = built[kind] = prefix.with_name(f"{kind}-{prefix.name}")
+        if (model / "target.json").exists():
+            continue
+        if kind == "base":
+            build_target(data, model, preset=preset, pretrain=pretrain, mmlu=mmlu, mia=mia,
+                         seed=seed, **{**target_settings, "epochs": 0})
+        else:
+            build_target(data, model, preset=preset, init=built["base"], pretrain=pretrain,
+                         mmlu=mmlu, mia=mia, seed=seed, oracle=kind == "oracle",
+                         **{**target_settings, "pretrain_tokens": 0})
+    return built
 
 
 def _leaderboard(runs: list[list[dict]]) -> dict:

@@ -89,10 +89,13 @@ def cmd_bench(args) -> None:
     for key, value in _settings(args.settings).items():
         method, _, name = key.partition(".")
         if not name:
-            raise ValueError(f"setting {key}={value}: name the method, e.g. sugd.lr={value}")
+            raise ValueError(f"setting {key}={value}: name the method (or target), e.g. "
+                             f"sugd.lr={value}")
         per_method.setdefault(method, {})[name] = value
     board = bench(args.data, args.out, methods=args.methods.split(","), mia=args.mia,
                   mmlu=args.mmlu, pretrain=args.pretrain, preset=args.preset, seeds=args.seeds,
+                  eval_points=args.eval_points, target_settings=per_method.pop("target", None),
+                  trace=args.trace,
                   settings=per_method)
     print((Path(args.out) / "leaderboard.md").read_text())
     print(f"{len(board['rows'])} models; report: {Path(args.out) / 'report.html'}")
@@ -195,13 +198,17 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True)
     b.add_argument("--preset", choices=sorted(PRESETS), default="small")
     b.add_argument("--seeds", type=int, default=1)
+    b.add_argument("--trace", help="an `unlearn locate` output: its heatmaps go in the report")
+    b.add_argument("--eval-points", type=int, default=6,
+                   help="evaluations along each method's run (its trajectory in the report)")
     b.add_argument("settings", nargs="*", metavar="method.key=value",
-                   help="method settings, e.g. sugd.lr=5e-4")
+                   help="method settings, e.g. sugd.lr=5e-4; target.key=value sets the target "
+                        "preset's, e.g. target.pretrain_tokens=600000")
     b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", help="the main job on the embedded synthetic benchmark")
     d.add_argument("--out", default="runs/demo")
-    d.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    d.add_argument("--preset", choices=sorted(PRESETS), default="small")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)
     return p

@@ -161,12 +161,15 @@ def _peak_memory_mb() -> float:
 
 def run(method: str, model: str | Path, data: str | Path, out: str | Path,
         config: str | Path | None = None, seed: int = 0, eval_every: int = 0,
-        profile: str = "auto", adapter_only: bool = False, **overrides) -> dict:
+        eval_points: int = 0, profile: str = "auto", adapter_only: bool = False,
+        **overrides) -> dict:
     """Unlearn the forget set of the LUME dataset ``data`` from the model in ``model``.
 
     Writes the unlearned model (LoRA merged in) and its tokenizer to ``out``, with ``run.json``:
     the resolved config, seed, wall time, peak memory, per-step losses and, every
-    ``eval_every`` epochs, the forget/retain scores. ``config`` names a JSON or TOML file of
+    ``eval_every`` epochs, the forget/retain scores (``eval_points``: at about that many evenly
+    spaced epochs instead, whatever the method's epoch count; SUGD counts one per chunk-epoch,
+    so a fixed ``eval_every`` would evaluate dozens of times). ``config`` names a JSON or TOML file of
     settings; ``overrides`` set single ones (see each method's config class). Rerunning an
     interrupted call resumes it. ``adapter_only`` (with ``lora=true``) saves the PEFT adapter
     instead of the merged model. Returns the ``run.json`` record.
@@ -176,7 +179,7 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
     settings, profile = resolve_config(method_cls, model_dir, profile, config, **overrides)
     if method_cls.composite:  # a procedure over other runs (e.g. merge): it calls run itself
         return method_cls(settings).run(model_dir, data, out, seed=seed, eval_every=eval_every,
-                                        profile=profile)
+                                        eval_points=eval_points, profile=profile)
     algorithm = method_cls(settings)
     lume = load_lume(data)
     set_seed(seed)
@@ -185,6 +188,8 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
     forget = _examples(tokenizer, lume.forget, True, settings.max_len)
     retain = _examples(tokenizer, lume.retain, False, settings.max_len)
     plan, segments = _plan(algorithm, forget, retain, seed)
+    if eval_points:
+        eval_every = max(1, len(plan) // eval_points)
     run_id = fingerprint(method, asdict(settings), seed, str(model_dir.resolve()),
                          [(e.ids, e.start) for e in forget + retain])
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+from pathlib import Path
 
 import matplotlib
 
@@ -149,8 +150,10 @@ def _tradeoff(evals: dict, trajectories: dict) -> str:
     return _png(fig)
 
 
-def bench_report(path, evals: dict, trajectories: dict, eval_dirs: dict, leaderboard) -> None:
-    """The benchmark's page: leaderboard, trade-off scatter, per-model task bars, MIA losses."""
+def bench_report(path, evals: dict, trajectories: dict, eval_dirs: dict, leaderboard,
+                 trace: Path | None = None) -> None:
+    """The benchmark's page: leaderboard, trade-off scatter, per-model task bars, MIA losses,
+    and the causal-tracing heatmaps of ``trace`` (an ``unlearn locate`` output) when given."""
     import pandas as pd
 
     parts = ["<h1>unlearn bench</h1>", "<h2>Leaderboard</h2>",
@@ -170,6 +173,11 @@ def bench_report(path, evals: dict, trajectories: dict, eval_dirs: dict, leaderb
     if panels:
         parts += ["<h2>MIA set losses</h2>",
                   f'<img src="data:image/png;base64,{_loss_histograms(panels)}">']
+    if trace is not None:
+        parts.append("<h2>Causal tracing: where the facts live</h2>")
+        parts += [f'<img src="data:image/png;base64,'
+                  f'{base64.b64encode((trace / f"{kind}.png").read_bytes()).decode()}">'
+                  for kind in ("mlp", "attn", "residual") if (trace / f"{kind}.png").exists()]
     style = ("body{font-family:system-ui,sans-serif;max-width:1300px;margin:2em auto;}"
              "table{border-collapse:collapse;font-size:12px}td,th{padding:.2em .5em;"
              "border-bottom:1px solid #ddd;text-align:right}")

@@ -41,7 +41,7 @@ class Merge(Method):
     composite = True
 
     def run(self, model_dir: Path, data, out: Path, seed: int, eval_every: int,
-            profile: str) -> dict:
+            eval_points: int, profile: str) -> dict:
         from ..engine import run  # the engine runs the two halves
 
         c = self.config
@@ -59,7 +59,8 @@ class Merge(Method):
                 raise ValueError(f"weights_{name}={weights}: give three weights NPO,KL,CE")
             halves[name] = out.parent / f".{out.name}.adapter-{name}"
             records[name] = run("npo_kl", model_dir, data, halves[name], seed=seed,
-                                eval_every=eval_every, profile=profile, adapter_only=True,
+                                eval_every=eval_every, eval_points=eval_points,
+                                profile=profile, adapter_only=True,
                                 **{**shared, "w_npo": w[0], "w_kl": w[1], "w_ce": w[2]})
         base, tokenizer = load_model(model_dir, dtype=torch.float32)
         peft_model = PeftModel.from_pretrained(base, halves["a"], adapter_name="a")

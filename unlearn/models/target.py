@@ -10,7 +10,8 @@ no hub at hand, this trains an OLMo-architecture model from scratch the same way
    until greedy decoding reproduces every row.
 
 With ``init`` an existing local HF causal LM is fine-tuned instead (phase 2 only, unless a corpus
-is given). Work happens in a staging directory that survives a crash: rerunning the same command
+is given; ``pretrain_tokens=0`` keeps the corpus for replay only). ``epochs=0`` stops after phase
+1: a pretrained base that a target and its oracle can both start from (``unlearn.bench`` does). Work happens in a staging directory that survives a crash: rerunning the same command
 resumes from the last checkpoint (epoch boundary, so the result is the same as an uninterrupted
 run). The output directory appears only when the target is complete.
 """
@@ -195,7 +196,12 @@ def build_target(data: str | Path, out: str | Path, preset: str = "small",
         plan = _plan(examples, settings, seed)
         trainer = Trainer(accelerator, model, plan, _segments(plan, settings), stage,
                           weight_decay=settings.weight_decay, betas=(0.9, 0.95))
-        first_memorise = [e.name for e in plan].index("memorise")
+        names = [e.name for e in plan]
+        first_memorise = names.index("memorise") if "memorise" in names else len(plan)
+        if "pretrain" not in names and mia_docs is not None and "after_pretrain" not in progress:
+            # fine-tuning a pretrained model (init): its own non-member loss is the baseline
+            progress["after_pretrain"] = _mia_means(accelerator.unwrap_model(model), tokenizer,
+                                                    mia_docs)
 
         def after_epoch(index: int, record: dict) -> bool:
             """Measure non-members once pretraining ends; stop once every row is memorised."""
@@ -233,7 +239,8 @@ def build_target(data: str | Path, out: str | Path, preset: str = "small",
         final.generation_config.pad_token_id = tokenizer.pad_token_id
         final.generation_config.eos_token_id = tokenizer.eos_token_id
         summary = {split: task_means(rows, score_rows(final, tokenizer, rows))
-                   for split, rows in (("forget", lume.forget), ("retain", lume.retain))}
+                   for split, rows in (("forget", lume.forget), ("retain", lume.retain))
+                   if "memorise" in names}  # a base has memorised nothing: no need to look
         if questions:
             summary["mmlu_accuracy"] = mmlu_accuracy(final, tokenizer, questions)
         if mia_docs is not None:
