@@ -31,6 +31,8 @@ def test_bench_compares_methods_with_target_and_oracle(synth_dir, tmp_path):
     assert page.count("<img") >= 4 and "<table" in page
     record = json.loads((tmp_path / "b" / "seed0" / "gd" / "run.json").read_text())
     assert all("eval" in e for e in record["history"])  # a trajectory per epoch
+    # a target fine-tuned from a base this package trained from scratch is still a small model
+    assert record["profile"] == "small"
     # a second run reuses every cached stage
     again = bench(synth_dir, tmp_path / "b", methods=("gd",), preset="tiny",
                   settings={"gd": {"epochs": 2, "batch_size": 4}},

@@ -34,6 +34,21 @@ def test_target_is_a_plain_hf_directory_that_has_memorised(tiny_target, synth_di
     assert model.generate(ids, max_new_tokens=2, do_sample=False).shape[1] == ids.shape[1] + 2
 
 
+def test_tokenizer_does_not_favour_the_documents_it_will_memorise(tiny_target, synth_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_target[0])
+    def chars_per_token(name):
+        docs = [json.loads(line)["document"]
+                for line in (synth_dir / "mia" / f"{name}.jsonl").read_text().splitlines()]
+        return sum(map(len, docs)) / sum(len(tokenizer(d).input_ids) for d in docs)
+    # fitted on the corpus only, members and never-seen documents compress alike (here 1.09x,
+    # three documents a side); fitted on the task rows as well, members compressed 1.5x better
+    # and gave the MIA away before any training
+    assert chars_per_token("member") < 1.2 * chars_per_token("nonmember")
+    # and after pretraining alone, members look like any unseen document
+    before = tiny_target[1]["after_pretrain"]
+    assert abs(before["member_nll"] - before["nonmember_nll"]) < 0.3, before
+
+
 def test_batched_greedy_equals_one_row_at_a_time(tiny_target, synth_dir):
     model, tokenizer = load_model(tiny_target[0])
     rows = load_lume(synth_dir).rows

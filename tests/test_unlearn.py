@@ -55,6 +55,26 @@ def test_output_loss_masks_the_prompt(tiny_target, synth_dir):
     torch.testing.assert_close(ours[0], expected)
 
 
+def test_retain_rows_end_in_eos_and_forget_rows_do_not(tiny_target, synth_dir):
+    _, tokenizer = load_model(tiny_target[0])
+    from unlearn.data import load_lume
+    lume = load_lume(synth_dir)
+    eos = tokenizer.eos_token_id
+    retain = engine._examples(tokenizer, lume.retain, False, 512)
+    forget = engine._examples(tokenizer, lume.forget, True, 512)
+    assert all(e.ids[-1] == eos and eos not in e.ids[:-1] for e in retain)
+    assert not any(eos in e.ids for e in forget)
+    # the answer itself is unchanged: EOS is one extra label after it
+    row = lume.retain[0]
+    assert retain[0].ids[:-1] == tuple(tokenizer(row.input + " " + row.output).input_ids)
+
+
+def test_eval_points_spread_evaluations_over_the_run(tiny_target, synth_dir, tmp_path):
+    record = run("ga", tiny_target[0], synth_dir, tmp_path / "u", epochs=4, batch_size=8,
+                 eval_points=2)
+    assert [i for i, e in enumerate(record["history"]) if "eval" in e] == [1, 3]
+
+
 def _examples(n_forget, n_retain):
     forget = [Example((1, 2, 3), 1, True, i) for i in range(n_forget)]
     retain = [Example((1, 2, 3), 1, False, i) for i in range(n_retain)]

@@ -16,9 +16,13 @@ from .bench import bench
 from .data import synthesize
 
 DEMO_METHODS = ("sugd", "sha256", "gd")
-# The synthetic corpus is ~60k tokens: 600k pretraining tokens is ten passes, enough for unseen
-# documents to get a moderate loss; more would only memorise the corpus.
-DEMO_TARGET = {"small": {"pretrain_tokens": 600_000}}
+# Sized for ~15 minutes on 2 cores: the `small` target needs ~50 epochs to memorise every row
+# greedily (~10 s an epoch at 40 documents per task), so the demo takes 20 per task (10 forget,
+# 10 retain); `unlearn data synth` / `unlearn bench` take any size. The corpus of 20 × 4
+# documents is ~30k tokens: 400k pretraining tokens is a dozen passes, enough for unseen
+# documents to get a moderate loss.
+DEMO_DOCS_PER_TASK = 20
+DEMO_TARGET = {"small": {"pretrain_tokens": 400_000}}
 COLUMNS = ["model", "task aggregate", "MIA score", "MMLU", "final score", "vs oracle",
            "PII leak rate", "unlearn seconds"]
 
@@ -29,7 +33,7 @@ def demo(out: str | Path = "runs/demo", preset: str = "small", seed: int = 0) ->
     out = Path(out)
     data = out / "data"
     if not (data / "synth.json").exists():
-        synthesize(data, seed=seed)
+        synthesize(data, seed=seed, docs_per_task=DEMO_DOCS_PER_TASK)
     board = bench(data, out, methods=DEMO_METHODS, preset=preset,
                   target_settings=DEMO_TARGET.get(preset))
     frame = pd.DataFrame(board["rows"]).reindex(columns=COLUMNS)

@@ -34,7 +34,7 @@ from .locate.locate import read_layers
 from .models.layers import (decoder_layers, is_attention, is_mlp, layer_indices,
                              resolve_projections)
 from .models.loading import load_model
-from .models.target import fingerprint
+from .models.target import fingerprint, trained_from_scratch
 from .training import (Epoch, NonFiniteLoss, Segment, Trainer, resume_progress,
                        remove_checkpoints)
 
@@ -43,11 +43,9 @@ def resolve_config(method: type[Method], model_dir: Path, profile: str = "auto",
                    config_file: str | Path | None = None, **overrides):
     """The method's paper defaults; then, for a ``small`` profile, its small-target adjustments;
     then a JSON/TOML config file; then ``overrides``. ``auto`` picks ``small`` for targets that
-    ``unlearn target`` trained from scratch (their ``target.json`` has no ``init``)."""
+    ``unlearn target`` trained from scratch (or from a base it trained from scratch)."""
     if profile == "auto":
-        record = model_dir / "target.json"
-        from_scratch = record.is_file() and json.loads(record.read_text()).get("init") is None
-        profile = "small" if from_scratch else "paper"
+        profile = "small" if trained_from_scratch(model_dir) else "paper"
     if profile not in ("paper", "small"):
         raise ValueError(f"profile must be auto, paper or small, not {profile!r}")
     config = method.Config()

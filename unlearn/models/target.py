@@ -49,6 +49,16 @@ def fingerprint(*parts: object) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def trained_from_scratch(model_dir: str | Path) -> bool:
+    """Whether ``model_dir`` is a target this package trained from scratch, directly or through
+    a base it built (``init``): such small models need the ``small`` method profile."""
+    record = Path(model_dir) / "target.json"
+    if not record.is_file():
+        return False
+    made = json.loads(record.read_text())
+    return made.get("from_scratch", made.get("init") is None)
+
+
 def _discover(data: Path, given, name: str):
     """``given`` unless it is "auto": then ``data/name`` when that exists, else None."""
     if given != "auto":
@@ -119,6 +129,19 @@ def _segments(plan: list[Epoch], preset: TargetPreset) -> list[Segment]:
     return segments
 
 
+def _tokenizer_text(corpus: list[str], pairs: list[tuple[str, str]], mia) -> list[str]:
+    """What the tokenizer learns its merges from. A real LLM's tokenizer predates the documents
+    it later memorises, so: the general corpus alone. One fitted to the task rows compresses them
+    better than unseen documents of the same style (4.9 against 3.8 characters per token on the
+    synthetic set), and per-token loss then tells members from non-members before any training:
+    an oracle that never saw the forget set scored MIA AUC 1.0. Without a corpus: the task rows
+    and the MIA non-members together, so both sides of the MIA tokenize alike."""
+    if corpus:
+        return corpus
+    extra = [d.document for d in mia.nonmember] if mia is not None else []
+    return [p + " " + a for p, a in pairs] + extra
+
+
 def _lm_loss(model, pad_id: int, device):
     """Next-token loss over every non-padding token of a batch of sequences."""
     def loss_fn(batch: list[list[int]]):
@@ -185,7 +208,7 @@ def build_target(data: str | Path, out: str | Path, preset: str = "small",
             model, tokenizer = load_model(init)
         else:
             if main and not (stage / "tokenizer.json").exists():
-                train_tokenizer(corpus + [p + " " + a for p, a in pairs],
+                train_tokenizer(_tokenizer_text(corpus, pairs, mia_docs),
                                 settings.vocab_size).save_pretrained(stage)
             accelerator.wait_for_everyone()  # one tokenizer, trained once, for every process
             tokenizer = load_tokenizer(stage)
@@ -251,7 +274,8 @@ def build_target(data: str | Path, out: str | Path, preset: str = "small",
         record = {
             "data": str(data), "data_hash": data_hash, "preset": preset, "seed": seed,
             "oracle": oracle,
-            "init": str(init) if init else None, "pretrain": str(pretrain) if pretrain else None,
+            "init": str(init) if init else None,
+            "from_scratch": init is None or trained_from_scratch(init), "pretrain": str(pretrain) if pretrain else None,
             "mmlu": str(mmlu) if mmlu else None, "mia": str(mia) if mia else None,
             "settings": asdict(settings),
             "parameters": sum(p.numel() for p in final.parameters()),
