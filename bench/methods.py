@@ -66,6 +66,8 @@ def main() -> None:
     p.add_argument("--out", default="runs/bench/unlearn")
     p.add_argument("--name", default="small")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--oracle", help="the target recipe on the retain rows only "
+                   "(bench/target.py --oracle): scored too, every final score set against it")
     p.add_argument("settings", nargs="*", metavar="method.key=value",
                    help="per-method overrides, e.g. sugd.lr=5e-4")
     args = p.parse_args()
@@ -78,6 +80,9 @@ def main() -> None:
     train_seconds = json.loads((target_dir / "target.json").read_text())["train_seconds"]
     target = _evaluate(target_dir, args, out / "target-eval")
     rows = [_row("target", target, target, None, train_seconds, None)]
+    if args.oracle:
+        rows.append(_row("oracle", _evaluate(Path(args.oracle), args, out / "oracle-eval"),
+                         target, None, train_seconds, None))
     for label, method in variants:
         settings = [s.split(".", 1)[1] for s in args.settings if s.startswith(label + ".")]
         if "stop_at=mia" in settings:
@@ -92,11 +97,15 @@ def main() -> None:
         results = _evaluate(model_dir, args, out / f"{label}-eval")
         rows.append(_row(label, results, target, record["train_seconds"], train_seconds,
                          record["peak_memory_mb"]))
+    if args.oracle:
+        for row in rows:
+            row["vs_oracle"] = row["final_score"] / rows[1]["final_score"]
     columns = [("model", "{:10}"), ("forget_knowledge", "{:6.3f}"), ("retain_knowledge", "{:6.3f}"),
                ("retain_knowledge_vs_target", "{:6.3f}"), ("forget_regurgitation", "{:6.3f}"),
                ("retain_regurgitation", "{:6.3f}"), ("task_aggregate", "{:6.3f}"),
                ("mia_score", "{:6.3f}"), ("mmlu", "{:6.3f}"), ("final_score", "{:6.3f}"),
                ("unlearn_seconds", "{:7.1f}"), ("fraction_of_target_training", "{:6.3f}")]
+    columns += [("vs_oracle", "{:6.3f}")] if args.oracle else []
     print("  ".join(name for name, _ in columns))
     for row in rows:
         print("  ".join("-" if row[name] is None else fmt.format(row[name])

@@ -2,6 +2,7 @@
 
     python bench/target.py memorise   # small preset memorises ../shared/lume/validation
     python bench/target.py lume       # pretrain on train, memorise validation with replay
+    python bench/target.py lume --oracle   # the same on the retain rows only (the gold standard)
 
 Floors: `memorise` reaches QA exact match >= 0.95 and sc ROUGE-L recall >= 0.95 on forget and
 retain in <= 15 minutes on 2 cores; `lume` ends with the validation MIA non-members' mean NLL
@@ -30,14 +31,17 @@ def main() -> None:
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--preset", default="small")
     p.add_argument("--mmlu", default=None, help="general-knowledge questions to learn alongside")
+    p.add_argument("--oracle", action="store_true",
+                   help="build the oracle instead: the same recipe on the retain rows only")
     p.add_argument("settings", nargs="*", metavar="key=value")
     args = p.parse_args()
     recipe = RECIPES[args.recipe]
-    out = Path(args.out) / f"target-{args.recipe}-{args.preset}"
+    name = f"target-{args.recipe}-{args.preset}" + ("-oracle" if args.oracle else "")
+    out = Path(args.out) / name
     started = time.perf_counter()
     record = unlearn.build_target(recipe["data"], out, preset=args.preset,
                                   pretrain=recipe["pretrain"], mia=recipe["mia"],
-                                  mmlu=args.mmlu, **dict(s.split("=", 1) for s in args.settings))
+                                  mmlu=args.mmlu, oracle=args.oracle, **dict(s.split("=", 1) for s in args.settings))
     wall = time.perf_counter() - started
     mem = record["memorisation"]
     print(f"\n{args.recipe}: {record['parameters']:,} parameters, epochs {record['epochs']}, "
@@ -60,7 +64,7 @@ def main() -> None:
     results.mkdir(exist_ok=True)
     summary = {k: v for k, v in record.items() if k != "history"}
     summary.update(wall_seconds=wall, worst_regurgitation=sc, worst_knowledge=qa)
-    (results / f"target-{args.recipe}-{args.preset}.json").write_text(json.dumps(summary, indent=2))
+    (results / f"{name}.json").write_text(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":
