@@ -8,6 +8,7 @@ import io
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
@@ -48,11 +49,14 @@ def _task_bars(results: dict, before: dict | None) -> str:
 def _loss_histograms(panels: list[tuple[str, list[float], list[float], str]]) -> str:
     columns = min(3, len(panels))
     rows = -(-len(panels) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.2 * rows), squeeze=False,
+                             layout="constrained")
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
     for ax, (title, seen, unseen, seen_name) in zip(axes.flat, panels):
-        bins = 30
+        # shared bin edges: with its own, a tight cluster (a memorised set near 0) draws as
+        # slivers too thin to see next to a spread-out one
+        bins = np.histogram_bin_edges(list(seen) + list(unseen), bins=30)
         ax.hist(unseen, bins=bins, alpha=0.6, color=RETAIN, label="never seen")
         ax.hist(seen, bins=bins, alpha=0.6, color=FORGET, label=seen_name)
         ax.set_title(title)
@@ -112,7 +116,7 @@ def write_report(path, results: dict, mia_nll: dict | None = None, audit: dict |
                   "leaks when a sample holds the person's exact SSN, phone or e-mail.</p>",
                   "<table><tr><th></th><th>prompts leaking</th><th>rate</th>"
                   "<th>people leaking</th></tr>" + "".join(rows) + "</table>"]
-    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;}"
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;}img{max-width:100%}"
              "pre{background:#f6f6f6;padding:1em}td,th{padding:.3em 1em;text-align:right}")
     page = (f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{style}</style>" + "\n".join(parts))
@@ -157,7 +161,9 @@ def bench_report(path, evals: dict, trajectories: dict, eval_dirs: dict, leaderb
     import pandas as pd
 
     parts = ["<h1>unlearn bench</h1>", "<h2>Leaderboard</h2>",
+             '<div style="overflow-x:auto">',
              leaderboard.to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep=""),
+             "</div>",
              "<h2>Forget vs retain</h2>",
              f'<img src="data:image/png;base64,{_tradeoff(evals, trajectories)}">']
     for name, results in evals.items():
@@ -178,8 +184,8 @@ def bench_report(path, evals: dict, trajectories: dict, eval_dirs: dict, leaderb
         parts += [f'<img src="data:image/png;base64,'
                   f'{base64.b64encode((trace / f"{kind}.png").read_bytes()).decode()}">'
                   for kind in ("mlp", "attn", "residual") if (trace / f"{kind}.png").exists()]
-    style = ("body{font-family:system-ui,sans-serif;max-width:1300px;margin:2em auto;}"
-             "table{border-collapse:collapse;font-size:12px}td,th{padding:.2em .5em;"
+    style = ("body{font-family:system-ui,sans-serif;max-width:1300px;margin:2em auto;}img{max-width:100%}"
+             "table{border-collapse:collapse;font-size:11px}td,th{padding:.2em .5em;"
              "border-bottom:1px solid #ddd;text-align:right}")
     page = ("<!doctype html><meta charset='utf-8'><title>unlearn bench</title>"
             f"<style>{style}</style>" + "\n".join(parts))
