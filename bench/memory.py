@@ -48,7 +48,8 @@ def main() -> None:
             run_dir = out / f"sugd-{layers.replace(':', '')}-lora{lora}"
             subprocess.run([sys.executable, "-m", "unlearn.cli", "run", "--method", "sugd",
                             "--model", str(model_dir), "--data", args.data, "--out", str(run_dir),
-                            "--profile", "paper", "epochs=1", "chunk_size=8", "batch_size=4",
+                            "--profile", "paper", "epochs=1", "chunk_size=8", "positive_ratio=1",
+                            "batch_size=4",
                             f"layers={layers}", f"lora={lora}", "precision=fp32"], check=True)
             record = json.loads((run_dir / "run.json").read_text())
             rows.append({"layers": layers, "lora": lora == "true",

@@ -34,7 +34,7 @@ def main() -> None:
     p.add_argument("--oracle", action="store_true",
                    help="build the oracle instead: the same recipe on the retain rows only")
     p.add_argument("settings", nargs="*", metavar="key=value")
-    args = p.parse_args()
+    args = p.parse_intermixed_args()
     recipe = RECIPES[args.recipe]
     name = f"target-{args.recipe}-{args.preset}" + ("-oracle" if args.oracle else "")
     out = Path(args.out) / name
