@@ -6,7 +6,8 @@
 Builds a randomly initialised OLMo of ~110M parameters (the `base` preset's shape, where weights
 rather than activations dominate memory, as in a real 1B/7B model), then runs one epoch of
 `sugd` on it with full fine-tuning and with LoRA, each in its own process, for each layer
-choice. A few rows are enough: memory peaks at the first optimizer step (on the full synthetic
+choice, at the SUGD authors' batch of one row (`--batch-size`; `--checkpointing` recomputes
+activations, which otherwise dominate a LoRA run's memory at larger batches). A few rows are enough: memory peaks at the first optimizer step (on the full synthetic
 set each 110M run takes minutes per epoch on 2 cores). Prints peak memory (GPU: torch's peak
 allocation; CPU: the process's peak resident set) and the training overhead above the memory in
 use once the model was loaded. Floor: LoRA <= 50% of full fine-tuning's peak.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +33,8 @@ def main() -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--out", default="runs/bench/memory")
     p.add_argument("--layers", default="all,last:4")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
     args = p.parse_args()
     out = Path(args.out)
     model_dir = out / "model"
@@ -46,13 +50,16 @@ def main() -> None:
     for layers in args.layers.split(","):
         for lora in ("false", "true"):
             run_dir = out / f"sugd-{layers.replace(':', '')}-lora{lora}"
+            shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run each time: its peak is measured
             subprocess.run([sys.executable, "-m", "unlearn.cli", "run", "--method", "sugd",
                             "--model", str(model_dir), "--data", args.data, "--out", str(run_dir),
                             "--profile", "paper", "epochs=1", "chunk_size=8", "positive_ratio=1",
-                            "batch_size=4",
-                            f"layers={layers}", f"lora={lora}", "precision=fp32"], check=True)
+                            f"batch_size={args.batch_size}", f"layers={layers}", f"lora={lora}",
+                            f"gradient_checkpointing={args.checkpointing}", "precision=fp32"],
+                           check=True)
             record = json.loads((run_dir / "run.json").read_text())
-            rows.append({"layers": layers, "lora": lora == "true",
+            rows.append({"layers": layers, "lora": lora == "true", "batch_size": args.batch_size,
+                         "checkpointing": args.checkpointing,
                          "trainable": record["trainable_parameters"],
                          "peak_mb": record["peak_memory_mb"],
                          "loaded_mb": record["peak_memory_before_training_mb"]})
@@ -66,7 +73,8 @@ def main() -> None:
               f"fine-tuning's; overhead {((lora['peak_mb'] - lora['loaded_mb']) / (full['peak_mb'] - full['loaded_mb'])):.0%}")
     results = Path(__file__).parent / "results"
     results.mkdir(exist_ok=True)
-    (results / "memory.json").write_text(json.dumps(rows, indent=2))
+    name = f"memory-batch{args.batch_size}" + ("-checkpointing" if args.checkpointing else "")
+    (results / f"{name}.json").write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

@@ -4,12 +4,14 @@ import random
 
 import pytest
 import torch
+from transformers import AutoConfig
 
 from unlearn import engine, training
 from unlearn.engine import resolve_config, run
 from unlearn.methods import METHODS, Example, get_method
 from unlearn.methods.losses import Batch, forward
 from unlearn.models import load_model
+from unlearn.models.layers import decoder_layers
 
 FAST = dict(epochs=1, batch_size=4)
 
@@ -155,8 +157,11 @@ def test_lora_trains_adapters_only_and_saves_a_merged_model(tiny_target, synth_d
     changed = {k for k in original if not torch.equal(after[k], original[k])}
     assert changed and all(k.split(".")[2] in ("2", "3") for k in changed), changed
     assert all(any(t in k for t in ("q_proj", "v_proj", "up_proj", "down_proj")) for k in changed)
-    full = run("sugd", tiny_target[0], synth_dir, tmp_path / "f", layers="last:2", epochs=1)
-    assert record["trainable_parameters"] < full["trainable_parameters"] / 4
+    # rank-16 A and B matrices of q, v, up and down in each of the two layers
+    config = AutoConfig.from_pretrained(tiny_target[0])
+    h, i = config.hidden_size, config.intermediate_size
+    kv = h // config.num_attention_heads * config.num_key_value_heads
+    assert record["trainable_parameters"] == 2 * 16 * ((h + h) + (h + kv) + 2 * (h + i))
 
 
 def test_gradient_accumulation_gives_the_same_update(tiny_target, synth_dir, tmp_path):
@@ -165,6 +170,28 @@ def test_gradient_accumulation_gives_the_same_update(tiny_target, synth_dir, tmp
     run("gd", tiny_target[0], synth_dir, tmp_path / "b", epochs=1, batch_size=2, grad_accum=2,
         precision="fp32")
     a, b = _state(tmp_path / "a"), _state(tmp_path / "b")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_gradient_checkpointing_recomputes_and_gives_the_same_update(tiny_target, synth_dir,
+                                                                     tmp_path, monkeypatch, lora):
+    forwards, load = [], engine.load_model
+
+    def counting_load(*args, **kwargs):  # counts calls of layer 0's MLP (hooks skip recomputes)
+        lm, tokenizer = load(*args, **kwargs)
+        mlp = decoder_layers(lm)[0].mlp
+        mlp.forward = lambda *a, f=mlp.forward, **k: forwards.append(1) or f(*a, **k)
+        return lm, tokenizer
+
+    monkeypatch.setattr(engine, "load_model", counting_load)
+    kw = dict(epochs=1, precision="fp32", lora=lora, lr=1e-3)
+    run("gd", tiny_target[0], synth_dir, tmp_path / "plain", **kw)
+    plain = len(forwards)
+    run("gd", tiny_target[0], synth_dir, tmp_path / "ckpt", gradient_checkpointing=True, **kw)
+    assert len(forwards) - plain == 2 * plain  # each layer runs again in the backward pass
+    a, b = _state(tmp_path / "plain"), _state(tmp_path / "ckpt")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
 

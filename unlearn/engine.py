@@ -196,6 +196,9 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
         reference.copy = deepcopy(lm).requires_grad_(False).to(accelerator.device)
     if "forget_logprob" in algorithm.reference:
         _reference_log_probs(lm, tokenizer, forget, reference, accelerator, settings.batch_size)
+    if settings.gradient_checkpointing:
+        # non-reentrant: gradients reach LoRA adapters and later layers with the inputs frozen
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lm = _select_parameters(lm, settings)
     lm.train()
     if settings.lora:
@@ -207,6 +210,7 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
         progress = resume_progress(accelerator, stage, run_id)
         algorithm.load_state(progress.get("method_state", {}))
         prepared = accelerator.prepare(lm)
+        trainable = sum(p.numel() for p in prepared.parameters() if p.requires_grad)
         bare = accelerator.unwrap_model(prepared)  # parameter names without the DDP wrapper
         keeper = (_Keeper(stage, "validation", _validation_loss(settings, tokenizer, accelerator),
                           writes=main) if settings.validation else None)
@@ -265,8 +269,7 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
             "profile": profile, "config": asdict(settings),
             "status": stopped or "complete",
             "processes": accelerator.num_processes,
-            "trainable_parameters": sum(p.numel() for p in prepared.parameters()
-                                        if p.requires_grad),
+            "trainable_parameters": trainable,  # counted before LoRA is merged away
             "steps": sum(len(e.steps) for e in plan),
             "train_seconds": sum(r["seconds"] for r in history),
             "wall_seconds_this_run": time.perf_counter() - started,

@@ -56,6 +56,9 @@ class UnlearnConfig:
     retain_weight: float = 1.0  # weight of the retain term (methods that have one)
     max_len: int = 512  # tokens per training row; longer rows are cut
     precision: str = "auto"  # bf16 mixed precision on a GPU or a bf16 CPU, else fp32
+    # recompute each layer's activations in the backward pass instead of keeping them: less
+    # memory for about a third more compute (what lets long rows or big batches fit a 7B)
+    gradient_checkpointing: bool = False
     validation: str = ""  # LUME directory for keeping the best epoch
     stop_at: str = ""  # mia | knowledge: stop when forgotten (see unlearn.engine._StopAt)
     stop_every: int = 0  # steps between stop checks; 0: a quarter of the first epoch
