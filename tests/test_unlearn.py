@@ -314,6 +314,14 @@ def test_stop_at_knowledge_stops_once_no_forget_question_is_answered(tiny_target
     assert all(t["forget_knowledge"] > 0 for t in trail[:-1])
     assert sum(len(e["step_losses"]) for e in record["history"]) == trail[-1]["step"]
     assert trail[-1]["step"] < record["steps"]
+    # a threshold stops at the first check at or under it
+    threshold = trail[len(trail) // 2]["forget_knowledge"]
+    first = next(i for i, t in enumerate(trail) if t["forget_knowledge"] <= threshold)
+    record = run("ga", tiny_target[0], synth_dir, tmp_path / "t", lr=3e-3, epochs=20,
+                 batch_size=4, stop_at="knowledge", stop_every=2, stop_knowledge=threshold)
+    assert record["stop"]["trail"] == trail[:first + 1]
+    with pytest.raises(ValueError, match="stop_knowledge=1"):
+        run("ga", tiny_target[0], synth_dir, tmp_path / "x", stop_at="knowledge", stop_knowledge=1)
 
 
 def test_stop_at_mia_keeps_the_model_closest_to_auc_half(tiny_target, synth_dir, tmp_path):

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from .data import load_lume
+from .data import load_lume, load_mia
 from .engine import run
 from .evaluate.lume import evaluate
 from .evaluate.report import bench_report
+from .methods.base import UnlearnConfig
 from .models import build_target
 from .models.target import _discover, fingerprint
 
@@ -71,6 +72,7 @@ def bench(data: str | Path, out: str | Path, methods=("sugd", "sha256", "gd", "n
     lume = load_lume(data)
     key = fingerprint([(r.id, r.input, r.output) for r in lume.rows], preset, str(pretrain),
                       str(mmlu), target_settings)
+    settings = _stop_settings(settings or {}, mia)
     runs, trajectories, histograms = [], {}, {}
     for seed in range(seeds):
         built = _build(data, cache / f"{preset}-{key}-seed{seed}", preset, pretrain, mmlu, mia,
@@ -78,7 +80,7 @@ def bench(data: str | Path, out: str | Path, methods=("sugd", "sha256", "gd", "n
         target_seconds = sum(json.loads((built[kind] / "target.json").read_text())["train_seconds"]
                              for kind in ("base", "target"))
         base = out / f"seed{seed}"
-        kw = dict(mia=mia, mmlu=mmlu, seed=seed)
+        kw = dict(mia=_scored_mia(settings, mia, seed, base), mmlu=mmlu, seed=seed)
         evals = {kind: _cached_eval(built[kind], data, base / f"eval-{kind}", **kw)
                  for kind in ("target", "oracle")}
         rows = [_row(k, evals[k], evals["oracle"], None, target_seconds) for k in evals]
@@ -86,7 +88,7 @@ def bench(data: str | Path, out: str | Path, methods=("sugd", "sha256", "gd", "n
             model = base / method
             if not (model / "run.json").exists():
                 run(method, built["target"], data, model, seed=seed, eval_points=eval_points,
-                    **(settings or {}).get(method, {}))
+                    **settings.get(method, {}))
             record = json.loads((model / "run.json").read_text())
             evals[method] = _cached_eval(model, data, base / f"eval-{method}",
                                          before=base / "eval-target", **kw)
@@ -105,10 +107,40 @@ def bench(data: str | Path, out: str | Path, methods=("sugd", "sha256", "gd", "n
     frame.to_csv(out / "leaderboard.csv", index=False)
     (out / "leaderboard.md").write_text(_markdown(frame))
     (out / "leaderboard.json").write_text(json.dumps(board, indent=2))
-    trace = trace or next((s["trace"] for s in (settings or {}).values() if s.get("trace")), None)
+    trace = trace or next((s["trace"] for s in settings.values() if s.get("trace")), None)
     bench_report(out / "report.html", first, trajectories, histograms, frame,
                  Path(trace) if trace else None)
     return board
+
+
+def _stop_settings(settings: dict[str, dict], mia) -> dict[str, dict]:
+    """Methods set to ``stop_at=mia`` calibrate on a held-out split of the bench's MIA set
+    (unless told another ``stop_mia``), all with the same ``stop_split``."""
+    stopping = {m: s for m, s in settings.items() if s.get("stop_at") == "mia"}
+    if not stopping:
+        return settings
+    if not mia:
+        raise ValueError(f"{', '.join(stopping)}: stop_at=mia calibrates on the MIA set; pass "
+                         f"--mia DIR")
+    shares = {float(s.get("stop_split", UnlearnConfig.stop_split)) for s in stopping.values()}
+    if len(shares) > 1:
+        raise ValueError(f"stop_split differs between {', '.join(stopping)}: every model is scored "
+                         f"on the MIA documents none calibrated on, so give them one share")
+    share = shares.pop()
+    return {m: {**s, "stop_mia": str(s.get("stop_mia", mia)), "stop_split": share}
+            if m in stopping else s for m, s in settings.items()}
+
+
+def _scored_mia(settings: dict[str, dict], mia, seed: int, base: Path):
+    """The MIA set every model of this seed is scored on: with a method stopping by the MIA,
+    the documents outside its calibration split (``MiaData.split`` with the run's seed), so
+    that no model is judged on what picked its stopping step."""
+    shares = {s["stop_split"] for s in settings.values() if s.get("stop_at") == "mia"
+              and Path(s["stop_mia"]) == Path(mia)}
+    if not shares:
+        return mia
+    _, scored = load_mia(mia).split(shares.pop(), seed)
+    return scored.save(base / "mia-scored")
 
 
 def _build(data: Path, prefix: Path, preset: str, pretrain, mmlu, mia, seed: int,

@@ -367,7 +367,8 @@ class _StopAt:
     documents against never-seen ones, both a seeded ``stop_split`` share of the MIA set in
     ``stop_mia``; the model closest to AUC 0.5 is kept, and training stops once the AUC has
     passed below 0.5 and moved away for ``PATIENCE`` checks. ``stop_at=knowledge``: stops as
-    soon as no forget question is answered exactly (greedy)."""
+    soon as the share of forget questions answered exactly (greedy) is ``stop_knowledge`` or
+    less (0: none)."""
 
     PATIENCE = 2
 
@@ -384,6 +385,7 @@ class _StopAt:
             self.keeper = _Keeper(stage, "mia", self._mia_distance, writes)
         elif self.kind == "knowledge":
             self.questions = [r for r in lume.forget if r.kind == "qa"]
+            self.threshold = settings.stop_knowledge
             self.keeper = None
         else:
             raise ValueError(f"stop_at must be mia or knowledge, not {self.kind!r}")
@@ -405,7 +407,7 @@ class _StopAt:
                 known = _mean(score_rows(model, self.tokenizer, self.questions, 64))
             model.train()
             self.trail.append({"step": step, "forget_knowledge": known})
-            return known == 0.0
+            return known <= self.threshold
         distance = self.keeper.check(model, {"step": step})
         self.trail.append({"step": step, "mia_auc": self.last_auc})
         recent = [t["mia_auc"] for t in self.trail[-(self.PATIENCE + 1):]]

@@ -34,7 +34,8 @@ class UnlearnConfig:
     ``stop_at=mia`` stops where forget documents look unseen: the loss-MIA AUC of a held-out
     split of the MIA set in ``stop_mia`` closest to 0.5 (``MiaData.split(stop_split, seed)``:
     score the MIA on the other part, which ``run.json`` names by listing the held-out ids);
-    ``stop_at=knowledge`` stops once no forget question is answered exactly.
+    ``stop_at=knowledge`` stops once no more than ``stop_knowledge`` of the forget questions
+    are answered exactly (0: none; one stubborn question can otherwise keep a run going).
     """
 
     epochs: int = 5
@@ -64,6 +65,7 @@ class UnlearnConfig:
     stop_every: int = 0  # steps between stop checks; 0: a quarter of the first epoch
     stop_mia: str = ""  # MIA directory whose held-out split calibrates stop_at=mia
     stop_split: float = 0.3  # share of that MIA set held out for calibration
+    stop_knowledge: float = 0.0  # stop_at=knowledge: stop once forget QA exact match <= this
 
     def override(self, **changes) -> "UnlearnConfig":
         """A copy with ``changes`` (strings from the command line are converted)."""
@@ -86,6 +88,9 @@ class UnlearnConfig:
             value = getattr(self, name, None)
             if value is not None and not value > 0:
                 raise ValueError(f"{name}={value}: must be greater than 0")
+        if not 0.0 <= self.stop_knowledge < 1.0:
+            raise ValueError(f"stop_knowledge={self.stop_knowledge}: a share of the forget "
+                             f"questions, from 0 up to (not including) 1")
 
 
 def _convert(current, value):
