@@ -44,17 +44,19 @@ def test_bench_compares_methods_with_target_and_oracle(synth_dir, tmp_path):
                   target_settings={"epochs": 30, "pretrain_tokens": 8000})
     assert again["rows"] == board["rows"]
     # a method stopping by the MIA calibrates on a held-out split; every model is scored on the rest
-    stopping = bench(synth_dir, tmp_path / "s", methods=("gd",), preset="tiny",
+    # (a `label:method` variant, with its settings under its label)
+    stopping = bench(synth_dir, tmp_path / "s", methods=("gd_stop:gd",), preset="tiny",
                      cache=tmp_path / "b" / "cache",
-                     settings={"gd": {"epochs": 2, "batch_size": 4, "stop_at": "mia",
-                                      "stop_every": 1}},
+                     settings={"gd_stop": {"epochs": 2, "batch_size": 4, "stop_at": "mia",
+                                           "stop_every": 1}},
                      target_settings={"epochs": 30, "pretrain_tokens": 8000})
-    assert [r["model"] for r in stopping["rows"]] == names
-    calibrated = set(json.loads((tmp_path / "s" / "seed0" / "gd" / "run.json").read_text())
-                     ["stop"]["calibration_ids"])
+    assert [r["model"] for r in stopping["rows"]] == ["target", "oracle", "gd_stop"]
+    record = json.loads((tmp_path / "s" / "seed0" / "gd_stop" / "run.json").read_text())
+    assert record["method"] == "gd"
+    calibrated = set(record["stop"]["calibration_ids"])
     full = load_mia(synth_dir / "mia")
     assert calibrated < {d.id for d in full.member + full.nonmember}
-    for model in names:
+    for model in ("target", "oracle", "gd_stop"):
         scored = {i for kind in ("member", "nonmember") for i in pd.read_csv(
             tmp_path / "s" / "seed0" / f"eval-{model}" / "mia_results" / f"{kind}_0.csv")["id"]}
         assert scored and not scored & calibrated

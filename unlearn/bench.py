@@ -59,7 +59,8 @@ def bench(data: str | Path, out: str | Path, methods=("sugd", "sha256", "gd", "n
           settings: dict[str, dict] | None = None, target_settings: dict | None = None,
           trace: str | Path | None = None) -> dict:
     """Compare ``methods`` on the target built from ``data``; write ``out/leaderboard.{md,csv,
-    json}`` and ``out/report.html``. ``mia``/``mmlu``/``pretrain`` default to the ``data``
+    json}`` and ``out/report.html``. A method may be a variant ``label:method`` whose settings
+    go under ``settings[label]`` (``sugd_stop:sugd`` with ``{"sugd_stop": {"stop_at": "mia"}}``). ``mia``/``mmlu``/``pretrain`` default to the ``data``
     subdirectories of those names when present. ``settings[method]`` overrides a method's
     config; ``target_settings`` the preset. Each method is evaluated at ``eval_points`` moments
     of its run (its trajectory in the report). ``trace`` (an ``unlearn locate`` output; default:
@@ -84,17 +85,18 @@ def bench(data: str | Path, out: str | Path, methods=("sugd", "sha256", "gd", "n
         evals = {kind: _cached_eval(built[kind], data, base / f"eval-{kind}", **kw)
                  for kind in ("target", "oracle")}
         rows = [_row(k, evals[k], evals["oracle"], None, target_seconds) for k in evals]
-        for method in methods:
-            model = base / method
+        for entry in methods:
+            label, _, name = entry.partition(":")  # `label:method`: a variant of a method
+            model = base / label
             if not (model / "run.json").exists():
-                run(method, built["target"], data, model, seed=seed, eval_points=eval_points,
-                    **settings.get(method, {}))
+                run(name or label, built["target"], data, model, seed=seed,
+                    eval_points=eval_points, **settings.get(label, {}))
             record = json.loads((model / "run.json").read_text())
-            evals[method] = _cached_eval(model, data, base / f"eval-{method}",
-                                         before=base / "eval-target", **kw)
-            rows.append(_row(method, evals[method], evals["oracle"], record, target_seconds))
+            evals[label] = _cached_eval(model, data, base / f"eval-{label}",
+                                        before=base / "eval-target", **kw)
+            rows.append(_row(label, evals[label], evals["oracle"], record, target_seconds))
             if seed == 0:
-                trajectories[method] = [
+                trajectories[label] = [
                     (e["eval"]["forget-set"], e["eval"]["retain-set"])
                     for e in record["history"] if "eval" in e]
         if seed == 0:

@@ -194,7 +194,8 @@ def parser() -> argparse.ArgumentParser:
                        ("mia", "MIA set")):
         b.add_argument(f"--{name}", type=_optional_dir, default="auto",
                        help=f"{what}; default: DATA/{name} when present; 'none' to skip")
-    b.add_argument("--methods", default="sugd,sha256,gd,npo")
+    b.add_argument("--methods", default="sugd,sha256,gd,npo",
+                   help="comma list; label:method runs a variant with settings label.key=value")
     b.add_argument("--out", required=True)
     b.add_argument("--preset", choices=sorted(PRESETS), default="small")
     b.add_argument("--seeds", type=int, default=1)
