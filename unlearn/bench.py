@@ -59,10 +59,12 @@ def bench(data: str | Path, out: str | Path, methods=("sugd", "sha256", "gd", "n
           settings: dict[str, dict] | None = None, target_settings: dict | None = None,
           trace: str | Path | None = None) -> dict:
     """Compare ``methods`` on the target built from ``data``; write ``out/leaderboard.{md,csv,
-    json}`` and ``out/report.html``. A method may be a variant ``label:method`` whose settings
-    go under ``settings[label]`` (``sugd_stop:sugd`` with ``{"sugd_stop": {"stop_at": "mia"}}``). ``mia``/``mmlu``/``pretrain`` default to the ``data``
+    json}`` and ``out/report.html``. ``mia``/``mmlu``/``pretrain`` default to the ``data``
     subdirectories of those names when present. ``settings[method]`` overrides a method's
-    config; ``target_settings`` the preset. Each method is evaluated at ``eval_points`` moments
+    config; a method may be a variant ``label:method`` whose settings sit under its label
+    (``sugd_stop:sugd`` with ``{"sugd_stop": {"stop_at": "mia"}}``); with ``stop_at=mia``,
+    every model is scored on the MIA documents outside the calibration split.
+    ``target_settings`` overrides the preset. Each method is evaluated at ``eval_points`` moments
     of its run (its trajectory in the report). ``trace`` (an ``unlearn locate`` output; default:
     the one a method's ``trace=`` setting names) puts the causal-tracing heatmaps in the report.
     Returns the leaderboard (rows and, over several seeds, mean and std)."""
