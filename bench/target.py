@@ -20,7 +20,10 @@ import unlearn
 
 LUME = Path(__file__).resolve().parents[1].parent / "shared" / "lume"
 RECIPES = {
-    "memorise": dict(data=LUME / "validation", pretrain=None, mia=LUME / "mia_validation"),
+    # from scratch, 1e-3 memorises faster than the preset's 2e-3 (loss 0.40 against 0.63 at
+    # epoch 38; 4e-3 was slower still): every term 1.000 after 60 epochs
+    "memorise": dict(data=LUME / "validation", pretrain=None, mia=LUME / "mia_validation",
+                     settings={"lr": "1e-3"}),
     "lume": dict(data=LUME / "validation", pretrain=LUME / "train", mia=LUME / "mia_validation"),
 }
 
@@ -41,7 +44,9 @@ def main() -> None:
     started = time.perf_counter()
     record = unlearn.build_target(recipe["data"], out, preset=args.preset,
                                   pretrain=recipe["pretrain"], mia=recipe["mia"],
-                                  mmlu=args.mmlu, oracle=args.oracle, **dict(s.split("=", 1) for s in args.settings))
+                                  mmlu=args.mmlu, oracle=args.oracle,
+                                  **{**recipe.get("settings", {}),
+                                     **dict(s.split("=", 1) for s in args.settings)})
     wall = time.perf_counter() - started
     mem = record["memorisation"]
     print(f"\n{args.recipe}: {record['parameters']:,} parameters, epochs {record['epochs']}, "
