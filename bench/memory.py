@@ -7,8 +7,9 @@ Builds a randomly initialised OLMo of ~110M parameters (the `base` preset's shap
 rather than activations dominate memory, as in a real 1B/7B model), then runs one epoch of
 `sugd` on it with full fine-tuning and with LoRA, each in its own process, for each layer
 choice, at the SUGD authors' batch of one row (`--batch-size`; `--checkpointing` recomputes
-activations, which otherwise dominate a LoRA run's memory at larger batches). A few rows are enough: memory peaks at the first optimizer step (on the full synthetic
-set each 110M run takes minutes per epoch on 2 cores). Prints peak memory (GPU: torch's peak
+activations, which otherwise dominate a LoRA run's memory at larger batches). A few rows are
+enough: memory peaks at the first optimizer step (on the full synthetic set each 110M run
+takes minutes per epoch on 2 cores). Prints peak memory (GPU: torch's peak
 allocation; CPU: the process's peak resident set) and the training overhead above the memory in
 use once the model was loaded. Floor: LoRA <= 50% of full fine-tuning's peak.
 """
@@ -50,7 +51,7 @@ def main() -> None:
     for layers in args.layers.split(","):
         for lora in ("false", "true"):
             run_dir = out / f"sugd-{layers.replace(':', '')}-lora{lora}"
-            shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run each time: its peak is measured
+            shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: its own peak is measured
             subprocess.run([sys.executable, "-m", "unlearn.cli", "run", "--method", "sugd",
                             "--model", str(model_dir), "--data", args.data, "--out", str(run_dir),
                             "--profile", "paper", "epochs=1", "chunk_size=8", "positive_ratio=1",

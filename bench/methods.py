@@ -26,8 +26,9 @@ from pathlib import Path
 
 import unlearn
 from unlearn.data import load_mia
+from unlearn.methods.base import UnlearnConfig
 
-STOP_SPLIT = 0.3  # share of the MIA set a stop_at=mia variant calibrates on
+STOP_SPLIT = UnlearnConfig.stop_split  # share of the MIA set a stop_at=mia variant calibrates on
 
 
 def _evaluate(model: Path, args, out: Path) -> dict:

@@ -75,7 +75,7 @@ def bench(data: str | Path, out: str | Path, methods=("sugd", "sha256", "gd", "n
     lume = load_lume(data)
     key = fingerprint([(r.id, r.input, r.output) for r in lume.rows], preset, str(pretrain),
                       str(mmlu), target_settings)
-    settings = _stop_settings(settings or {}, mia)
+    settings, held_out = _stop_settings(settings or {}, mia)
     runs, trajectories, histograms = [], {}, {}
     for seed in range(seeds):
         built = _build(data, cache / f"{preset}-{key}-seed{seed}", preset, pretrain, mmlu, mia,
@@ -83,7 +83,11 @@ def bench(data: str | Path, out: str | Path, methods=("sugd", "sha256", "gd", "n
         target_seconds = sum(json.loads((built[kind] / "target.json").read_text())["train_seconds"]
                              for kind in ("base", "target"))
         base = out / f"seed{seed}"
-        kw = dict(mia=_scored_mia(settings, mia, seed, base), mmlu=mmlu, seed=seed)
+        # no model is judged on the MIA documents that picked a stopping step (MiaData.split
+        # with the run's seed gives the same split the stopping run held out)
+        scored = (load_mia(mia).split(held_out, seed)[1].save(base / "mia-scored")
+                  if held_out else mia)
+        kw = dict(mia=scored, mmlu=mmlu, seed=seed)
         evals = {kind: _cached_eval(built[kind], data, base / f"eval-{kind}", **kw)
                  for kind in ("target", "oracle")}
         rows = [_row(k, evals[k], evals["oracle"], None, target_seconds) for k in evals]
@@ -117,12 +121,13 @@ def bench(data: str | Path, out: str | Path, methods=("sugd", "sha256", "gd", "n
     return board
 
 
-def _stop_settings(settings: dict[str, dict], mia) -> dict[str, dict]:
+def _stop_settings(settings: dict[str, dict], mia) -> tuple[dict[str, dict], float | None]:
     """Methods set to ``stop_at=mia`` calibrate on a held-out split of the bench's MIA set
-    (unless told another ``stop_mia``), all with the same ``stop_split``."""
+    (unless told another ``stop_mia``), all with the same ``stop_split``. Returns the settings
+    and that share when some method calibrates on the bench's MIA set (else None)."""
     stopping = {m: s for m, s in settings.items() if s.get("stop_at") == "mia"}
     if not stopping:
-        return settings
+        return settings, None
     if not mia:
         raise ValueError(f"{', '.join(stopping)}: stop_at=mia calibrates on the MIA set; pass "
                          f"--mia DIR")
@@ -131,20 +136,10 @@ def _stop_settings(settings: dict[str, dict], mia) -> dict[str, dict]:
         raise ValueError(f"stop_split differs between {', '.join(stopping)}: every model is scored "
                          f"on the MIA documents none calibrated on, so give them one share")
     share = shares.pop()
-    return {m: {**s, "stop_mia": str(s.get("stop_mia", mia)), "stop_split": share}
-            if m in stopping else s for m, s in settings.items()}
-
-
-def _scored_mia(settings: dict[str, dict], mia, seed: int, base: Path):
-    """The MIA set every model of this seed is scored on: with a method stopping by the MIA,
-    the documents outside its calibration split (``MiaData.split`` with the run's seed), so
-    that no model is judged on what picked its stopping step."""
-    shares = {s["stop_split"] for s in settings.values() if s.get("stop_at") == "mia"
-              and Path(s["stop_mia"]) == Path(mia)}
-    if not shares:
-        return mia
-    _, scored = load_mia(mia).split(shares.pop(), seed)
-    return scored.save(base / "mia-scored")
+    settings = {m: {**s, "stop_mia": str(s.get("stop_mia", mia)), "stop_split": share}
+                if m in stopping else s for m, s in settings.items()}
+    here = any(Path(settings[m]["stop_mia"]) == Path(mia) for m in stopping)
+    return settings, share if here else None
 
 
 def _build(data: Path, prefix: Path, preset: str, pretrain, mmlu, mia, seed: int,
