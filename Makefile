@@ -10,6 +10,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
+	# DeepSpeed (ZeRO-3, tested on CPU processes) compiles against the torch above
+	$(BIN)/pip install --quiet --no-build-isolation 'deepspeed>=0.16'
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 

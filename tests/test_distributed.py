@@ -55,6 +55,48 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_target, synth_d
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+def test_zero3_with_a_reference_model_matches_one_process(tiny_target, synth_dir, tmp_path):
+    """DeepSpeed ZeRO-3 shards every weight across the processes; npo_kl needs the frozen
+    reference twice (forget log-probabilities up front, logits every step), so both reference
+    paths and the sharded training step must give the one-process model."""
+    pytest.importorskip("deepspeed")
+    # grad_accum=4: two micro-batches per process per step, so accumulation is exercised
+    settings = ["precision=fp32", "epochs=1", "batch_size=2", "grad_accum=4", "lr=1e-4",
+                "lora=false"]
+    run("npo_kl", tiny_target[0], synth_dir, tmp_path / "one", seed=0,
+        **dict(s.split("=") for s in settings))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                    str(ROOT / "configs" / "accelerate" / "zero3-cpu-2proc.yaml"),
+                    "--main_process_port", str(_free_port()), "-m", "unlearn.cli", "run",
+                    "--method", "npo_kl", "--model", str(tiny_target[0]), "--data",
+                    str(synth_dir), "--out", str(tmp_path / "two"), "--seed", "0", *settings],
+                   check=True, env=env, cwd=ROOT, timeout=600)
+    record = json.loads((tmp_path / "two" / "run.json").read_text())
+    assert record["processes"] == 2
+    # counted whole, though each process holds only a shard
+    assert record["trainable_parameters"] == sum(p.numel() for p in
+                                                 load_model(tiny_target[0])[0].parameters())
+    one, two = _state(tmp_path / "one"), _state(tmp_path / "two")
+    source = _state(tiny_target[0])
+    assert any(not torch.equal(one[k], source[k]) for k in one)
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_zero3_refuses_what_needs_whole_weights_mid_run(tiny_target, synth_dir, tmp_path):
+    pytest.importorskip("deepspeed")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           str(ROOT / "configs" / "accelerate" / "zero3-cpu-2proc.yaml"),
+                           "--main_process_port", str(_free_port()),
+                           *_cli(tiny_target[0], synth_dir, tmp_path / "u", "lora=true")],
+                          env=env, cwd=ROOT, timeout=600, capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "lora=true: not available under DeepSpeed ZeRO-3" in done.stderr
+    assert not (tmp_path / "u").exists()
+
+
 def test_sigkilled_run_resumes_to_the_same_model(tiny_target, synth_dir, tmp_path):
     epochs = "epochs=6"  # enough left after the first checkpoint that the kill lands mid-run
     run("gd", tiny_target[0], synth_dir, tmp_path / "whole", seed=0,

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+from copy import deepcopy
 from functools import lru_cache
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -34,14 +37,90 @@ def resolve_precision(precision: str = "auto") -> str:
     return precision
 
 
-def make_accelerator(precision: str = "auto") -> Accelerator:
-    """An Accelerator with mixed precision resolved (weights stay fp32; matmuls run in bf16)."""
+def launched_with_deepspeed() -> bool:
+    """Whether ``accelerate launch`` was given a DeepSpeed config."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def make_accelerator(precision: str = "auto", micro_batch: int = 1,
+                     max_grad_norm: float = 1.0) -> Accelerator:
+    """An Accelerator with mixed precision resolved (weights stay fp32; matmuls run in bf16).
+    Under DeepSpeed, ``micro_batch`` (rows per micro-batch) and ``max_grad_norm`` fill its
+    config (see :func:`_configure_deepspeed`)."""
     mode = resolve_precision(precision)
     # Accelerate keeps one process-wide state and refuses a second precision in the same process
     # (a notebook that builds a target, then unlearns). Reset that part only; the distributed
     # process group (PartialState) is kept.
     AcceleratorState._reset_state()
+    handlers = []
+    cpu = not torch.cuda.is_available()
+    if cpu and launched_with_deepspeed():
+        # DeepSpeed runs on CPUs too (its CPU accelerator, gloo): accelerate only enables it
+        # with cpu=False, and then needs the backend named or it counts a single process
+        cpu, handlers = False, [InitProcessGroupKwargs(backend="gloo")]
     # cpu=True without a GPU: under `accelerate launch`/torchrun that makes the processes one
     # gloo group (MULTI_CPU) instead of independent runs
-    return Accelerator(mixed_precision="bf16" if mode == "bf16" else "no",
-                       cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision="bf16" if mode == "bf16" else "no", cpu=cpu,
+                              kwargs_handlers=handlers)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        _configure_deepspeed(accelerator, micro_batch, max_grad_norm)
+    return accelerator
+
+
+def zero3(accelerator: Accelerator) -> bool:
+    """Whether parameters are sharded across processes by DeepSpeed ZeRO stage 3."""
+    plugin = accelerator.state.deepspeed_plugin
+    return accelerator.distributed_type == DistributedType.DEEPSPEED and plugin.zero_stage == 3
+
+
+def numel(parameter: torch.nn.Parameter) -> int:
+    """Elements of a parameter, counted whole even where ZeRO-3 left only a shard here."""
+    return getattr(parameter, "ds_numel", parameter.numel())
+
+
+def _configure_deepspeed(accelerator: Accelerator, micro_batch: int,
+                         max_grad_norm: float) -> None:
+    """Fill the DeepSpeed config from the run's settings. The training loop accumulates
+    micro-batches itself (their number varies from step to step), so DeepSpeed sees one
+    micro-batch per step and steps at the boundaries the loop marks; it clips gradients
+    itself, so the clipping norm goes into its config."""
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    config.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=1,
+                  train_batch_size=micro_batch * accelerator.num_processes,
+                  gradient_clipping=max_grad_norm)
+    # the output is a whole HF model directory, so the shards are always gathered for saving
+    config.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
+
+
+def prepare_frozen(accelerator: Accelerator, model):
+    """A frozen second model (a reference) placed like the trained one. Under ZeRO-3 it is
+    sharded by a DeepSpeed engine of its own, as TRL does for its reference models: a plain
+    copy of a sharded model would hold only this process's shard."""
+    model.requires_grad_(False).eval()
+    if not zero3(accelerator):
+        return model.to(accelerator.device)
+    import deepspeed
+
+    config = deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    config.pop("optimizer", None)
+    config.pop("scheduler", None)
+    # what accelerate fills in from the model when it prepares one (an engine of our own here)
+    hidden = model.config.hidden_size
+    zero = config["zero_optimization"]
+    for key, value in (("reduce_bucket_size", hidden * hidden),
+                       ("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden)),
+                       ("stage3_param_persistence_threshold", 10 * hidden)):
+        if zero.get(key, "auto") == "auto":
+            zero[key] = value
+    engine = deepspeed.initialize(model=model, config=config)[0]
+    engine.eval()  # DeepSpeed's eval() returns None, not the engine
+    return engine
+
+
+def zero3_state_dict(accelerator: Accelerator, model) -> dict | None:
+    """Under ZeRO-3 the full state dict of a prepared model, gathered from its shards for
+    ``save_pretrained(state_dict=...)``: every process must call this, and only the main
+    process gets it. None otherwise (``save_pretrained`` reads the model's own weights)."""
+    if zero3(accelerator):
+        return accelerator.get_state_dict(model)
+    return None

@@ -13,7 +13,6 @@ import resource
 import sys
 import time
 import tomllib
-from copy import deepcopy
 from dataclasses import asdict
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch
 from accelerate.utils import set_seed
 from peft import LoraConfig, get_peft_model
 
-from .accel import make_accelerator
+from .accel import make_accelerator, numel, prepare_frozen, zero3, zero3_state_dict
 from .data import load_lume, load_mia
 from .evaluate.lume import mia_auc, score_model
 from .evaluate.memorisation import score_rows
@@ -181,7 +180,8 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
     algorithm = method_cls(settings)
     lume = load_lume(data)
     set_seed(seed)
-    accelerator = make_accelerator(settings.precision)
+    accelerator = make_accelerator(settings.precision, settings.batch_size,
+                                   settings.max_grad_norm)
     lm, tokenizer = load_model(model_dir, dtype=torch.float32)
     forget = _examples(tokenizer, lume.forget, True, settings.max_len)
     retain = _examples(tokenizer, lume.retain, False, settings.max_len)
@@ -191,11 +191,12 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
     run_id = fingerprint(method, asdict(settings), seed, str(model_dir.resolve()),
                          [(e.ids, e.start) for e in forget + retain])
 
+    if zero3(accelerator):
+        _check_zero3(settings, eval_every)
     reference = Reference()
     if {"logits", "hidden"} & set(algorithm.reference) and not settings.lora:
-        reference.copy = deepcopy(lm).requires_grad_(False).to(accelerator.device)
-    if "forget_logprob" in algorithm.reference:
-        _reference_log_probs(lm, tokenizer, forget, reference, accelerator, settings.batch_size)
+        # a second load, not a deepcopy: under ZeRO-3 the model in hand is only this shard
+        reference.copy = prepare_frozen(accelerator, load_model(model_dir, torch.float32)[0])
     if settings.gradient_checkpointing:
         # non-reentrant: gradients reach LoRA adapters and later layers with the inputs frozen
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -209,9 +210,14 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
     with atomic_directory(out, resumable=True, publish=main) as stage:
         progress = resume_progress(accelerator, stage, run_id)
         algorithm.load_state(progress.get("method_state", {}))
-        prepared = accelerator.prepare(lm)
-        trainable = sum(p.numel() for p in prepared.parameters() if p.requires_grad)
+        trainable = sum(numel(p) for p in lm.parameters() if p.requires_grad)
+        trainer = Trainer(accelerator, lm, plan, segments, stage,
+                          weight_decay=settings.weight_decay, max_grad_norm=settings.max_grad_norm)
+        prepared = trainer.model
         bare = accelerator.unwrap_model(prepared)  # parameter names without the DDP wrapper
+        if "forget_logprob" in algorithm.reference:  # before any step (or resumed checkpoint)
+            _reference_log_probs(prepared, tokenizer, forget, reference, accelerator,
+                                 settings.batch_size)
         keeper = (_Keeper(stage, "validation", _validation_loss(settings, tokenizer, accelerator),
                           writes=main) if settings.validation else None)
         stopper = (_StopAt(settings, tokenizer, lume, stage, seed, writes=main)
@@ -220,8 +226,6 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
         first_of_stage = {}
         for i, epoch in enumerate(plan):
             first_of_stage.setdefault(epoch.stage, i)
-        trainer = Trainer(accelerator, prepared, plan, segments, stage,
-                          weight_decay=settings.weight_decay, max_grad_norm=settings.max_grad_norm)
 
         def loss_fn(micro: list[Example]):
             batch = Batch.of(micro, tokenizer.pad_token_id, accelerator.device)
@@ -279,10 +283,11 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
             "best_epoch": best["epoch"] if best else None,
             "stop": stop_trail,
         }
+        weights = zero3_state_dict(accelerator, prepared)
         accelerator.wait_for_everyone()
         if main:
             remove_checkpoints(stage)
-            final.save_pretrained(stage)
+            final.save_pretrained(stage, state_dict=weights)
             tokenizer.save_pretrained(stage)
             write_json(stage / "run.json", record)
         accelerator.wait_for_everyone()
@@ -292,16 +297,32 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
 
 
 @torch.no_grad()
-def _reference_log_probs(lm, tokenizer, forget: list[Example], reference: Reference,
+def _reference_log_probs(model, tokenizer, forget: list[Example], reference: Reference,
                          accelerator, batch_size: int) -> None:
-    """Summed output-token NLL of each forget row under the original model, computed once."""
-    lm.to(accelerator.device).eval()
+    """Summed output-token NLL of each forget row under the original model, computed once by
+    every process (under ZeRO-3 each forward pass needs all of them)."""
+    model.eval()
     for i in range(0, len(forget), batch_size):
         chunk = forget[i:i + batch_size]
         batch = Batch.of(chunk, tokenizer.pad_token_id, accelerator.device)
         with accelerator.autocast():
-            sums = forward(lm, batch).nll_sum.tolist()
+            sums = forward(model, batch).nll_sum.tolist()
         reference.forget_nll_sum.update(zip(batch.rows, sums))
+    model.train()
+
+
+def _check_zero3(settings, eval_every: int) -> None:
+    """Refuse, before any work, what needs whole weights in one process mid-run: ZeRO-3 leaves
+    each process a shard (keeping a best step, merging LoRA). LoRA has no need of it: the
+    frozen base and a small trainable state fit where full fine-tuning would not."""
+    wanted = [name for name, on in (("lora=true", settings.lora),
+                                    ("validation=", settings.validation),
+                                    ("stop_at=", settings.stop_at),
+                                    ("eval_every", eval_every)) if on]
+    if wanted:
+        raise ValueError(f"{', '.join(wanted)}: not available under DeepSpeed ZeRO-3, which "
+                         f"shards the weights; launch with configs/accelerate/ddp.yaml or "
+                         f"fsdp.yaml, or drop the setting")
 
 
 class _Keeper:

@@ -19,7 +19,7 @@ import math
 import os
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import fmean
@@ -113,21 +113,25 @@ class NonFiniteLoss(FloatingPointError):
 
 class Trainer:
     """Runs a plan: ``loss_fn(micro_batch) -> (loss, tokens)`` for each micro-batch, one AdamW
-    step per plan step, checkpoints in ``stage_dir/checkpoint``."""
+    step per plan step, checkpoints in ``stage_dir/checkpoint``. Prepares ``model`` (with the
+    optimizer) for the accelerator: train ``trainer.model``."""
 
     def __init__(self, accelerator: Accelerator, model, plan: list[Epoch],
                  segments: list[Segment], stage_dir: Path, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), max_grad_norm: float = 1.0):
-        self.acc, self.model, self.plan, self.stage_dir = accelerator, model, plan, stage_dir
+        self.acc, self.plan, self.stage_dir = accelerator, plan, stage_dir
         self.max_grad_norm = max_grad_norm
-        self.params = [p for p in model.parameters() if p.requires_grad]
         # lr is set absolutely by the schedule (LambdaLR multiplies the base lr of 1)
-        optimizer = torch.optim.AdamW(self.params, lr=1.0, betas=betas,
-                                      weight_decay=weight_decay)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                      lr=1.0, betas=betas, weight_decay=weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, piecewise(segments))
-        # The scheduler is not prepared: accelerate would step it once per process per step,
+        # Model and optimizer are prepared together (DeepSpeed builds one engine of both). The
+        # scheduler is not prepared: accelerate would step it once per process per step,
         # running the schedule num_processes times too fast. It is checkpointed all the same.
-        self.optimizer, self.scheduler = accelerator.prepare(optimizer), scheduler
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.scheduler = scheduler
+        # clipped as prepared: FSDP swaps in sharded parameters
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
         accelerator.register_for_checkpointing(scheduler)
 
     def save(self, progress: dict) -> None:
@@ -175,6 +179,17 @@ class Trainer:
         mine = [(m, len(m) / rows) for m in micro_batches[rank::processes]]
         return mine + [(micro_batches[0], 0.0)] * (-(-len(micro_batches) // processes) - len(mine))
 
+    @contextmanager
+    def _accumulating(self):
+        """Backward passes inside only add to the gradients: no all-reduce (DDP), and no
+        optimizer step (DeepSpeed, which steps in ``backward`` unless told otherwise)."""
+        self.acc.gradient_state._set_sync_gradients(False)
+        try:
+            with self.acc.no_sync(self.model):
+                yield
+        finally:
+            self.acc.gradient_state._set_sync_gradients(True)
+
     def step(self, micro_batches: list, loss_fn, where: str) -> tuple[float, int]:
         """One optimizer step over the micro-batches; the loss of each is weighted by its share
         of the step's rows, so accumulation gives the gradient of the whole batch. Processes
@@ -187,7 +202,7 @@ class Trainer:
         for i, (micro, weight) in enumerate(mine):
             last = i == len(mine) - 1
             # gradients are all-reduced across processes once per step, not per micro-batch
-            with self.acc.no_sync(self.model) if not last else nullcontext():
+            with self._accumulating() if not last else nullcontext():
                 with self.acc.autocast():
                     loss, n = loss_fn(micro)
                 loss_sum = loss.detach() * weight

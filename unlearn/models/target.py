@@ -35,7 +35,7 @@ from ..evaluate.batching import length_sorted_batches, pad
 from ..evaluate.memorisation import score_rows, task_means
 from ..evaluate.mmlu import mmlu_accuracy
 from ..evaluate.nll import document_nll, token_stats
-from ..accel import make_accelerator
+from ..accel import make_accelerator, numel, zero3_state_dict
 from ..io import atomic_directory, write_json
 from ..training import (Epoch, NonFiniteLoss, Segment, Trainer, resume_progress,
                         remove_checkpoints)
@@ -197,7 +197,7 @@ def build_target(data: str | Path, out: str | Path, preset: str = "small",
     run_id = fingerprint(data_hash, asdict(settings), seed, str(init), oracle)
 
     set_seed(seed)
-    accelerator = make_accelerator(settings.precision)
+    accelerator = make_accelerator(settings.precision, micro_batch=settings.max_rows)
     started = time.perf_counter()
     main = accelerator.is_main_process  # in a distributed run, the one that writes files
     with atomic_directory(out, resumable=True, publish=main) as stage:
@@ -214,11 +214,11 @@ def build_target(data: str | Path, out: str | Path, preset: str = "small",
             tokenizer = load_tokenizer(stage)
             model = _new_model(tokenizer, settings)
         model.train()
-        model = accelerator.prepare(model)
         examples = _Examples(tokenizer, pairs, corpus, settings.max_len)
         plan = _plan(examples, settings, seed)
         trainer = Trainer(accelerator, model, plan, _segments(plan, settings), stage,
                           weight_decay=settings.weight_decay, betas=(0.9, 0.95))
+        model = trainer.model
         names = [e.name for e in plan]
         first_memorise = names.index("memorise") if "memorise" in names else len(plan)
         if "pretrain" not in names and mia_docs is not None and "after_pretrain" not in progress:
@@ -278,17 +278,18 @@ def build_target(data: str | Path, out: str | Path, preset: str = "small",
             "from_scratch": init is None or trained_from_scratch(init), "pretrain": str(pretrain) if pretrain else None,
             "mmlu": str(mmlu) if mmlu else None, "mia": str(mia) if mia else None,
             "settings": asdict(settings),
-            "parameters": sum(p.numel() for p in final.parameters()),
+            "parameters": sum(numel(p) for p in final.parameters()),
             "epochs": dict(Counter(r["name"] for r in history)),
             "train_seconds": seconds, "tokens": tokens, "tokens_per_second": tokens / seconds,
             "wall_seconds_this_run": time.perf_counter() - started,
             "after_pretrain": progress.get("after_pretrain"),
             "memorisation": summary, "history": history,
         }
+        weights = zero3_state_dict(accelerator, model)
         accelerator.wait_for_everyone()
         if main:
             remove_checkpoints(stage)
-            final.save_pretrained(stage)
+            final.save_pretrained(stage, state_dict=weights)
             tokenizer.save_pretrained(stage)
             write_json(stage / "target.json", record)
         accelerator.wait_for_everyone()
