@@ -20,7 +20,7 @@ import torch
 from accelerate.utils import set_seed
 from peft import LoraConfig, get_peft_model
 
-from .accel import make_accelerator, numel, prepare_frozen, zero3, zero3_state_dict
+from .accel import make_accelerator, numel, prepare_frozen, zero3
 from .data import load_lume, load_mia
 from .evaluate.lume import mia_auc, score_model
 from .evaluate.memorisation import score_rows
@@ -34,8 +34,7 @@ from .models.layers import (decoder_layers, is_attention, is_mlp, layer_indices,
                              resolve_projections)
 from .models.loading import load_model
 from .models.target import fingerprint, trained_from_scratch
-from .training import (Epoch, NonFiniteLoss, Segment, Trainer, resume_progress,
-                       remove_checkpoints)
+from .training import Epoch, NonFiniteLoss, Segment, Trainer, resume_progress, save_final
 
 
 def resolve_config(method: type[Method], model_dir: Path, profile: str = "auto",
@@ -283,14 +282,7 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
             "best_epoch": best["epoch"] if best else None,
             "stop": stop_trail,
         }
-        weights = zero3_state_dict(accelerator, prepared)
-        accelerator.wait_for_everyone()
-        if main:
-            remove_checkpoints(stage)
-            final.save_pretrained(stage, state_dict=weights)
-            tokenizer.save_pretrained(stage)
-            write_json(stage / "run.json", record)
-        accelerator.wait_for_everyone()
+        save_final(accelerator, prepared, final, tokenizer, stage, "run.json", record)
     if stopped:
         raise FloatingPointError(f"{method}: {stopped}, in {out}; lower lr= and rerun")
     return record

@@ -29,6 +29,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from .accel import zero3_state_dict
 from .io import write_json
 
 # Minutes between checkpoints (taken at the next epoch boundary); the environment may change it.
@@ -105,6 +106,21 @@ def resume_progress(accelerator: Accelerator, stage_dir: Path, run_id: str) -> d
 def remove_checkpoints(stage_dir: Path) -> None:
     for directory in [*_checkpoints(stage_dir), stage_dir / "checkpoint.new"]:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def save_final(accelerator: Accelerator, prepared, model, tokenizer, stage_dir: Path,
+               record_name: str, record: dict) -> None:
+    """Write the finished ``model`` (unwrapped from ``prepared``), its tokenizer and its record
+    into the staging directory in place of the checkpoints. Every process must call this:
+    under ZeRO-3 they all take part in gathering the weights; the main process writes."""
+    weights = zero3_state_dict(accelerator, prepared)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        remove_checkpoints(stage_dir)
+        model.save_pretrained(stage_dir, state_dict=weights)
+        tokenizer.save_pretrained(stage_dir)
+        write_json(stage_dir / record_name, record)
+    accelerator.wait_for_everyone()
 
 
 class NonFiniteLoss(FloatingPointError):

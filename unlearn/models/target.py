@@ -35,10 +35,9 @@ from ..evaluate.batching import length_sorted_batches, pad
 from ..evaluate.memorisation import score_rows, task_means
 from ..evaluate.mmlu import mmlu_accuracy
 from ..evaluate.nll import document_nll, token_stats
-from ..accel import make_accelerator, numel, zero3_state_dict
-from ..io import atomic_directory, write_json
-from ..training import (Epoch, NonFiniteLoss, Segment, Trainer, resume_progress,
-                        remove_checkpoints)
+from ..accel import make_accelerator, numel
+from ..io import atomic_directory
+from ..training import Epoch, NonFiniteLoss, Segment, Trainer, resume_progress, save_final
 from .loading import load_model, load_tokenizer
 from .presets import PRESETS, TargetPreset
 from .tokenizer import train_tokenizer
@@ -285,12 +284,5 @@ def build_target(data: str | Path, out: str | Path, preset: str = "small",
             "after_pretrain": progress.get("after_pretrain"),
             "memorisation": summary, "history": history,
         }
-        weights = zero3_state_dict(accelerator, model)
-        accelerator.wait_for_everyone()
-        if main:
-            remove_checkpoints(stage)
-            final.save_pretrained(stage, state_dict=weights)
-            tokenizer.save_pretrained(stage)
-            write_json(stage / "target.json", record)
-        accelerator.wait_for_everyone()
+        save_final(accelerator, model, final, tokenizer, stage, "target.json", record)
     return record
