@@ -36,10 +36,13 @@ def main() -> None:
     p.add_argument("--mmlu", default=None, help="general-knowledge questions to learn alongside")
     p.add_argument("--oracle", action="store_true",
                    help="build the oracle instead: the same recipe on the retain rows only")
+    p.add_argument("--tag", default="", help="suffix for the output and results names, to keep "
+                   "a variant beside the recipe's own figures")
     p.add_argument("settings", nargs="*", metavar="key=value")
     args = p.parse_intermixed_args()
     recipe = RECIPES[args.recipe]
-    name = f"target-{args.recipe}-{args.preset}" + ("-oracle" if args.oracle else "")
+    name = f"target-{args.recipe}-{args.preset}" + ("-oracle" if args.oracle else "") + (
+        f"-{args.tag}" if args.tag else "")
     out = Path(args.out) / name
     started = time.perf_counter()
     record = unlearn.build_target(recipe["data"], out, preset=args.preset,
@@ -49,6 +52,16 @@ def main() -> None:
                                      **dict(s.split("=", 1) for s in args.settings)})
     wall = time.perf_counter() - started
     mem = record["memorisation"]
+    checks, elapsed = [], 0.0
+    for r in record["history"]:
+        elapsed += r["seconds"]
+        if "memorised" in r:
+            checks.append({"epoch": r["epoch"], "train_minutes": round(elapsed / 60, 2),
+                           **{k: r[k] for k in ("memorised", "answer_loss", "nonmember_nll")
+                              if k in r}})
+    for c in checks:
+        print("  check " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                     for k, v in c.items()))
     print(f"\n{args.recipe}: {record['parameters']:,} parameters, epochs {record['epochs']}, "
           f"wall {wall / 60:.1f} min, {record['tokens_per_second']:.0f} tokens/s")
     for split in ("forget", "retain"):
@@ -68,7 +81,7 @@ def main() -> None:
     results = Path(__file__).parent / "results"
     results.mkdir(exist_ok=True)
     summary = {k: v for k, v in record.items() if k != "history"}
-    summary.update(wall_seconds=wall, worst_regurgitation=sc, worst_knowledge=qa)
+    summary.update(wall_seconds=wall, worst_regurgitation=sc, worst_knowledge=qa, checks=checks)
     (results / f"{name}.json").write_text(json.dumps(summary, indent=2))
 
 

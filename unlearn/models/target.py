@@ -241,6 +241,10 @@ def build_target(data: str | Path, out: str | Path, preset: str = "small",
                 losses, exact = token_stats(accelerator.unwrap_model(model), examples.seqs,
                                             examples.starts, tokenizer.pad_token_id,
                                             desc="check")
+                if mia_docs is not None:  # how far unseen text has drifted so far
+                    record["nonmember_nll"] = fmean(document_nll(
+                        accelerator.unwrap_model(model), tokenizer,
+                        [d.document for d in mia_docs.nonmember], desc="non-members"))
             finally:
                 model.train()
             record["memorised"] = fmean(exact)
