@@ -161,10 +161,14 @@ def _new_model(tokenizer, preset: TargetPreset) -> OlmoForCausalLM:
     return OlmoForCausalLM(config)
 
 
+def _mean_nll(model, tokenizer, docs, desc: str) -> float:
+    return fmean(document_nll(model, tokenizer, [d.document for d in docs], desc=desc))
+
+
 def _mia_means(model, tokenizer, mia) -> dict[str, float] | None:
     if mia is None:
         return None
-    return {name: fmean(document_nll(model, tokenizer, [d.document for d in docs], desc=name))
+    return {name: _mean_nll(model, tokenizer, docs, name)
             for name, docs in (("member_nll", mia.member), ("nonmember_nll", mia.nonmember))}
 
 
@@ -218,12 +222,12 @@ def build_target(data: str | Path, out: str | Path, preset: str = "small",
         trainer = Trainer(accelerator, model, plan, _segments(plan, settings), stage,
                           weight_decay=settings.weight_decay, betas=(0.9, 0.95))
         model = trainer.model
+        bare = accelerator.unwrap_model(model)  # the module itself, for measuring and saving
         names = [e.name for e in plan]
         first_memorise = names.index("memorise") if "memorise" in names else len(plan)
         if "pretrain" not in names and mia_docs is not None and "after_pretrain" not in progress:
             # fine-tuning a pretrained model (init): its own non-member loss is the baseline
-            progress["after_pretrain"] = _mia_means(accelerator.unwrap_model(model), tokenizer,
-                                                    mia_docs)
+            progress["after_pretrain"] = _mia_means(bare, tokenizer, mia_docs)
 
         def after_epoch(index: int, record: dict) -> bool:
             """Measure non-members once pretraining ends; stop once every row is memorised."""
@@ -233,18 +237,15 @@ def build_target(data: str | Path, out: str | Path, preset: str = "small",
             model.eval()
             try:
                 if last_pretrain and mia_docs is not None:
-                    progress["after_pretrain"] = _mia_means(accelerator.unwrap_model(model),
-                                                            tokenizer, mia_docs)
+                    progress["after_pretrain"] = _mia_means(bare, tokenizer, mia_docs)
                 memorise_epoch = index - first_memorise
                 if phase != "memorise" or (memorise_epoch + 1) % settings.check_every:
                     return False
-                losses, exact = token_stats(accelerator.unwrap_model(model), examples.seqs,
-                                            examples.starts, tokenizer.pad_token_id,
-                                            desc="check")
+                losses, exact = token_stats(bare, examples.seqs, examples.starts,
+                                            tokenizer.pad_token_id, desc="check")
                 if mia_docs is not None:  # how far unseen text has drifted so far
-                    record["nonmember_nll"] = fmean(document_nll(
-                        accelerator.unwrap_model(model), tokenizer,
-                        [d.document for d in mia_docs.nonmember], desc="non-members"))
+                    record["nonmember_nll"] = _mean_nll(bare, tokenizer, mia_docs.nonmember,
+                                                        "non-members")
             finally:
                 model.train()
             record["memorised"] = fmean(exact)
@@ -260,17 +261,16 @@ def build_target(data: str | Path, out: str | Path, preset: str = "small",
                 f"resumes from the last checkpoint in {stage}") from e
         trainer.save(progress)  # the finished weights, should evaluation below be interrupted
 
-        final = accelerator.unwrap_model(model)
-        final.eval()
-        final.generation_config.pad_token_id = tokenizer.pad_token_id
-        final.generation_config.eos_token_id = tokenizer.eos_token_id
-        summary = {split: task_means(rows, score_rows(final, tokenizer, rows))
+        bare.eval()
+        bare.generation_config.pad_token_id = tokenizer.pad_token_id
+        bare.generation_config.eos_token_id = tokenizer.eos_token_id
+        summary = {split: task_means(rows, score_rows(bare, tokenizer, rows))
                    for split, rows in (("forget", lume.forget), ("retain", lume.retain))
                    if "memorise" in names}  # a base has memorised nothing: no need to look
         if questions:
-            summary["mmlu_accuracy"] = mmlu_accuracy(final, tokenizer, questions)
+            summary["mmlu_accuracy"] = mmlu_accuracy(bare, tokenizer, questions)
         if mia_docs is not None:
-            summary["mia"] = _mia_means(final, tokenizer, mia_docs)
+            summary["mia"] = _mia_means(bare, tokenizer, mia_docs)
         history = progress["history"]
         tokens = sum(r["tokens"] for r in history)
         seconds = sum(r["seconds"] for r in history)
@@ -281,12 +281,12 @@ def build_target(data: str | Path, out: str | Path, preset: str = "small",
             "from_scratch": init is None or trained_from_scratch(init), "pretrain": str(pretrain) if pretrain else None,
             "mmlu": str(mmlu) if mmlu else None, "mia": str(mia) if mia else None,
             "settings": asdict(settings),
-            "parameters": sum(numel(p) for p in final.parameters()),
+            "parameters": sum(numel(p) for p in bare.parameters()),
             "epochs": dict(Counter(r["name"] for r in history)),
             "train_seconds": seconds, "tokens": tokens, "tokens_per_second": tokens / seconds,
             "wall_seconds_this_run": time.perf_counter() - started,
             "after_pretrain": progress.get("after_pretrain"),
             "memorisation": summary, "history": history,
         }
-        save_final(accelerator, model, final, tokenizer, stage, "target.json", record)
+        save_final(accelerator, model, bare, tokenizer, stage, "target.json", record)
     return record
