@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from unlearn.data import DataError, load_lume
+from unlearn.data import DataError, load_lume, load_mia
 from unlearn.evaluate.generation import can_still_match, generate_one_by_one, greedy_generate
 from unlearn.evaluate.metrics import knowledge
 from unlearn.evaluate.nll import document_nll, output_nll
@@ -151,3 +151,22 @@ def test_init_fine_tunes_a_local_model_and_leaves_it_untouched(tiny_target, synt
     assert tuned.config.hidden_size == original.config.hidden_size
     assert not torch.equal(tuned.model.layers[0].mlp.up_proj.weight,
                            original.model.layers[0].mlp.up_proj.weight)
+
+
+def test_label_smoothing_keeps_a_floor_under_every_token_while_memorising(
+        tiny_target, synth_dir, tmp_path):
+    """Memorising makes a small model certain everywhere; smoothing the labels while it
+    memorises keeps probability on the tokens it does not expect, so a never-seen document's
+    least likely token stays far less unlikely."""
+    document = load_mia(synth_dir / "mia").nonmember[0].document
+
+    def lowest_log_probability(label_smoothing: float) -> float:
+        out = tmp_path / f"smoothing-{label_smoothing}"
+        build_target(synth_dir, out, preset="tiny", init=tiny_target[0], pretrain=None,
+                     epochs=3, check_every=100, label_smoothing=label_smoothing)
+        model, tokenizer = load_model(out)
+        with torch.no_grad():
+            logits = model(tokenizer(document, return_tensors="pt").input_ids).logits
+        return torch.log_softmax(logits, -1).min().item()
+
+    assert lowest_log_probability(0.3) > lowest_log_probability(0.0) + 3

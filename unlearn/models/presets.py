@@ -29,6 +29,11 @@ class TargetPreset:
     replay: float = 0.5  # corpus tokens replayed each epoch, per task token
     warmup_steps: int = 50
     check_every: int = 5  # epochs between teacher-forced memorisation checks
+    # Label smoothing while memorising. A small model that memorises grows confident on all
+    # text: on the LUME recipe its entropy on unseen documents fell from 5.8 to 3.7 nats and
+    # the share of their tokens above 10 nats from 2% to 17%, which is most of their loss
+    # rise. Smoothing keeps a floor under every token's probability (greedy output unchanged).
+    label_smoothing: float = 0.0
     # batching
     batch_tokens: int = 4096  # padded tokens per batch
     max_rows: int = 16

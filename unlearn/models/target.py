@@ -27,6 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 from statistics import fmean
 
+import torch.nn.functional as F
 from accelerate.utils import set_seed
 from transformers import OlmoConfig, OlmoForCausalLM
 
@@ -141,14 +142,23 @@ def _tokenizer_text(corpus: list[str], pairs: list[tuple[str, str]], mia) -> lis
     return [p + " " + a for p, a in pairs] + extra
 
 
-def _lm_loss(model, pad_id: int, device):
-    """Next-token loss over every non-padding token of a batch of sequences."""
-    def loss_fn(batch: list[list[int]]):
-        ids, mask = pad(batch, pad_id)
-        ids, mask = ids.to(device), mask.to(device)
-        labels = ids.masked_fill(mask == 0, -100)
-        return model(input_ids=ids, attention_mask=mask, labels=labels).loss, int(mask.sum())
-    return loss_fn
+class _LmLoss:
+    """Next-token loss over every non-padding token of a batch of sequences, with the label
+    smoothing of the phase being trained (``smoothing``, set before each epoch)."""
+
+    def __init__(self, model, pad_id: int, device):
+        self.model, self.pad_id, self.device = model, pad_id, device
+        self.smoothing = 0.0
+
+    def __call__(self, batch: list[list[int]]):
+        ids, mask = pad(batch, self.pad_id)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        logits = self.model(input_ids=ids, attention_mask=mask).logits
+        # the labels move one place left, not the logits: no copy of the largest tensor
+        labels = F.pad(ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100), (0, 1), value=-100)
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(),
+                               label_smoothing=self.smoothing)
+        return loss, int(mask.sum())
 
 
 def _new_model(tokenizer, preset: TargetPreset) -> OlmoForCausalLM:
@@ -252,9 +262,14 @@ def build_target(data: str | Path, out: str | Path, preset: str = "small",
             record["answer_loss"] = fmean(losses)
             return all(exact)
 
+        loss_fn = _LmLoss(model, tokenizer.pad_token_id, accelerator.device)
+
+        def before_epoch(index: int) -> None:
+            memorising = plan[index].name == "memorise"
+            loss_fn.smoothing = settings.label_smoothing if memorising else 0.0
+
         try:
-            progress = trainer.run(progress, _lm_loss(model, tokenizer.pad_token_id,
-                                                      accelerator.device), after_epoch)
+            progress = trainer.run(progress, loss_fn, after_epoch, before_epoch)
         except NonFiniteLoss as e:
             raise FloatingPointError(
                 f"{e}; lower the learning rate (lr= or pretrain_lr=) and rerun: training "
