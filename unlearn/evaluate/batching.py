@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+IGNORE = -100  # the label of a token no loss is taken on (torch's cross_entropy default)
+
 
 def length_sorted_batches(lengths: list[int], max_tokens: int, max_rows: int) -> list[list[int]]:
     """Indices grouped so rows of similar length share a batch of at most ``max_tokens`` padded

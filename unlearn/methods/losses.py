@@ -9,9 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..evaluate.batching import pad
-
-IGNORE = -100
+from ..evaluate.batching import IGNORE, pad
 
 
 @dataclass

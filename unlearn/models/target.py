@@ -32,7 +32,7 @@ from accelerate.utils import set_seed
 from transformers import OlmoConfig, OlmoForCausalLM
 
 from ..data import load_corpus, load_lume, load_mia, load_mmlu
-from ..evaluate.batching import length_sorted_batches, pad
+from ..evaluate.batching import IGNORE, length_sorted_batches, pad
 from ..evaluate.memorisation import score_rows, task_means
 from ..evaluate.mmlu import mmlu_accuracy
 from ..evaluate.nll import document_nll, token_stats
@@ -155,7 +155,7 @@ class _LmLoss:
         ids, mask = ids.to(self.device), mask.to(self.device)
         logits = self.model(input_ids=ids, attention_mask=mask).logits
         # the labels move one place left, not the logits: no copy of the largest tensor
-        labels = F.pad(ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100), (0, 1), value=-100)
+        labels = F.pad(ids[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE), (0, 1), value=IGNORE)
         loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(),
                                label_smoothing=self.smoothing)
         return loss, int(mask.sum())
