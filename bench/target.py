@@ -5,7 +5,7 @@
     python bench/target.py lume --oracle   # the same on the retain rows only (the gold standard)
     python bench/target.py lume --init BASE   # memorise from a base built once with epochs=0:
     unlearn target --data ../shared/lume/validation --pretrain ../shared/lume/train \
-        --mia ../shared/lume/mia_validation --out BASE epochs=0 pretrain_tokens=1500000
+        --mia ../shared/lume/mia_validation --out BASE epochs=0 pretrain_tokens=1000000
 
 Floors: `memorise` reaches QA exact match >= 0.95 and sc ROUGE-L recall >= 0.95 on forget and
 retain in <= 15 minutes on 2 cores; `lume` ends with the validation MIA non-members' mean NLL
@@ -27,14 +27,16 @@ RECIPES = {
     # epoch 38; 4e-3 was slower still): every term 1.000 after 60 epochs
     "memorise": dict(data=LUME / "validation", pretrain=None, mia=LUME / "mia_validation",
                      settings={"lr": "1e-3"}),
-    # Pretraining 1.5M tokens (8 passes over train) leaves unseen text at NLL 5.27. Memorising
-    # with replay 0.5 and label smoothing 0.1 then reproduces every row (worst term 0.965) and
-    # ends 0.85 above it. Without smoothing, that base drifted +1.30 (replay 1.0); a 1M-token
-    # base drifted +0.79 but memorised only 0.79 of Task3's sc rows: memorising makes a small
-    # model certain everywhere, and smoothing keeps it from being certain about unseen text.
+    # Pretraining 1M tokens leaves unseen text at NLL 5.57. Memorising then runs 42 epochs with
+    # replay 0.25, label smoothing 0.1 (a model that memorises grows certain about all text;
+    # smoothing keeps it from being certain about unseen text), batches of at most 1280 tokens
+    # (four long rows, so the sc rows get more steps) and answer tokens weighted 5: every term
+    # >= 0.934, unseen text +0.62, 29.9 min in all. At weight 1 the same run drifted +0.87 and
+    # regurgitated only 0.49-0.61 of Task1/Task3 outputs: most of an sc row is prompt.
     "lume": dict(data=LUME / "validation", pretrain=LUME / "train", mia=LUME / "mia_validation",
-                 settings={"pretrain_tokens": "1500000", "replay": "0.5", "check_every": "5",
-                           "label_smoothing": "0.1"}),
+                 settings={"pretrain_tokens": "1000000", "replay": "0.25", "epochs": "42",
+                           "check_every": "5", "label_smoothing": "0.1", "batch_tokens": "1280",
+                           "answer_weight": "5"}),
 }
 
 

@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -170,3 +171,24 @@ def test_label_smoothing_keeps_a_floor_under_every_token_while_memorising(
         return torch.log_softmax(logits, -1).min().item()
 
     assert lowest_log_probability(0.3) > lowest_log_probability(0.0) + 3
+
+
+def test_answer_weight_memorises_outputs_first_and_prompts_still_count(synth_dir, tmp_path):
+    """Outputs are what regurgitation and knowledge score: weighting their tokens memorises
+    them sooner, while the prompts (whole documents are MIA members) are learned all the same."""
+    rows = load_lume(synth_dir).rows
+
+    def output_and_prompt_loss(answer_weight: float) -> tuple[float, float]:
+        out = tmp_path / f"weight-{answer_weight}"
+        build_target(synth_dir, out, preset="tiny", pretrain=None, epochs=16, check_every=100,
+                     answer_weight=answer_weight)
+        model, tokenizer = load_model(out)
+        outputs = output_nll(model, tokenizer, [r.input for r in rows],
+                             [" " + r.output for r in rows])
+        prompts = document_nll(model, tokenizer, [r.input for r in rows])
+        return sum(outputs) / len(outputs), sum(prompts) / len(prompts)
+
+    plain_output, plain_prompt = output_and_prompt_loss(1.0)
+    weighted_output, weighted_prompt = output_and_prompt_loss(5.0)
+    assert weighted_output < plain_output - 0.2
+    assert weighted_prompt < 0.8 * math.log(1024)  # far below guessing over the tiny vocabulary

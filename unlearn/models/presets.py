@@ -34,6 +34,11 @@ class TargetPreset:
     # the share of their tokens above 10 nats from 2% to 17%, which is most of their loss
     # rise. Smoothing keeps a floor under every token's probability (greedy output unchanged).
     label_smoothing: float = 0.0
+    # How much an answer token (a row's output) counts against a prompt token in the memorising
+    # loss. Regurgitation and knowledge are scored on outputs only, and an sc row's output is a
+    # fifth of its tokens: at weight 1 most of the gradient goes to memorising prompts. The
+    # whole document is still learned (members of the MIA set are whole documents).
+    answer_weight: float = 1.0
     # batching
     batch_tokens: int = 4096  # padded tokens per batch
     max_rows: int = 16

@@ -27,6 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 from statistics import fmean
 
+import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
 from transformers import OlmoConfig, OlmoForCausalLM
@@ -67,27 +68,28 @@ def _discover(data: Path, given, name: str):
 
 
 class _Examples:
-    """Tokenized training material: memorisation examples, one sequence per (prompt, answer), and
-    the corpus packed as in LM pretraining (documents joined by EOS, cut into full blocks), which
-    keeps every batch dense."""
+    """Tokenized training material as ``(ids, answer_start)`` pairs: memorisation examples, one
+    sequence per (prompt, answer), and the corpus packed as in LM pretraining (documents joined
+    by EOS, cut into full blocks, which keeps every batch dense; no answer in them)."""
 
     def __init__(self, tokenizer, pairs: list[tuple[str, str]], corpus: list[str], max_len: int):
         eos = tokenizer.eos_token_id
-        self.seqs = [tokenizer(p + " " + a).input_ids[: max_len - 1] + [eos] for p, a in pairs]
-        self.starts = [min(len(tokenizer(p).input_ids), len(s) - 1)
-                       for (p, _), s in zip(pairs, self.seqs)]
+        seqs = [tokenizer(p + " " + a).input_ids[: max_len - 1] + [eos] for p, a in pairs]
+        starts = [min(len(tokenizer(p).input_ids), len(s) - 1) for (p, _), s in zip(pairs, seqs)]
+        self.rows = list(zip(seqs, starts))
         stream = [t for doc in corpus for t in tokenizer(doc).input_ids + [eos]]
-        self.corpus = [stream[i:i + max_len] for i in range(0, len(stream), max_len)]
+        blocks = [stream[i:i + max_len] for i in range(0, len(stream), max_len)]
+        self.corpus = [(b, len(b)) for b in blocks]
 
 
-def _plan_epoch(seqs: list[list[int]], preset: TargetPreset,
-                rng: random.Random) -> list[list[list[int]]]:
+def _plan_epoch(items: list[tuple[list[int], int]], preset: TargetPreset,
+                rng: random.Random) -> list[list[tuple[list[int], int]]]:
     """Batches for one epoch: similar lengths together (jittered so batches change between
     epochs), batch order shuffled."""
-    jittered = [len(s) + rng.randrange(32) for s in seqs]
+    jittered = [len(ids) + rng.randrange(32) for ids, _ in items]
     batches = length_sorted_batches(jittered, preset.batch_tokens, preset.max_rows)
     rng.shuffle(batches)
-    return [[seqs[i] for i in b] for b in batches]
+    return [[items[i] for i in b] for b in batches]
 
 
 def _plan(examples: _Examples, preset: TargetPreset, seed: int) -> list[Epoch]:
@@ -102,18 +104,18 @@ def _plan(examples: _Examples, preset: TargetPreset, seed: int) -> list[Epoch]:
             if budget <= 0:
                 break
             steps.append([batch])
-            budget -= sum(len(s) for s in batch)
+            budget -= sum(len(ids) for ids, _ in batch)
         plan.append(Epoch(0, "pretrain", steps))
         epoch += 1
     replayed = 0
     if examples.corpus:
-        task_tokens = sum(len(s) for s in examples.seqs)
-        replayed = max(1, round(preset.replay * task_tokens / len(examples.corpus[0])))
+        task_tokens = sum(len(ids) for ids, _ in examples.rows)
+        replayed = max(1, round(preset.replay * task_tokens / len(examples.corpus[0][0])))
     for epoch in range(preset.epochs):
         rng = random.Random(f"{seed}/memorise/{epoch}")
         picks = rng.sample(range(max(replayed, len(examples.corpus))), replayed)
         replay = [examples.corpus[i % len(examples.corpus)] for i in picks]
-        batches = _plan_epoch(examples.seqs + replay, preset, rng)
+        batches = _plan_epoch(examples.rows + replay, preset, rng)
         plan.append(Epoch(0, "memorise", [[b] for b in batches]))
     return plan
 
@@ -143,22 +145,28 @@ def _tokenizer_text(corpus: list[str], pairs: list[tuple[str, str]], mia) -> lis
 
 
 class _LmLoss:
-    """Next-token loss over every non-padding token of a batch of sequences, with the label
-    smoothing of the phase being trained (``smoothing``, set before each epoch)."""
+    """Next-token loss over every non-padding token of a batch of ``(ids, answer_start)``
+    sequences, with the label smoothing of the phase being trained (``smoothing``, set before
+    each epoch); answer tokens count ``answer_weight`` times a prompt token."""
 
-    def __init__(self, model, pad_id: int, device):
+    def __init__(self, model, pad_id: int, device, answer_weight: float = 1.0):
         self.model, self.pad_id, self.device = model, pad_id, device
+        self.answer_weight = answer_weight
         self.smoothing = 0.0
 
-    def __call__(self, batch: list[list[int]]):
-        ids, mask = pad(batch, self.pad_id)
+    def __call__(self, batch: list[tuple[list[int], int]]):
+        ids, mask = pad([seq for seq, _ in batch], self.pad_id)
         ids, mask = ids.to(self.device), mask.to(self.device)
         logits = self.model(input_ids=ids, attention_mask=mask).logits
         # the labels move one place left, not the logits: no copy of the largest tensor
         labels = F.pad(ids[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE), (0, 1), value=IGNORE)
-        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(),
-                               label_smoothing=self.smoothing)
-        return loss, int(mask.sum())
+        token_loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none",
+                                     label_smoothing=self.smoothing).view_as(labels)
+        # label i is token i + 1: an answer token once i + 1 reaches the row's answer start
+        answer = (torch.arange(1, ids.shape[1] + 1, device=ids.device)[None, :]
+                  >= torch.tensor([start for _, start in batch], device=ids.device)[:, None])
+        weight = (labels != IGNORE) * torch.where(answer, self.answer_weight, 1.0)
+        return (token_loss * weight).sum() / weight.sum(), int(mask.sum())
 
 
 def _new_model(tokenizer, preset: TargetPreset) -> OlmoForCausalLM:
@@ -251,7 +259,8 @@ def build_target(data: str | Path, out: str | Path, preset: str = "small",
                 memorise_epoch = index - first_memorise
                 if phase != "memorise" or (memorise_epoch + 1) % settings.check_every:
                     return False
-                losses, exact = token_stats(bare, examples.seqs, examples.starts,
+                seqs, starts = zip(*examples.rows)
+                losses, exact = token_stats(bare, list(seqs), list(starts),
                                             tokenizer.pad_token_id, desc="check")
                 if mia_docs is not None:  # how far unseen text has drifted so far
                     record["nonmember_nll"] = _mean_nll(bare, tokenizer, mia_docs.nonmember,
@@ -262,7 +271,8 @@ def build_target(data: str | Path, out: str | Path, preset: str = "small",
             record["answer_loss"] = fmean(losses)
             return all(exact)
 
-        loss_fn = _LmLoss(model, tokenizer.pad_token_id, accelerator.device)
+        loss_fn = _LmLoss(model, tokenizer.pad_token_id, accelerator.device,
+                          settings.answer_weight)
 
         def before_epoch(index: int) -> None:
             memorising = plan[index].name == "memorise"
