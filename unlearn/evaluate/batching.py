@@ -34,3 +34,9 @@ def pad(seqs: list[list[int]], pad_id: int, left: bool = False) -> tuple[torch.T
         mask[row, span] = 1
     return ids, mask
 
+
+def from_start(starts: list[int], width: int, device, first: int = 0) -> torch.Tensor:
+    """A ``(rows, width)`` mask whose column ``j`` stands for token ``first + j``: true once that
+    token reaches its row's start (the output tokens, when ``starts`` are where outputs begin)."""
+    positions = torch.arange(first, first + width, device=device)
+    return positions[None, :] >= torch.tensor(starts, device=device)[:, None]

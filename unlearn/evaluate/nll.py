@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .batching import length_sorted_batches, pad
+from .batching import from_start, length_sorted_batches, pad
 
 
 @torch.no_grad()
@@ -26,9 +26,8 @@ def token_stats(model, seqs: list[list[int]], first_scored: list[int], pad_id: i
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
         targets = ids[:, 1:]
         token_loss = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-        positions = torch.arange(1, ids.shape[1], device=ids.device)
-        starts = torch.tensor([max(first_scored[i], 1) for i in batch], device=ids.device)
-        scored = (positions[None, :] >= starts[:, None]) & mask[:, 1:].bool()
+        starts = [max(first_scored[i], 1) for i in batch]
+        scored = from_start(starts, ids.shape[1] - 1, ids.device, first=1) & mask[:, 1:].bool()
         means = (token_loss * scored).sum(1) / scored.sum(1).clamp(min=1)
         wrong = ((logits.argmax(-1) != targets) & scored).any(1)
         for i, value, miss in zip(batch, means.tolist(), wrong.tolist()):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..evaluate.batching import IGNORE, pad
+from ..evaluate.batching import IGNORE, from_start, pad
 
 
 @dataclass
@@ -26,9 +26,8 @@ class Batch:
     @classmethod
     def of(cls, examples: list, pad_id: int, device) -> "Batch":
         ids, mask = pad([list(e.ids) for e in examples], pad_id)
-        labels = ids.masked_fill(mask == 0, IGNORE)
-        for i, e in enumerate(examples):
-            labels[i, :e.start] = IGNORE
+        prompt = ~from_start([e.start for e in examples], ids.shape[1], ids.device)
+        labels = ids.masked_fill((mask == 0) | prompt, IGNORE)
         forget = torch.tensor([e.forget for e in examples], dtype=torch.bool)
         return cls(ids.to(device), mask.to(device), labels.to(device), forget.to(device),
                    [e.row for e in examples])

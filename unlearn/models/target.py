@@ -33,7 +33,7 @@ from accelerate.utils import set_seed
 from transformers import OlmoConfig, OlmoForCausalLM
 
 from ..data import load_corpus, load_lume, load_mia, load_mmlu
-from ..evaluate.batching import IGNORE, length_sorted_batches, pad
+from ..evaluate.batching import IGNORE, from_start, length_sorted_batches, pad
 from ..evaluate.memorisation import score_rows, task_means
 from ..evaluate.mmlu import mmlu_accuracy
 from ..evaluate.nll import document_nll, token_stats
@@ -163,8 +163,7 @@ class _LmLoss:
         token_loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none",
                                      label_smoothing=self.smoothing).view_as(labels)
         # label i is token i + 1: an answer token once i + 1 reaches the row's answer start
-        answer = (torch.arange(1, ids.shape[1] + 1, device=ids.device)[None, :]
-                  >= torch.tensor([start for _, start in batch], device=ids.device)[:, None])
+        answer = from_start([start for _, start in batch], ids.shape[1], ids.device, first=1)
         weight = (labels != IGNORE) * torch.where(answer, self.answer_weight, 1.0)
         return (token_loss * weight).sum() / weight.sum(), int(mask.sum())
 
