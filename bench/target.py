@@ -35,7 +35,8 @@ RECIPES = {
     # replay 0.25, label smoothing 0.1 (a model that memorises grows certain about all text;
     # smoothing keeps it from being certain about unseen text), batches of at most 1280 tokens
     # (four long rows, so the sc rows get more steps) and answer tokens weighted 5: every term
-    # >= 0.934, unseen text +0.62, 29.9 min in all. At weight 1 the same run drifted +0.87 and
+    # >= 0.934, unseen text +0.62, 26.9 min in all with the base built in the same run (2,429
+    # tok/s; 29.9 min on a slower day). At weight 1 the same run drifted +0.87 and
     # regurgitated only 0.49-0.61 of Task1/Task3 outputs: most of an sc row is prompt.
     "lume": dict(data=LUME / "validation", pretrain=LUME / "train", mia=LUME / "mia_validation",
                  base={"pretrain_tokens": "1000000", "epochs": "0"},
