@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -7,6 +8,7 @@ import torch.nn.functional as F
 
 from unlearn.data import DataError, load_lume, load_mia
 from unlearn.evaluate import audit
+from unlearn.evaluate import lume as lume_eval
 from unlearn.evaluate.lume import evaluate
 from unlearn.models import ModelError, load_model
 
@@ -69,30 +71,70 @@ def test_eval_with_audit_writes_a_report_and_compares_with_before(tiny_target, s
     assert saved["audit"]["pii"] == first["audit"]["pii"]
 
 
-def test_resume_reuses_finished_generations(tiny_target, synth_dir, tmp_path):
+def _interrupt_after_first_chunk(monkeypatch, model, data, out, **kw):
+    """Run an evaluation that is interrupted once its first 4 generations are recorded, and
+    mark those records (their text becomes "\rreused\r") so that reuse shows."""
+    monkeypatch.setattr(lume_eval, "GENERATION_CHUNK", 4)
+    real, calls = lume_eval.greedy_generate, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lume_eval, "greedy_generate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(model, data, out, **kw)
+    monkeypatch.setattr(lume_eval, "greedy_generate", real)
+    partial = out.parent / f".{out.name}.partial" / "generations.partial.jsonl"
+    header, *records = partial.read_text().splitlines()
+    records = [json.loads(line) for line in records]
+    assert len(records) == 4
+    partial.write_text("\n".join([header] + [json.dumps({**r, "text": "\rreused\r"})
+                                            for r in records]) + "\n")
+    return {r["id"] for r in records}
+
+
+def _reused(out) -> set[str]:
+    lines = (out / "generations.jsonl").read_text().splitlines()
+    return {r["id"] for r in map(json.loads, lines) if r["model_output"] == "\rreused\r"}
+
+
+def test_resume_reuses_generations_of_the_same_model_data_and_settings(
+        tiny_target, synth_dir, tmp_path, monkeypatch):
     out = tmp_path / "e"
-    row = load_lume(synth_dir).forget[0]
-    work = tmp_path / ".e.partial"
-    work.mkdir()
-    record = {"split": "forget", "id": row.id, "text": "\rreused\r", "new_tokens": 2,
-              "stopped_early": False}
-    (work / "generations.partial.jsonl").write_text(json.dumps(record) + "\n{\"trunc")
+    recorded = _interrupt_after_first_chunk(monkeypatch, tiny_target[0], synth_dir, out,
+                                            max_new_tokens=16)
     evaluate(tiny_target[0], synth_dir, out, max_new_tokens=16, resume=True)
-    first = json.loads((out / "generations.jsonl").read_text().splitlines()[0])
-    assert first["id"] == row.id and first["model_output"] == "\rreused\r"
-    assert not work.exists()
-    work.mkdir()
-    (work / "generations.partial.jsonl").write_text(json.dumps(record) + "\n")
-    evaluate(tiny_target[0], synth_dir, out, max_new_tokens=16)  # no resume: start afresh
-    first = json.loads((out / "generations.jsonl").read_text().splitlines()[0])
-    assert first["model_output"] != "\rreused\r"
+    assert _reused(out) == recorded
+    assert not (tmp_path / ".e.partial").exists()
+    recorded = _interrupt_after_first_chunk(monkeypatch, tiny_target[0], synth_dir, out,
+                                            max_new_tokens=16)
+    evaluate(tiny_target[0], synth_dir, out, max_new_tokens=16)  # no --resume: start afresh
+    assert _reused(out) == set()
+
+
+def test_resume_never_reuses_generations_of_another_model_or_setting(
+        tiny_target, synth_dir, tmp_path, monkeypatch):
+    other = tmp_path / "copy"
+    shutil.copytree(tiny_target[0], other)
+    out = tmp_path / "e"
+    _interrupt_after_first_chunk(monkeypatch, tiny_target[0], synth_dir, out, max_new_tokens=16)
+    evaluate(other, synth_dir, out, max_new_tokens=16, resume=True)
+    assert _reused(out) == set()
+    _interrupt_after_first_chunk(monkeypatch, tiny_target[0], synth_dir, tmp_path / "f",
+                                 max_new_tokens=16)
+    evaluate(tiny_target[0], synth_dir, tmp_path / "f", max_new_tokens=8, resume=True)
+    assert _reused(tmp_path / "f") == set()
 
 
 def test_bad_inputs_fail_with_one_clear_error(tiny_target, synth_dir, tmp_path):
+    (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no forget"):
-        evaluate(tiny_target[0], tmp_path, tmp_path / "x")
+        evaluate(tiny_target[0], tmp_path / "empty", tmp_path / "x")
     with pytest.raises(ModelError, match="no config.json"):
         evaluate(synth_dir, synth_dir, tmp_path / "x")
     with pytest.raises(ValueError, match="results.json: not found"):
-        evaluate(tiny_target[0], synth_dir, tmp_path / "x", before=tmp_path)
+        evaluate(tiny_target[0], synth_dir, tmp_path / "x", before=tmp_path / "empty")
     assert not (tmp_path / "x").exists()

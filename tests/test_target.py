@@ -120,8 +120,9 @@ def test_same_seed_same_weights_and_resume_after_crash(synth_dir, tmp_path, monk
 
 
 def test_bad_inputs_fail_clearly(synth_dir, tmp_path):
+    (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no forget.jsonl"):
-        build_target(tmp_path, tmp_path / "t", preset="tiny")
+        build_target(tmp_path / "empty", tmp_path / "t", preset="tiny")
     with pytest.raises(ValueError, match="unknown target setting"):
         build_target(synth_dir, tmp_path / "t", preset="tiny", epochz=3)
     tok_only = tmp_path / "tok"

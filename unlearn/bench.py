@@ -12,17 +12,21 @@ from __future__ import annotations
 
 import json
 import statistics
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
 
 from .data import load_lume, load_mia
-from .engine import run
+from .engine import resolve_config, run
 from .evaluate.lume import evaluate
 from .evaluate.report import bench_report
+from .io import BENCH, EVAL, RUN, begin_in_place, claim_output, fingerprint, is_output, write_json
+from .methods import get_method
 from .methods.base import UnlearnConfig
 from .models import build_target
-from .models.target import _discover, fingerprint
+from .models.loading import model_fingerprint
+from .models.target import _discover
 
 
 def _terms(results: dict) -> dict[str, float]:
@@ -48,9 +52,29 @@ def _row(name: str, results: dict, oracle: dict, run_record: dict | None,
 
 
 def _cached_eval(model: Path, data, out: Path, **kw) -> dict:
-    if (out / "results.json").exists():
-        return json.loads((out / "results.json").read_text())
+    """The evaluation in ``out`` when it scored these very model files the same way, else a
+    new one in its place."""
+    if is_output(out, EVAL):
+        made = json.loads((out / EVAL.record).read_text())
+        same = {"model_files": model_fingerprint(model), "data_dir": str(data), "audit": True,
+                "mia": str(kw["mia"]) if kw.get("mia") else None,
+                "mmlu": str(kw["mmlu"]) if kw.get("mmlu") else None, "seed": kw.get("seed", 0)}
+        if all(made.get(k) == v for k, v in same.items()):
+            return json.loads((out / "results.json").read_text())
     return evaluate(model, data, out, audit=True, **kw)
+
+
+def _finished_run(model: Path, method: str, target: Path, seed: int, eval_points: int,
+                  overrides: dict) -> bool:
+    """Whether ``model`` holds a run of ``method`` with these settings on this very target."""
+    if not is_output(model, RUN):
+        return False
+    made = json.loads((model / RUN.record).read_text())
+    config, _ = resolve_config(get_method(method), target, **overrides)
+    return (made.get("method") == method and made.get("seed") == seed
+            and made.get("eval_points") == eval_points
+            and made.get("model_files") == model_fingerprint(target)
+            and made.get("config") == json.loads(json.dumps(asdict(config))))
 
 
 def bench(data: str | Path, out: str | Path, methods=("sugd", "sha256", "gd", "npo"),
@@ -69,13 +93,20 @@ def bench(data: str | Path, out: str | Path, methods=("sugd", "sha256", "gd", "n
     the one a method's ``trace=`` setting names) puts the causal-tracing heatmaps in the report.
     Returns the leaderboard (rows and, over several seeds, mean and std)."""
     data, out = Path(data), Path(out)
-    cache = Path(cache) if cache else out / "cache"
     mia, mmlu, pretrain = (_discover(data, mia, "mia"), _discover(data, mmlu, "mmlu"),
                            _discover(data, pretrain, "pretrain"))
+    # extended in place, never replaced: OUT may hold its inputs (the demo's data), not be one
+    claim_output(out, BENCH, {"--data": data, "--mia": mia, "--mmlu": mmlu,
+                              "--pretrain": pretrain, "--trace": trace, "cache": cache},
+                 in_place=True)
+    cache = Path(cache) if cache else out / "cache"
     lume = load_lume(data)
     key = fingerprint([(r.id, r.input, r.output) for r in lume.rows], preset, str(pretrain),
                       str(mmlu), target_settings)
     settings, held_out = _stop_settings(settings or {}, mia)
+    begin_in_place(out, BENCH, {"data": str(data), "methods": list(methods), "preset": preset,
+                                "seeds": seeds, "settings": settings,
+                                "target_settings": target_settings})
     runs, trajectories, histograms = [], {}, {}
     for seed in range(seeds):
         built = _build(data, cache / f"{preset}-{key}-seed{seed}", preset, pretrain, mmlu, mia,
@@ -94,7 +125,8 @@ def bench(data: str | Path, out: str | Path, methods=("sugd", "sha256", "gd", "n
         for entry in methods:
             label, _, name = entry.partition(":")  # `label:method`: a variant of a method
             model = base / label
-            if not (model / "run.json").exists():
+            if not _finished_run(model, name or label, built["target"], seed, eval_points,
+                                 settings.get(label, {})):
                 run(name or label, built["target"], data, model, seed=seed,
                     eval_points=eval_points, **settings.get(label, {}))
             record = json.loads((model / "run.json").read_text())
@@ -110,11 +142,10 @@ def bench(data: str | Path, out: str | Path, methods=("sugd", "sha256", "gd", "n
             first = evals
         runs.append(rows)
     board = _leaderboard(runs)
-    out.mkdir(parents=True, exist_ok=True)
     frame = pd.DataFrame(board["rows"])
     frame.to_csv(out / "leaderboard.csv", index=False)
     (out / "leaderboard.md").write_text(_markdown(frame))
-    (out / "leaderboard.json").write_text(json.dumps(board, indent=2))
+    write_json(out / "leaderboard.json", board)
     trace = trace or next((s["trace"] for s in settings.values() if s.get("trace")), None)
     bench_report(out / "report.html", first, trajectories, histograms, frame,
                  Path(trace) if trace else None)

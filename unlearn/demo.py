@@ -14,6 +14,7 @@ import pandas as pd
 
 from .bench import bench
 from .data import synthesize
+from .io import BENCH, begin_in_place, claim_output
 
 DEMO_METHODS = ("sugd", "sha256", "gd")
 # Sized for ~15 minutes on 2 cores: the `small` target needs ~50 epochs to memorise every row
@@ -31,6 +32,8 @@ def demo(out: str | Path = "runs/demo", preset: str = "small", seed: int = 0) ->
     """Run the demo into ``out`` (data in ``out/data``, models in ``out/cache``) and return the
     leaderboard of :func:`unlearn.bench.bench`."""
     out = Path(out)
+    claim_output(out, BENCH)  # the demo is a bench whose data lives in its own OUT
+    begin_in_place(out, BENCH, {"demo": True})
     data = out / "data"
     if not (data / "synth.json").exists():
         synthesize(data, seed=seed, docs_per_task=DEMO_DOCS_PER_TASK)

@@ -25,15 +25,15 @@ from .data import load_lume, load_mia
 from .evaluate.lume import mia_auc, score_model
 from .evaluate.memorisation import score_rows
 from .evaluate.nll import document_nll
-from .io import atomic_directory, write_json
+from .io import RUN, atomic_directory, claim_output, fingerprint, staging_path, write_json
 from .methods import Method, get_method
 from .methods.base import Example
 from .methods.losses import Batch, Reference, forward
 from .locate.locate import read_layers
 from .models.layers import (decoder_layers, is_attention, is_mlp, layer_indices,
                              resolve_projections)
-from .models.loading import load_model
-from .models.target import fingerprint, trained_from_scratch
+from .models.loading import load_model, model_fingerprint
+from .models.target import trained_from_scratch
 from .training import Epoch, NonFiniteLoss, Segment, Trainer, resume_progress, save_final
 
 
@@ -173,6 +173,10 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
     model_dir, out = Path(model), Path(out)
     method_cls = get_method(method)
     settings, profile = resolve_config(method_cls, model_dir, profile, config, **overrides)
+    claim_output(out, RUN, {"--model": model_dir, "--data": data, "--config": config,
+                            "trace": settings.trace or None,
+                            "validation": settings.validation or None,
+                            "stop_mia": settings.stop_mia or None})
     if method_cls.composite:  # a procedure over other runs (e.g. merge): it calls run itself
         return method_cls(settings).run(model_dir, data, out, seed=seed, eval_every=eval_every,
                                         eval_points=eval_points, profile=profile)
@@ -182,6 +186,7 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
     accelerator = make_accelerator(settings.precision, settings.batch_size,
                                    settings.max_grad_norm)
     lm, tokenizer = load_model(model_dir, dtype=torch.float32)
+    model_files = model_fingerprint(model_dir)  # before training: it names the source model
     forget = _examples(tokenizer, lume.forget, True, settings.max_len)
     retain = _examples(tokenizer, lume.retain, False, settings.max_len)
     plan, segments = _plan(algorithm, forget, retain, seed)
@@ -192,6 +197,13 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
 
     if zero3(accelerator):
         _check_zero3(settings, eval_every)
+    # every input is read and checked before the staging directory is made
+    main = accelerator.is_main_process  # in a distributed run, the one that writes files
+    stage_dir = staging_path(out)
+    keeper = (_Keeper(stage_dir, "validation", _validation_loss(settings, tokenizer, accelerator),
+                      writes=main) if settings.validation else None)
+    stopper = (_StopAt(settings, tokenizer, lume, stage_dir, seed, writes=main)
+               if settings.stop_at else None)
     reference = Reference()
     if {"logits", "hidden"} & set(algorithm.reference) and not settings.lora:
         # a second load, not a deepcopy: under ZeRO-3 the model in hand is only this shard
@@ -205,8 +217,7 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
         reference.model = lm
 
     started = time.perf_counter()
-    main = accelerator.is_main_process  # in a distributed run, the one that writes files
-    with atomic_directory(out, resumable=True, publish=main) as stage:
+    with atomic_directory(out, RUN, resumable=True, publish=main) as stage:
         progress = resume_progress(accelerator, stage, run_id)
         algorithm.load_state(progress.get("method_state", {}))
         trainable = sum(numel(p) for p in lm.parameters() if p.requires_grad)
@@ -217,10 +228,6 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
         if "forget_logprob" in algorithm.reference:  # before any step (or resumed checkpoint)
             _reference_log_probs(prepared, tokenizer, forget, reference, accelerator,
                                  settings.batch_size)
-        keeper = (_Keeper(stage, "validation", _validation_loss(settings, tokenizer, accelerator),
-                          writes=main) if settings.validation else None)
-        stopper = (_StopAt(settings, tokenizer, lume, stage, seed, writes=main)
-                   if settings.stop_at else None)
         every = settings.stop_every or max(1, len(plan[0].steps) // 4)
         first_of_stage = {}
         for i, epoch in enumerate(plan):
@@ -269,6 +276,7 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
         history = progress.get("history", [])
         record = {
             "method": method, "model": str(model_dir), "data": str(data), "seed": seed,
+            "model_files": model_files, "eval_points": eval_points, "eval_every": eval_every,
             "profile": profile, "config": asdict(settings),
             "status": stopped or "complete",
             "processes": accelerator.num_processes,

@@ -1,43 +1,187 @@
-"""Writing outputs completely or not at all."""
+"""Writing outputs completely or not at all, and never over what this package did not make.
+
+Every command writes one output directory, OUT. Before any work it calls :func:`claim_output`,
+which refuses an OUT that is, holds or lies inside one of the command's inputs, and an existing
+OUT that is not a finished output of the same command (told apart by its record file:
+``run.json`` for ``unlearn run``, ...). Work happens beside OUT, in a staging directory this
+package marks as its own; the finished directory replaces OUT in one rename.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
+
+_MARKER = ".unlearn-job"  # inside a staging directory: which command's work it holds
+
+
+class OutputError(ValueError):
+    """An output path the command may not write to; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Output:
+    """What a command writes: its name, for messages, and the record file a finished output
+    of it always holds."""
+
+    command: str
+    record: str
+
+
+SYNTH = Output("unlearn data synth", "synth.json")
+TARGET = Output("unlearn target", "target.json")
+RUN = Output("unlearn run", "run.json")
+EVAL = Output("unlearn eval", "eval.json")
+LOCATE = Output("unlearn locate", "trace.json")
+BENCH = Output("unlearn bench", "bench.json")
+
+
+def fingerprint(*parts: object) -> str:
+    """A short stable hash of JSON-able parts (data contents, settings)."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def staging_path(out: str | Path) -> Path:
-    """Where a resumable job builds ``out``; it survives a crash so the job can pick it up again."""
+    """Where a job builds ``out``; it survives a crash so a resumable job can pick it up."""
     out = Path(out)
     return out.parent / f".{out.name}.partial"
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Move a finished directory into place, replacing an older ``out``."""
-    if out.exists():
-        old = out.parent / f".{out.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
+def is_output(path: str | Path, kind: Output) -> bool:
+    """Whether ``path`` is a finished output of ``kind`` (its record file is there)."""
+    return (Path(path) / kind.record).is_file()
+
+
+def _overlap(out: Path, name: str, given: Path, in_place: bool) -> str | None:
+    """Why writing ``out`` would touch the input ``given`` (named ``name``), if it would."""
+    here, there = out.resolve(), given.resolve()
+    if here == there:
+        return f"{out}: is also the input {name}; inputs are only read: choose a new --out"
+    if there in here.parents:
+        return (f"{out}: lies inside the input {name} ({given}); inputs are only read: "
+                f"choose an --out outside it")
+    if here in there.parents and not in_place:
+        return (f"{out}: holds the input {name} ({given}); replacing it would delete that "
+                f"input: choose another --out")
+    return None
+
+
+def claim_output(out: str | Path, kind: Output,
+                 inputs: Mapping[str, str | Path | None] | None = None,
+                 in_place: bool = False) -> Path:
+    """Refuse, before any work, an ``out`` this command may not (re)place.
+
+    ``inputs`` maps a name (``--model``) to each path the command reads. ``out`` may be new, an
+    empty directory, or a finished output of ``kind``; its staging directory may be absent or
+    an earlier job of the same kind. An ``in_place`` output (``unlearn bench``) is extended,
+    never replaced, so it may hold an input. Raises :class:`OutputError` naming the path
+    otherwise.
+    """
+    out = Path(out)
+    for name, given in (inputs or {}).items():
+        if given is not None and str(given) != "":
+            problem = _overlap(out, name, Path(given), in_place)
+            if problem:
+                raise OutputError(problem)
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise OutputError(f"{out}: exists and is not a directory; --out names a directory to "
+                          f"create: choose a new path")
+    if out.is_dir() and any(out.iterdir()) and not is_output(out, kind):
+        raise OutputError(f"{out}: exists and is not an output of `{kind.command}` (it has no "
+                          f"{kind.record}); choose a new --out, or move it away yourself")
+    _check_staging(staging_path(out), kind)
+    return out
+
+
+def _check_staging(stage: Path, kind: Output) -> None:
+    if not stage.exists() and not stage.is_symlink():
+        return
+    marker = stage / _MARKER
+    owner = marker.read_text().strip() if marker.is_file() and not stage.is_symlink() else None
+    if owner is None:
+        raise OutputError(f"{stage}: exists and was not made by unlearn; move it away and rerun")
+    if owner != kind.command:
+        raise OutputError(f"{stage}: holds the unfinished work of `{owner}`; finish it by "
+                          f"rerunning that command, or delete {stage} yourself")
+
+
+def begin_in_place(out: Path, kind: Output, record: dict) -> None:
+    """Start (or continue) an output that is filled in place: OUT with its record file, which
+    marks it as ``kind``'s from the first moment (see :func:`claim_output`)."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / kind.record, record)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _make_stage(out: Path, kind: Output, resumable: bool) -> Path:
+    """The staging directory, with the permissions the umask gives (not mkdtemp's 0700). It
+    appears with its marker already inside: the other processes of a distributed run, checking
+    it meanwhile, never see it unmarked."""
+    stage = staging_path(out)
+    if resumable and stage.is_dir():
+        return stage  # an earlier run of this job (claim_output checked its marker)
+    fresh = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(fresh, 0o777 & ~_umask())
+    (fresh / _MARKER).write_text(kind.command + "\n")
+    if not resumable:
+        return fresh
+    os.rename(fresh, stage)
+    return stage
+
+
+def reset_staging(stage: Path) -> None:
+    """Empty a staging directory of an earlier, different job (it stays marked as ours)."""
+    for child in stage.iterdir():
+        if child.name == _MARKER:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def _publish(stage: Path, out: Path, kind: Output) -> None:
+    """Move a finished directory into place. An existing ``out`` is replaced only when it is
+    an output of the same kind (checked again: something may have appeared since the claim)."""
+    (stage / _MARKER).unlink(missing_ok=True)
+    if out.is_dir() and any(out.iterdir()):
+        if not is_output(out, kind):
+            raise OutputError(f"{out}: appeared while this command ran and is not an output of "
+                              f"`{kind.command}`; the result is kept in {stage}")
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / "replaced")
+        os.replace(stage, out)
         shutil.rmtree(old, ignore_errors=True)
     else:
-        os.replace(tmp, out)
+        if out.is_dir():
+            out.rmdir()  # an empty directory the user made for us
+        os.replace(stage, out)
 
 
 @contextmanager
-def atomic_directory(out: str | Path, resumable: bool = False,
+def atomic_directory(out: str | Path, kind: Output, resumable: bool = False,
                      publish: bool = True) -> Iterator[Path]:
     """Yield a directory to fill; it becomes ``out`` only when the block finishes.
 
-    A failed block leaves nothing at ``out``. With ``resumable`` the work directory is
-    :func:`staging_path` and is kept after a failure, so a rerun can continue from its contents.
-    ``publish=False`` (the other processes of a distributed run) shares the staging directory
-    but leaves moving it into place to the main process.
+    Call :func:`claim_output` first. A failed block leaves nothing at ``out``. With
+    ``resumable`` the work directory is :func:`staging_path` and is kept after a failure, so a
+    rerun can continue from its contents. ``publish=False`` (the other processes of a
+    distributed run) shares the staging directory but leaves moving it into place to the main
+    process.
     """
     out = Path(out)
     if not publish:
@@ -46,25 +190,37 @@ def atomic_directory(out: str | Path, resumable: bool = False,
         yield staging_path(out)
         return
     out.parent.mkdir(parents=True, exist_ok=True)
-    if resumable:
-        tmp = staging_path(out)
-        tmp.mkdir(exist_ok=True)
-    else:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    stage = _make_stage(out, kind, resumable)
     try:
-        yield tmp
+        yield stage
     except BaseException:
         if not resumable:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(stage, ignore_errors=True)
         raise
-    _publish(tmp, out)
+    _publish(stage, out, kind)
 
 
 def write_json(path: str | Path, data: object) -> None:
-    """Write JSON atomically (a temporary file renamed over the target)."""
+    """Write strict JSON atomically (a temporary file renamed over the target). Non-finite
+    floats become ``null``: bare ``NaN`` is not JSON, and other tools refuse it."""
     path = Path(path)
+    text = json.dumps(_finite(data), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

@@ -30,7 +30,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from .accel import zero3_state_dict
-from .io import write_json
+from .io import reset_staging, write_json
 
 # Minutes between checkpoints (taken at the next epoch boundary); the environment may change it.
 CHECKPOINT_MINUTES = float(os.environ.get("UNLEARN_CHECKPOINT_MINUTES", "2"))
@@ -97,8 +97,7 @@ def resume_progress(accelerator: Accelerator, stage_dir: Path, run_id: str) -> d
     if progress.get("run_id") == run_id:
         return progress
     if accelerator.is_main_process:
-        shutil.rmtree(stage_dir)
-        stage_dir.mkdir()
+        reset_staging(stage_dir)
     accelerator.wait_for_everyone()
     return {"run_id": run_id}
 

@@ -25,7 +25,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..io import atomic_directory
+from ..io import SYNTH, atomic_directory, claim_output
 from .mmlu import LETTERS, Question, write_questions
 
 MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September",
@@ -241,6 +241,7 @@ def synthesize(out: str | Path, seed: int = 0, docs_per_task: int = 40,
     """
     if docs_per_task < 2:
         raise ValueError("docs_per_task must be at least 2 (one forget and one retain document)")
+    claim_output(out, SYNTH)
     gen = _Generator(seed)
     makers = (gen.story, gen.biography_pii, gen.biography_encyclopedia)
     task_docs = [[make() for _ in range(docs_per_task)] for make in makers]
@@ -257,7 +258,7 @@ def synthesize(out: str | Path, seed: int = 0, docs_per_task: int = 40,
     corpus += [{"id": f"fact{i}", "document": s} for i, s in enumerate(statements)]
     gen.rng.shuffle(corpus)
 
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, SYNTH) as tmp:
         _write_jsonl(tmp / "forget.jsonl", [r for d in forget for r in d.rows("forget")])
         _write_jsonl(tmp / "retain.jsonl", [r for d in retain for r in d.rows("retain")])
         (tmp / "mia").mkdir()

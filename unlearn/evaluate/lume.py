@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -23,8 +22,8 @@ from tqdm.auto import tqdm
 
 from ..data import load_lume, load_mia, load_mmlu
 from ..data.lume import LumeData, MiaData, Row
-from ..io import atomic_directory, staging_path, write_json
-from ..models.loading import load_model
+from ..io import EVAL, atomic_directory, claim_output, fingerprint, reset_staging, write_json
+from ..models.loading import load_model, model_fingerprint
 from .audit import audit as run_audit
 from .generation import Generation, greedy_generate
 from .metrics import knowledge, regurgitation
@@ -144,19 +143,32 @@ class Scores:
 GENERATION_CHUNK = 128  # rows generated between two writes of the resume file
 
 
-def _generate(lm, tokenizer, rows: list[Row], max_new_tokens: int,
-              partial: Path | None) -> list[Generation]:
-    """Greedy generations of every row; with ``partial``, rows already recorded there are
-    reused and each finished chunk of rows is appended to it (what ``--resume`` picks up)."""
+def _finished_generations(partial: Path, key: str) -> dict[tuple[str, str], Generation]:
+    """The generations an interrupted run recorded in ``partial``, when they were made by the
+    same model, data and settings (its first line holds their ``key``); otherwise none, and the
+    file is started afresh."""
     done: dict[tuple[str, str], Generation] = {}
-    if partial is not None and partial.exists():
-        for line in partial.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:  # the line being written when the run was killed
-                break
-            done[(rec["split"], rec["id"])] = Generation(rec["text"], rec["new_tokens"],
-                                                         rec["stopped_early"])
+    lines = partial.read_text(encoding="utf-8").splitlines() if partial.exists() else []
+    header = json.loads(lines[0]) if lines and lines[0].startswith('{"made_by"') else {}
+    if header.get("made_by") != key:
+        partial.write_text(json.dumps({"made_by": key}) + "\n", encoding="utf-8")
+        return done
+    for line in lines[1:]:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # the line being written when the run was killed
+            break
+        done[(rec["split"], rec["id"])] = Generation(rec["text"], rec["new_tokens"],
+                                                     rec["stopped_early"])
+    return done
+
+
+def _generate(lm, tokenizer, rows: list[Row], max_new_tokens: int,
+              partial: Path | None, key: str = "") -> list[Generation]:
+    """Greedy generations of every row; with ``partial``, rows already recorded there by the
+    same ``key`` (model, data, settings) are reused and each finished chunk of rows is
+    appended to it (what ``--resume`` picks up)."""
+    done = _finished_generations(partial, key) if partial is not None else {}
     todo = sorted((r for r in rows if (r.split, r.id) not in done),
                   key=lambda r: (r.kind, len(r.input)))
     for start in tqdm(range(0, len(todo), GENERATION_CHUNK), desc="generate", leave=False):
@@ -177,12 +189,13 @@ def _generate(lm, tokenizer, rows: list[Row], max_new_tokens: int,
 
 def score_model(lm, tokenizer, lume: LumeData, mia: MiaData | None = None,
                 questions: list | None = None, max_new_tokens: int = 256,
-                partial: Path | None = None) -> Scores:
+                partial: Path | None = None, key: str = "") -> Scores:
     """Score a loaded model: the official numbers, computed from generations in memory.
-    ``partial``: a file of finished generations to reuse and extend (resuming)."""
+    ``partial``: a file of finished generations to reuse and extend (resuming), those made by
+    ``key`` (what identifies the model, data and settings)."""
     started = time.perf_counter()
     rows = lume.rows
-    generations = _generate(lm, tokenizer, rows, max_new_tokens, partial)
+    generations = _generate(lm, tokenizer, rows, max_new_tokens, partial, key)
     nlls = output_nll(lm, tokenizer, [r.input for r in rows], [r.output for r in rows])
     scored = score_generations(rows, [g.text for g in generations], nlls,
                                [g.stopped_early for g in generations])
@@ -202,6 +215,10 @@ def score_model(lm, tokenizer, lume: LumeData, mia: MiaData | None = None,
     return Scores(results, scored, mia_nll)
 
 
+DTYPES = {"auto": torch.bfloat16 if torch.cuda.is_available() else torch.float32,
+          "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
 def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
              mia: str | Path | None = None, mmlu: str | Path | None = None,
              max_new_tokens: int = 256, dtype: str = "auto", audit: bool = False,
@@ -211,32 +228,57 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
 
     Writes, when ``out`` is given: ``results.json`` (the official keys plus ``final-score``),
     ``forget_0.csv``/``retain_0.csv`` and ``mia_results/{member,nonmember}_0.csv`` in the
-    official formats, ``generations.jsonl`` (the lossless record of every row) and
-    ``report.html``. ``audit`` adds the leak audit (:mod:`unlearn.evaluate.audit`; ``samples``
-    completions per PII prompt, seeded by ``seed``); ``before`` names the evaluation directory
-    of the model before unlearning, drawn for comparison in the report. ``dtype``: ``auto`` is
-    bf16 on a GPU (as the official scorer) and fp32 on a CPU. Generations are saved as they
-    finish; ``resume`` reuses those of an interrupted run with the same ``out``.
-    Returns the results dict.
+    official formats, ``generations.jsonl`` (the lossless record of every row),
+    ``report.html`` and ``eval.json`` (what was scored: model, data, settings). ``audit`` adds
+    the leak audit (:mod:`unlearn.evaluate.audit`; ``samples`` completions per PII prompt,
+    seeded by ``seed``); ``before`` names the evaluation directory of the model before
+    unlearning, drawn for comparison in the report. ``dtype``: ``auto`` is bf16 on a GPU (as
+    the official scorer) and fp32 on a CPU. Generations are saved as they finish; ``resume``
+    reuses those an interrupted run with the same ``out`` made of the same model, data and
+    ``max_new_tokens``. Returns the results dict.
     """
+    if out is not None:
+        claim_output(out, EVAL, {"--model": model, "--data": data, "--mia": mia,
+                                 "--mmlu": mmlu, "--before": before})
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype}: use one of {', '.join(DTYPES)}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: must be at least 1")
     lume = load_lume(data)
     mia_docs = load_mia(mia) if mia else None
     questions = load_mmlu(mmlu) if mmlu else None
     previous = _read_results(before) if before else None
-    torch_dtype = {"auto": torch.bfloat16 if torch.cuda.is_available() else torch.float32,
-                   "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-    lm, tokenizer = load_model(model, dtype=torch_dtype,
+    lm, tokenizer = load_model(model, dtype=DTYPES[dtype],
                                device="cuda" if torch.cuda.is_available() else None)
-    partial = None
-    if out is not None:
-        work = staging_path(out)
+    made_by = {"model": str(model), "model_files": model_fingerprint(model),
+               "data": fingerprint([(r.id, r.input, r.output, r.task, r.split)
+                                    for r in lume.rows]),
+               "max_new_tokens": max_new_tokens, "dtype": str(DTYPES[dtype])}
+    if out is None:
+        return _score(lm, tokenizer, lume, mia_docs, questions, max_new_tokens, audit,
+                      samples, seed, None, "")[0].results
+    with atomic_directory(out, EVAL, resumable=True) as stage:
         if not resume:
-            shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True, exist_ok=True)
-        partial = work / "generations.partial.jsonl"
-    scores = score_model(lm, tokenizer, lume, mia_docs, questions, max_new_tokens, partial)
-    results = scores.results
-    found = None
+            reset_staging(stage)
+        partial = stage / "generations.partial.jsonl"
+        scores, found = _score(lm, tokenizer, lume, mia_docs, questions, max_new_tokens, audit,
+                               samples, seed, partial, fingerprint(made_by))
+        partial.unlink()
+        _write_outputs(stage, scores, found, mia_docs, previous, str(model))
+        write_json(stage / "eval.json", {**made_by, "data_dir": str(data), "mia": _text(mia),
+                                         "mmlu": _text(mmlu), "audit": audit, "seed": seed})
+    return scores.results
+
+
+def _text(path) -> str | None:
+    return str(path) if path else None
+
+
+def _score(lm, tokenizer, lume, mia_docs, questions, max_new_tokens, audit, samples, seed,
+           partial, key):
+    """Scores (and the leak audit's findings, when asked) of a loaded model."""
+    scores = score_model(lm, tokenizer, lume, mia_docs, questions, max_new_tokens, partial, key)
+    results, found = scores.results, None
     if audit:
         found = run_audit(lm, tokenizer, lume, mia_docs, samples=samples, seed=seed)
         results["audit"] = {"mia": {"auc": found["mia"]["auc"]}} if "mia" in found else {}
@@ -244,24 +286,27 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
     if "mmlu_average" in results and results["mmlu_average"] < MMLU_CUTOFF:
         print(f"warning: MMLU {results['mmlu_average']:.3f} is below the task's cut-off "
               f"{MMLU_CUTOFF}")
-    if out is not None:
-        with atomic_directory(out) as tmp:
-            write_rows_csv(tmp / "forget_0.csv", [r for r in scores.rows if r.split == "forget"])
-            write_rows_csv(tmp / "retain_0.csv", [r for r in scores.rows if r.split == "retain"])
-            with open(tmp / "generations.jsonl", "w", encoding="utf-8") as f:
-                for r in scores.rows:
-                    f.write(json.dumps(asdict(r), ensure_ascii=False) + "\n")
-            if scores.mia_nll is not None:
-                (tmp / "mia_results").mkdir()
-                docs = {"member": mia_docs.member, "nonmember": mia_docs.nonmember}
-                for name, values in scores.mia_nll.items():
-                    pd.DataFrame({"id": [d.id for d in docs[name]], "nll": values}).to_csv(
-                        tmp / "mia_results" / f"{name}_0.csv", index=False)
-            write_json(tmp / "results.json", results)
-            write_report(tmp / "report.html", results, scores.mia_nll, found, previous,
-                         title=f"unlearn evaluation: {model}")
-        shutil.rmtree(staging_path(out), ignore_errors=True)
-    return results
+    return scores, found
+
+
+def _write_outputs(directory: Path, scores: Scores, found, mia_docs, previous,
+                   title: str) -> None:
+    """The official files, the lossless generations and the report. ``results.json`` comes
+    before the report, so a report that fails to draw loses no score."""
+    write_rows_csv(directory / "forget_0.csv", [r for r in scores.rows if r.split == "forget"])
+    write_rows_csv(directory / "retain_0.csv", [r for r in scores.rows if r.split == "retain"])
+    with open(directory / "generations.jsonl", "w", encoding="utf-8") as f:
+        for r in scores.rows:
+            f.write(json.dumps(asdict(r), ensure_ascii=False) + "\n")
+    if scores.mia_nll is not None:
+        (directory / "mia_results").mkdir(exist_ok=True)
+        docs = {"member": mia_docs.member, "nonmember": mia_docs.nonmember}
+        for name, values in scores.mia_nll.items():
+            pd.DataFrame({"id": [d.id for d in docs[name]], "nll": values}).to_csv(
+                directory / "mia_results" / f"{name}_0.csv", index=False)
+    write_json(directory / "results.json", scores.results)
+    write_report(directory / "report.html", scores.results, scores.mia_nll, found, previous,
+                 title=f"unlearn evaluation: {title}")
 
 
 def _read_results(directory: str | Path) -> dict:

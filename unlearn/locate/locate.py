@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from ..data import load_lume  # noqa: E402
-from ..io import atomic_directory, write_json  # noqa: E402
+from ..io import LOCATE, atomic_directory, claim_output, write_json  # noqa: E402
 from ..models.loading import load_model  # noqa: E402
 from .trace import GROUPS, KINDS, choose_layers, facts_from, trace_facts  # noqa: E402
 
@@ -44,6 +44,7 @@ def locate(model: str | Path, data: str | Path, out: str | Path, samples: int = 
     subject token. Returns the trace record.
     """
     started = time.perf_counter()
+    claim_output(out, LOCATE, {"--model": model, "--data": data})
     lume = load_lume(data)
     facts = facts_from(lume.rows)
     if not facts:
@@ -59,7 +60,7 @@ def locate(model: str | Path, data: str | Path, out: str | Path, samples: int = 
                   rule=f"smallest contiguous block of layers holding {share:.0%} of the positive "
                        f"MLP indirect effect at the last subject token",
                   seconds=time.perf_counter() - started)
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, LOCATE) as tmp:
         for kind in KINDS:
             heatmap(record["indirect_effect"][kind], kind, tmp / f"{kind}.png", window)
         write_json(tmp / "trace.json", record)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from ..io import atomic_directory, write_json
+from ..io import RUN, atomic_directory, write_json
 from ..models.loading import load_model
 from .base import Method, register
 from .npo_kl import NPOKL, NPOKLConfig
@@ -71,7 +71,9 @@ class Merge(Method):
         peft_model.set_adapter("merged")
         merged = peft_model.merge_and_unload()
         record = {"method": self.name, "model": str(model_dir), "data": str(data),
-                  "seed": seed, "profile": profile, "config": asdict(c), "status": "complete",
+                  "seed": seed, "model_files": records["a"]["model_files"],
+                  "eval_points": eval_points, "eval_every": eval_every,
+                  "profile": profile, "config": asdict(c), "status": "complete",
                   "adapters": {k: {kk: v[kk] for kk in ("config", "history", "train_seconds")}
                                for k, v in records.items()},
                   "train_seconds": sum(r["train_seconds"] for r in records.values()),
@@ -79,7 +81,7 @@ class Merge(Method):
                   "peak_memory_mb": max(r["peak_memory_mb"] for r in records.values()),
                   "wall_seconds_this_run": time.perf_counter() - started,
                   "history": records["a"]["history"]}
-        with atomic_directory(out) as tmp:
+        with atomic_directory(out, RUN) as tmp:
             merged.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             write_json(tmp / "run.json", record)

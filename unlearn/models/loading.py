@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from ..io import fingerprint
+
 
 class ModelError(ValueError):
     """A model directory that cannot be used; the message says which and what to do."""
@@ -50,3 +52,12 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
         model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def model_fingerprint(path: str | Path) -> str:
+    """What identifies the model in a directory without reading its weights: where it is, and
+    the name, size and modification time of each file in it (a retrained model differs)."""
+    path = Path(path)
+    files = sorted(p for p in path.iterdir() if p.is_file())
+    return fingerprint(str(path.resolve()),
+                       [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files])

@@ -18,7 +18,6 @@ run). The output directory appears only when the target is complete.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import time
@@ -38,17 +37,11 @@ from ..evaluate.memorisation import score_rows, task_means
 from ..evaluate.mmlu import mmlu_accuracy
 from ..evaluate.nll import document_nll, token_stats
 from ..accel import make_accelerator, numel
-from ..io import atomic_directory
+from ..io import TARGET, atomic_directory, claim_output, fingerprint
 from ..training import Epoch, NonFiniteLoss, Segment, Trainer, resume_progress, save_final
 from .loading import load_model, load_tokenizer
 from .presets import PRESETS, TargetPreset
 from .tokenizer import train_tokenizer
-
-def fingerprint(*parts: object) -> str:
-    """A short stable hash of JSON-able parts (data contents, settings)."""
-    blob = json.dumps(parts, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
 
 def trained_from_scratch(model_dir: str | Path) -> bool:
     """Whether ``model_dir`` is a target this package trained from scratch, directly or through
@@ -208,6 +201,8 @@ def build_target(data: str | Path, out: str | Path, preset: str = "small",
     settings = PRESETS[preset].override(**overrides)
     pretrain, mmlu, mia = (_discover(data, pretrain, "pretrain"), _discover(data, mmlu, "mmlu"),
                            _discover(data, mia, "mia"))
+    claim_output(out, TARGET, {"--data": data, "--init": init, "--pretrain": pretrain,
+                               "--mmlu": mmlu, "--mia": mia})
     lume = load_lume(data)
     corpus = load_corpus(pretrain) if pretrain else []
     questions = load_mmlu(mmlu) if mmlu else []
@@ -220,7 +215,7 @@ def build_target(data: str | Path, out: str | Path, preset: str = "small",
     accelerator = make_accelerator(settings.precision, micro_batch=settings.max_rows)
     started = time.perf_counter()
     main = accelerator.is_main_process  # in a distributed run, the one that writes files
-    with atomic_directory(out, resumable=True, publish=main) as stage:
+    with atomic_directory(out, TARGET, resumable=True, publish=main) as stage:
         progress = resume_progress(accelerator, stage, run_id)
         memorised = lume.retain if oracle else lume.rows
         pairs = [(r.input, r.output) for r in memorised] + [(q.prompt, q.answer) for q in questions]
