@@ -123,7 +123,7 @@ def test_bad_inputs_fail_clearly(synth_dir, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no forget.jsonl"):
         build_target(tmp_path / "empty", tmp_path / "t", preset="tiny")
-    with pytest.raises(ValueError, match="unknown target setting"):
+    with pytest.raises(ValueError, match="unknown setting"):
         build_target(synth_dir, tmp_path / "t", preset="tiny", epochz=3)
     tok_only = tmp_path / "tok"
     train_tokenizer(["some text here"], 300).save_pretrained(tok_only)

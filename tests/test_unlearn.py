@@ -1,6 +1,7 @@
 import hashlib
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -237,6 +238,79 @@ def test_nan_loss_stops_with_the_last_good_model(tiny_target, synth_dir, tmp_pat
     assert saved["status"].startswith("gd (epoch 0): loss became nan")
     state = _state(tmp_path / "u")
     assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_weights_made_nan_by_an_update_are_not_kept(tiny_target, synth_dir, tmp_path,
+                                                     monkeypatch):
+    """The loss is only seen to be NaN a step after the update that broke the weights: the
+    model saved must be the one from before that update, not the broken one."""
+    real_step, after_first = torch.optim.AdamW.step, []
+
+    def breaking(self, *args, **kwargs):
+        result = real_step(self, *args, **kwargs)
+        params = [p for group in self.param_groups for p in group["params"]]
+        if not after_first:
+            after_first.extend(p.detach().clone() for p in params)
+        else:
+            for p in params:
+                p.data.fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", breaking)
+    with pytest.raises(FloatingPointError, match="loss became nan"):
+        run("gd", tiny_target[0], synth_dir, tmp_path / "u", epochs=2, batch_size=2)
+    saved = list(_state(tmp_path / "u").values())
+    assert all(torch.isfinite(v).all() for v in saved)
+    assert all(any(v.shape == t.shape and torch.equal(v, t) for v in saved) for t in after_first)
+
+
+def test_settings_of_the_wrong_type_or_range_are_refused_by_name():
+    config = get_method("sugd").Config()
+    for given, says in [(dict(lr="abc"), "lr=abc: expected a number"),
+                        (dict(epochs="1.5"), "epochs=1.5: expected a whole number"),
+                        (dict(epochs=1.5), "epochs=1.5: expected a whole number"),
+                        (dict(lora="maybe"), "lora=maybe: expected true or false"),
+                        (dict(layers="last:abc"), "layers=last:abc: use all, last:K"),
+                        (dict(layers=5), "layers=5: expected text"),
+                        (dict(lr="inf"), "lr=inf: must be a finite number"),
+                        (dict(max_grad_norm="-1"), "max_grad_norm=-1.0: must be at least 0"),
+                        (dict(retain_weight=-0.5), "retain_weight=-0.5: must be at least 0"),
+                        (dict(positive_factor="-1"), "positive_factor=-1.0: must be at least 0"),
+                        (dict(schedule="nosuch"), "schedule=nosuch: use one of"),
+                        (dict(warmup_ratio="1"), "warmup_ratio=1.0: must be at least 0 and")]:
+        with pytest.raises(ValueError, match=re.escape(says)):
+            config.override(**given)
+    for name, given in [("npo", dict(beta="0")), ("merge", dict(density="0")),
+                        ("npo_kl", dict(w_kl="-1")), ("rmu", dict(layer="-1"))]:
+        with pytest.raises(ValueError, match=f"{next(iter(given))}="):
+            get_method(name).Config().override(**given)
+
+
+@pytest.mark.parametrize("suffix,text", [
+    (".json", '\ufeff{"epochs": 2, "lr": 0.001}'),
+    (".toml", "epochs = 2\nlr = 0.001\n"),
+    (".yaml", "epochs: 2\nlr: 0.001\n"),
+])
+def test_config_files_in_json_toml_or_yaml(tmp_path, suffix, text):
+    path = tmp_path / f"c{suffix}"
+    path.write_text(text, encoding="utf-8")
+    config, _ = resolve_config(get_method("gd"), tmp_path, "paper", path)
+    assert (config.epochs, config.lr) == (2, 1e-3)
+
+
+def test_bad_config_files_name_the_file_and_the_setting(tmp_path):
+    gd = get_method("gd")
+    for name, text, says in [("a.json", '{"epochs": 1.5}', "a.json: epochs=1.5: expected a whole"),
+                             ("b.json", '{"layers": 5}', "b.json: layers=5: expected text"),
+                             ("c.json", "[1, 2]", "c.json: expected a JSON mapping"),
+                             ("d.yaml", "epochs: [", "d.yaml: not valid YAML"),
+                             ("e.ini", "epochs=2", "e.ini: unknown config format")]:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=re.escape(says)):
+            resolve_config(gd, tmp_path, "paper", tmp_path / name)
+    (tmp_path / "f.json").write_bytes(b'{"epochs": 2,\n "layers": "\xff"}')
+    with pytest.raises(ValueError, match=re.escape("f.json:2: not UTF-8 text")):
+        resolve_config(gd, tmp_path, "paper", tmp_path / "f.json")
 
 
 def test_config_resolution(tiny_target, tmp_path):

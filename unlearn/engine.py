@@ -12,7 +12,6 @@ import random
 import resource
 import sys
 import time
-import tomllib
 from dataclasses import asdict
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from .evaluate.memorisation import score_rows
 from .evaluate.nll import document_nll
 from .io import RUN, atomic_directory, claim_output, fingerprint, staging_path, write_json
 from .methods import Method, get_method
+from .settings import read_settings_file
 from .methods.base import Example
 from .methods.losses import Batch, Reference, forward
 from .locate.locate import read_layers
@@ -40,7 +40,7 @@ from .training import Epoch, NonFiniteLoss, Segment, Trainer, resume_progress, s
 def resolve_config(method: type[Method], model_dir: Path, profile: str = "auto",
                    config_file: str | Path | None = None, **overrides):
     """The method's paper defaults; then, for a ``small`` profile, its small-target adjustments;
-    then a JSON/TOML config file; then ``overrides``. ``auto`` picks ``small`` for targets that
+    then a JSON, TOML or YAML config file; then ``overrides``. ``auto`` picks ``small`` for targets that
     ``unlearn target`` trained from scratch (or from a base it trained from scratch)."""
     if profile == "auto":
         profile = "small" if trained_from_scratch(model_dir) else "paper"
@@ -50,16 +50,11 @@ def resolve_config(method: type[Method], model_dir: Path, profile: str = "auto",
     if profile == "small":
         config = config.override(**method.small_target)
     if config_file is not None:
-        path = Path(config_file)
-        if not path.is_file():
-            raise ValueError(f"{path}: config file not found")
-        text = path.read_text()
+        values = read_settings_file(config_file)  # its errors name the file
         try:
-            values = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-        except (ValueError, tomllib.TOMLDecodeError) as e:
-            raise ValueError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'JSON'}"
-                             f" ({e})") from e
-        config = config.override(**values)
+            config = config.override(**values)
+        except ValueError as e:
+            raise ValueError(f"{config_file}: {e}") from None
     return config.override(**overrides), profile
 
 
@@ -222,7 +217,8 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
         algorithm.load_state(progress.get("method_state", {}))
         trainable = sum(numel(p) for p in lm.parameters() if p.requires_grad)
         trainer = Trainer(accelerator, lm, plan, segments, stage,
-                          weight_decay=settings.weight_decay, max_grad_norm=settings.max_grad_norm)
+                          weight_decay=settings.weight_decay, max_grad_norm=settings.max_grad_norm,
+                          keep_last_good=not zero3(accelerator))
         prepared = trainer.model
         bare = accelerator.unwrap_model(prepared)  # parameter names without the DDP wrapper
         if "forget_logprob" in algorithm.reference:  # before any step (or resumed checkpoint)
@@ -262,6 +258,9 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
                 after_step=(lambda step: step % every == 0 and stopper.after_step(bare, step))
                 if stopper else None)
         except NonFiniteLoss as e:
+            if not e.kept_last_good:  # ZeRO-3 keeps no copy: the weights in hand are bad
+                raise FloatingPointError(f"{method}: {e}; no model was saved; lower lr= and "
+                                         f"rerun") from None
             # the weights are those of the last good step: keep them, say so, then fail
             stopped = f"{e}; the model saved is the last one before that step"
         final = accelerator.unwrap_model(prepared)

@@ -36,6 +36,9 @@ from .io import reset_staging, write_json
 CHECKPOINT_MINUTES = float(os.environ.get("UNLEARN_CHECKPOINT_MINUTES", "2"))
 
 
+SCHEDULES = ("linear", "cosine", "constant")  # the learning rate's shape after warm-up
+
+
 @dataclass
 class Epoch:
     stage: int  # epochs of one stage share optimizer state and a schedule segment
@@ -123,17 +126,25 @@ def save_final(accelerator: Accelerator, prepared, model, tokenizer, stage_dir: 
 
 
 class NonFiniteLoss(FloatingPointError):
-    """The loss became NaN or infinite; the weights are still those of the last good step."""
+    """The loss or the gradient became NaN or infinite. ``kept_last_good``: the weights are
+    those of the last step whose loss and gradient were finite (else the bad ones remain)."""
+
+    def __init__(self, message: str, kept_last_good: bool):
+        super().__init__(message)
+        self.kept_last_good = kept_last_good
 
 
 class Trainer:
     """Runs a plan: ``loss_fn(micro_batch) -> (loss, tokens)`` for each micro-batch, one AdamW
     step per plan step, checkpoints in ``stage_dir/checkpoint``. Prepares ``model`` (with the
-    optimizer) for the accelerator: train ``trainer.model``."""
+    optimizer) for the accelerator: train ``trainer.model``. A NaN or infinite loss or gradient
+    stops the run (:class:`NonFiniteLoss`); with ``keep_last_good`` the weights are then those
+    of the last step whose loss and gradient were finite."""
 
     def __init__(self, accelerator: Accelerator, model, plan: list[Epoch],
                  segments: list[Segment], stage_dir: Path, weight_decay: float = 0.0,
-                 betas: tuple[float, float] = (0.9, 0.999), max_grad_norm: float = 1.0):
+                 betas: tuple[float, float] = (0.9, 0.999), max_grad_norm: float = 1.0,
+                 keep_last_good: bool = False):
         self.acc, self.plan, self.stage_dir = accelerator, plan, stage_dir
         self.max_grad_norm = max_grad_norm
         # lr is set absolutely by the schedule (LambdaLR multiplies the base lr of 1)
@@ -150,6 +161,12 @@ class Trainer:
         self.scheduler = scheduler
         # clipped as prepared: FSDP swaps in sharded parameters
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        # A copy of the trainable weights before each update (one more copy of them in
+        # memory), so that a loss that turns NaN after a bad update can give back the weights
+        # that were still good. Not under ZeRO-3, where each process holds a shard.
+        self.last_good = ([torch.empty_like(p) for p in self.params] if keep_last_good
+                          else None)
+        self.have_last_good = False
         accelerator.register_for_checkpointing(scheduler)
 
     def save(self, progress: dict) -> None:
@@ -227,17 +244,39 @@ class Trainer:
                 if processes > 1:
                     loss_sum = self.acc.reduce(loss_sum, "sum")
                 if not torch.isfinite(loss_sum):  # every process sees it: they stop together
-                    self.optimizer.zero_grad(set_to_none=True)
-                    raise NonFiniteLoss(f"{where}: loss became {loss_sum.item()}")
+                    # these weights gave it: back to those before the last update
+                    self._stop(f"{where}: loss became {loss_sum.item()}", restore=True)
                 self.acc.backward(loss * weight * processes)  # DDP averages over processes
             total += loss_sum.item()
             tokens += n if weight else 0
-        if self.max_grad_norm:
-            self.acc.clip_grad_norm_(self.params, self.max_grad_norm)
+        # max_grad_norm=0 turns clipping off; the norm (at an infinite bound) is still checked
+        norm = self.acc.clip_grad_norm_(self.params, self.max_grad_norm or math.inf)
+        if norm is not None and not torch.isfinite(torch.as_tensor(norm)):
+            # the weights gave a finite loss: they are the last good ones; no update is made
+            self._stop(f"{where}: gradient norm became {float(norm)}", restore=False)
+        if self.last_good is not None:
+            with torch.no_grad():
+                for copy, p in zip(self.last_good, self.params):
+                    copy.copy_(p)
+            self.have_last_good = True
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total, tokens
+
+    def _stop(self, message: str, restore: bool):
+        """Raise :class:`NonFiniteLoss`, first putting back the weights from before the last
+        update when ``restore`` (the current ones gave a NaN) and there is a copy of them."""
+        self.optimizer.zero_grad(set_to_none=True)
+        kept = not restore
+        if restore and self.have_last_good:
+            with torch.no_grad():
+                for copy, p in zip(self.last_good, self.params):
+                    p.copy_(copy)
+            kept = True
+        elif restore and self.last_good is not None:
+            kept = True  # no update was made yet: these are the weights the run started from
+        raise NonFiniteLoss(message, kept_last_good=kept)
 
     def run(self, progress: dict, loss_fn, after_epoch=None, before_epoch=None,
             after_step=None) -> dict:

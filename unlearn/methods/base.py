@@ -8,11 +8,16 @@ schedule, accumulation, checkpoints) is the engine's (:mod:`unlearn.engine`).
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
+from ..accel import PRECISIONS
+from ..models.layers import check_layer_spec
+from ..settings import NON_NEGATIVE, OPEN_SHARE, POSITIVE, SHARE, Range
+from ..settings import override as override_settings
+from ..training import SCHEDULES
 from .losses import Batch, Reference
 
 
@@ -67,40 +72,23 @@ class UnlearnConfig:
     stop_split: float = 0.3  # share of that MIA set held out for calibration
     stop_knowledge: float = 0.0  # stop_at=knowledge: stop once forget QA exact match <= this
 
+    RANGES: ClassVar[dict[str, Range]] = {
+        **dict.fromkeys(("epochs", "lr", "batch_size", "grad_accum", "max_len", "lora_r",
+                         "lora_alpha"), POSITIVE),
+        **dict.fromkeys(("weight_decay", "max_grad_norm", "retain_weight", "stop_every"),
+                        NON_NEGATIVE),
+        **dict.fromkeys(("warmup_ratio", "lora_dropout", "stop_knowledge"), SHARE),
+        "stop_split": OPEN_SHARE,
+    }
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "schedule": SCHEDULES, "precision": PRECISIONS, "stop_at": ("", "mia", "knowledge")}
+
     def override(self, **changes) -> "UnlearnConfig":
-        """A copy with ``changes`` (strings from the command line are converted)."""
-        known = {f.name: f for f in fields(self)}
-        unknown = sorted(set(changes) - set(known))
-        if unknown:
-            raise ValueError(f"unknown setting(s) {', '.join(unknown)} for {type(self).__name__}; "
-                             f"known: {', '.join(sorted(known))}")
-        changed = replace(self, **{k: _convert(getattr(self, k), v) for k, v in changes.items()})
-        changed.check()
+        """A copy with ``changes`` (strings from the command line are converted), checked:
+        one clear error for a setting of the wrong type or out of range (``chunk_size=0``)."""
+        changed = override_settings(self, changes, type(self).__name__)
+        check_layer_spec(changed.layers)
         return changed
-
-    # Settings that count things or scale steps: zero or less makes an empty plan or no update.
-    POSITIVE: ClassVar[tuple[str, ...]] = ("epochs", "lr", "batch_size", "grad_accum", "max_len",
-                                           "chunk_size", "lora_r")
-
-    def check(self) -> None:
-        """Raise one clear error for a setting out of range (e.g. ``chunk_size=0``)."""
-        for name in self.POSITIVE:
-            value = getattr(self, name, None)
-            if value is not None and not value > 0:
-                raise ValueError(f"{name}={value}: must be greater than 0")
-        if not 0.0 <= self.stop_knowledge < 1.0:
-            raise ValueError(f"stop_knowledge={self.stop_knowledge}: a share of the forget "
-                             f"questions, from 0 up to (not including) 1")
-
-
-def _convert(current, value):
-    if not isinstance(value, str) or isinstance(current, str):
-        return value
-    if isinstance(current, bool):
-        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise ValueError(f"expected true or false, not {value!r}")
-        return value.lower() in ("true", "1", "yes")
-    return type(current)(value)
 
 
 @dataclass(frozen=True)

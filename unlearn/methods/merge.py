@@ -16,6 +16,7 @@ from peft import PeftModel
 
 from ..io import RUN, atomic_directory, write_json
 from ..models.loading import load_model
+from ..settings import Range
 from .base import Method, register
 from .npo_kl import NPOKL, NPOKLConfig
 
@@ -32,6 +33,9 @@ class MergeConfig(NPOKLConfig):
     combination: str = "ties"  # linear | ties | dare_ties
     density: float = 0.8
 
+    RANGES = {"density": Range(0, 1, low_open=True)}
+    CHOICES = {"combination": tuple(COMBINATIONS)}
+
 
 @register
 class Merge(Method):
@@ -45,9 +49,6 @@ class Merge(Method):
         from ..engine import run  # the engine runs the two halves
 
         c = self.config
-        if c.combination not in COMBINATIONS:
-            raise ValueError(f"combination must be one of {', '.join(COMBINATIONS)}, "
-                             f"not {c.combination!r}")
         started = time.perf_counter()
         shared = {k: v for k, v in asdict(c).items()
                   if k not in ("weights_a", "weights_b", "combination", "density")}

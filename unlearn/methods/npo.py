@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
+from ..settings import POSITIVE
 from .base import Method, UnlearnConfig, register
 from .losses import forward, mean_over
 
@@ -22,6 +23,8 @@ class NPOConfig(UnlearnConfig):
     """Paper defaults: β = 0.1, retain term weight 1 (NPO+RT); lr 1e-5, 5 epochs."""
 
     beta: float = 0.1
+
+    RANGES = {"beta": POSITIVE}
 
 
 @register

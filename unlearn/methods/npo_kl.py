@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
+from ..settings import NON_NEGATIVE, POSITIVE
 from .base import Method, UnlearnConfig, register
 from .losses import forward, kl_to_reference, mean_over
 
@@ -20,6 +21,8 @@ class NPOKLConfig(UnlearnConfig):
     w_npo: float = 0.4
     w_kl: float = 0.4
     w_ce: float = 0.2
+
+    RANGES = {"beta": POSITIVE, **dict.fromkeys(("w_npo", "w_kl", "w_ce"), NON_NEGATIVE)}
     lora: bool = True
     lr: float = 1e-4
 

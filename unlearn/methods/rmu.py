@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..settings import NON_NEGATIVE, POSITIVE
 from .base import Method, UnlearnConfig, register
 from .losses import IGNORE
 
@@ -23,6 +24,8 @@ class RMUConfig(UnlearnConfig):
 
     layer: int = 7
     steering_coeff: float = 20.0
+
+    RANGES = {"layer": NON_NEGATIVE, "steering_coeff": POSITIVE}
     layers: str = "5-7"
     modules: str = "down_proj"
     lr: float = 5e-5

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
+from ..settings import NON_NEGATIVE, POSITIVE
 from .base import Method, UnlearnConfig, register
 from .losses import forward, mean_over
 
@@ -18,6 +19,8 @@ class SimNPOConfig(UnlearnConfig):
 
     beta: float = 2.5
     gamma: float = 0.0
+
+    RANGES = {"beta": POSITIVE, "gamma": NON_NEGATIVE}
 
 
 @register

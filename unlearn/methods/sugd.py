@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+from ..settings import NON_NEGATIVE, POSITIVE
 from .base import Method, UnlearnConfig, register
 from .losses import forward
 
@@ -33,6 +34,9 @@ class SUGDConfig(UnlearnConfig):
     lr: float = 1e-5
     layers: str = "last:8"
     schedule: str = "linear"
+
+    RANGES = {"chunk_size": POSITIVE, "positive_ratio": NON_NEGATIVE,
+              "positive_factor": NON_NEGATIVE}
 
 
 @register

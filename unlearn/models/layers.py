@@ -18,30 +18,47 @@ def decoder_layers(model) -> nn.ModuleList:
     return stacks[0]
 
 
-def layer_indices(spec: str, n: int) -> list[int]:
-    """``all``, ``last:K`` or a comma list of indices and ranges (``0,3,5``, ``0-5``) as sorted
-    layer indices in ``range(n)``."""
+def check_layer_spec(spec: str) -> None:
+    """Raise a ValueError naming ``layers=`` when ``spec`` is not ``all``, ``auto``,
+    ``last:K`` or a comma list of indices and ranges (the model's size is checked later)."""
+    _parse(spec)
+
+
+def _parse(spec: str) -> str | int | list[int]:
+    """``"all"``, ``"auto"``, K of ``last:K``, or the indices listed."""
     spec = spec.strip()
-    if spec == "all":
-        return list(range(n))
-    if spec.startswith("last:"):
-        k = int(spec[5:])
-        if not 1 <= k <= n:
-            raise ValueError(f"layers={spec}: the model has {n} layers; use 1..{n}")
-        return list(range(n - k, n))
-    chosen = set()
+    if spec in ("all", "auto"):
+        return spec
+    usage = f"layers={spec}: use all, last:K, auto or indices and ranges like 0-5 or 0,3,5"
     try:
+        if spec.startswith("last:"):
+            return int(spec[5:])
+        chosen = set()
         for part in (p.strip() for p in spec.split(",") if p.strip()):
             low, _, high = part.partition("-")
             chosen.update(range(int(low), int(high or low) + 1))
     except ValueError:
-        raise ValueError(f"layers={spec!r}: use all, last:K, auto or indices and ranges like "
-                         f"0-5 or 0,3,5") from None
-    chosen = sorted(chosen)
-    bad = [i for i in chosen if not 0 <= i < n]
-    if bad or not chosen:
+        raise ValueError(usage) from None
+    if not chosen:
+        raise ValueError(usage)
+    return sorted(chosen)
+
+
+def layer_indices(spec: str, n: int) -> list[int]:
+    """``all``, ``last:K`` or a comma list of indices and ranges (``0,3,5``, ``0-5``) as sorted
+    layer indices in ``range(n)``."""
+    parsed = _parse(spec)
+    if parsed == "all":
+        return list(range(n))
+    if parsed == "auto":
+        raise ValueError("layers=auto: read the layers from the trace first")
+    if isinstance(parsed, int):
+        if not 1 <= parsed <= n:
+            raise ValueError(f"layers={spec}: the model has {n} layers; use last:1..last:{n}")
+        return list(range(n - parsed, n))
+    if not all(0 <= i < n for i in parsed):
         raise ValueError(f"layers={spec}: indices must lie in 0..{n - 1}")
-    return chosen
+    return parsed
 
 
 def is_mlp(name: str) -> bool:

@@ -8,7 +8,11 @@ general corpus keeps being replayed meanwhile so that unseen text keeps a modera
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..accel import PRECISIONS
+from ..settings import NON_NEGATIVE, POSITIVE, SHARE, Range, override
 
 
 @dataclass(frozen=True)
@@ -45,13 +49,19 @@ class TargetPreset:
     weight_decay: float = 0.0
     precision: str = "auto"  # bf16 mixed precision where the hardware has it (see unlearn.accel)
 
+    RANGES: ClassVar[dict[str, Range]] = {
+        **dict.fromkeys(("vocab_size", "hidden_size", "num_layers", "num_heads",
+                         "intermediate_size", "max_len", "pretrain_lr", "lr", "check_every",
+                         "answer_weight", "batch_tokens", "max_rows"), POSITIVE),
+        **dict.fromkeys(("pretrain_tokens", "epochs", "replay", "warmup_steps",
+                         "weight_decay"), NON_NEGATIVE),
+        "label_smoothing": SHARE,
+    }
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"precision": PRECISIONS}
+
     def override(self, **changes) -> "TargetPreset":
-        known = {f.name: f.type for f in fields(self)}
-        unknown = sorted(set(changes) - set(known))
-        if unknown:
-            raise ValueError(f"unknown target setting(s) {', '.join(unknown)}; "
-                             f"known: {', '.join(sorted(known))}")
-        return replace(self, **{k: type(getattr(self, k))(v) for k, v in changes.items()})
+        """A copy with ``changes`` (strings from the command line are converted), checked."""
+        return override(self, changes, "the target preset")
 
 
 PRESETS = {
