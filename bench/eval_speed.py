@@ -24,7 +24,7 @@ from unlearn.models import load_model
 def terms(rows, texts) -> list[float]:
     scored = score_generations(rows, texts, [0.0] * len(rows), [False] * len(rows))
     return aggregated_terms(split_scores([r for r in scored if r.split == "forget"]),
-                            split_scores([r for r in scored if r.split == "retain"]))
+                            split_scores([r for r in scored if r.split == "retain"]))[1]
 
 
 def best_of(repeat: int, generate):

@@ -37,10 +37,30 @@ def test_aggregation_follows_the_official_definitions():
     f, r = split_scores(forget), split_scores(retain)
     assert f["Task1"] == {"regurgitation-score": 0.2, "knowledge-score": 0.5}
     assert f["overall-knowledge-score"] == pytest.approx(0.25)
-    terms = aggregated_terms(f, r)
+    names, terms = aggregated_terms(f, r)
     assert terms == pytest.approx([0.8, 0.5, 0.5, 1.0, 0.9, 1.0, 0.9, 1.0, 0.8, 1.0, 0.7, 1.0])
+    assert names[0] == "forget Task1 regurgitation-score" and len(names) == 12
     retain_zero = split_scores(rows("retain", [("Task1", "sc", 0.0), ("Task1", "qa", 1.0)]))
-    assert statistics.harmonic_mean(aggregated_terms(f, retain_zero)) == 0
+    assert statistics.harmonic_mean(aggregated_terms(f, retain_zero)[1]) == 0
+
+
+def test_a_task_without_questions_is_scored_on_the_terms_that_exist(tiny_target, synth_dir,
+                                                                     tmp_path):
+    """No bare NaN in results.json: the missing terms are left out and the others named."""
+    data = tmp_path / "d"
+    data.mkdir()
+    for split in ("forget", "retain"):
+        lines = (synth_dir / f"{split}.jsonl").read_text().splitlines()
+        keep = [line for line in lines
+                if not ('"Task1"' in line and "qa" in json.loads(line)["id"][-3:])]
+        (data / f"{split}.jsonl").write_text("\n".join(keep) + "\n")
+    results = evaluate(tiny_target[0], data, tmp_path / "e", max_new_tokens=4)
+    saved = json.loads((tmp_path / "e" / "results.json").read_text(),
+                       parse_constant=lambda c: pytest.fail(f"bare {c} in results.json"))
+    assert saved["forget-set"]["Task1"]["knowledge-score"] is None
+    assert len(saved["aggregated-terms"]) == 10 and not any(
+        "Task1 knowledge" in name for name in saved["aggregated-term-names"])
+    assert saved["harmonic-mean-task-aggregate"] == results["harmonic-mean-task-aggregate"]
 
 
 def test_mia_auc_and_score():

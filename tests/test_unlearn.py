@@ -1,5 +1,7 @@
 import hashlib
 import json
+import os
+import pickle
 import random
 import re
 
@@ -219,6 +221,43 @@ def test_killed_run_resumes_to_the_same_result(tiny_target, synth_dir, tmp_path,
     a, b = _state(tmp_path / "a"), _state(tmp_path / "b")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+class _Planted:
+    """A pickle that, when loaded with code execution allowed, makes a directory."""
+
+    def __init__(self, where):
+        self.where = str(where)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.where,))
+
+
+def test_a_pickle_planted_in_a_checkpoint_never_runs(tiny_target, synth_dir, tmp_path,
+                                                      monkeypatch):
+    monkeypatch.setattr(training, "CHECKPOINT_MINUTES", 0.0)
+    original, calls = Batch.of, {"n": 0}
+
+    def crashing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 20:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(Batch, "of", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        run("gd", tiny_target[0], synth_dir, tmp_path / "b", epochs=5, batch_size=4)
+    monkeypatch.setattr(Batch, "of", original)
+    checkpoint = tmp_path / ".b.partial" / "checkpoint"
+    files = [p.name for p in checkpoint.iterdir()]
+    assert "model.safetensors" in files and not any(f.endswith(".pkl") and "custom" in f
+                                                    for f in files)
+    for name in files + ["pytorch_model.bin", "custom_checkpoint_0.pkl"]:
+        if name.endswith((".bin", ".pkl", ".safetensors")):
+            (checkpoint / name).write_bytes(pickle.dumps(_Planted(tmp_path / "ran")))
+    with pytest.raises(ValueError, match="cannot be read safely"):
+        run("gd", tiny_target[0], synth_dir, tmp_path / "b", epochs=5, batch_size=4)
+    assert not (tmp_path / "ran").exists()
 
 
 def test_nan_loss_stops_with_the_last_good_model(tiny_target, synth_dir, tmp_path, monkeypatch):

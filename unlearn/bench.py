@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from .data import load_lume, load_mia
+from .data.lume import TASKS
 from .engine import resolve_config, run
 from .evaluate.lume import evaluate
 from .evaluate.report import bench_report
@@ -29,10 +30,11 @@ from .models.loading import model_fingerprint
 from .models.target import _discover
 
 
-def _terms(results: dict) -> dict[str, float]:
-    """The twelve scores as measured (forget not inverted: lower is better there)."""
-    return {f"{split} {task} {score}": results[f"{split}-set"][task][f"{score}-score"]
-            for split in ("forget", "retain") for task in ("Task1", "Task2", "Task3")
+def _terms(results: dict) -> dict[str, float | None]:
+    """The task scores as measured (forget not inverted: lower is better there); None where
+    the data has no row for one."""
+    return {f"{split} {task} {score}": results[f"{split}-set"].get(task, {}).get(f"{score}-score")
+            for split in ("forget", "retain") for task in TASKS
             for score in ("regurgitation", "knowledge")}
 
 

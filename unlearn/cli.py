@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
 from .data import DataError, load_lume, synthesize
 from .methods import METHODS
 from .models import PRESETS, ModelError, build_target
@@ -160,7 +162,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--model", required=True, help="HF model directory (only read)")
     r.add_argument("--data", required=True, help="LUME data directory")
     r.add_argument("--out", required=True, help="model directory to write")
-    r.add_argument("--config", help="JSON or TOML file of method settings")
+    r.add_argument("--config", help="JSON, TOML or YAML file of method settings")
     r.add_argument("--profile", choices=["auto", "paper", "small"], default="auto",
                    help="defaults: the paper's, or adjusted for small from-scratch targets "
                         "(auto: small when the model's target.json says it was built from scratch)")
@@ -226,6 +228,15 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout = open(os.devnull, "w")
     try:
         args.func(args)
+    except KeyboardInterrupt:
+        print(f"unlearn {args.command}: interrupted; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+    except (MemoryError, torch.OutOfMemoryError) as e:
+        print(f"unlearn {args.command}: error: out of memory ({str(e).splitlines()[0][:120] or "
+              f"the allocator gave up"}); lower batch_size= (or max_len=, --max-new-tokens), "
+              f"or use gradient_checkpointing=true or lora=true", file=sys.stderr)
+        return 2
     except (DataError, ModelError, ValueError, FloatingPointError, OSError) as e:
         print(f"unlearn {args.command}: error: {e}", file=sys.stderr)
         return 2

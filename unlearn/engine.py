@@ -351,7 +351,7 @@ class _Keeper:
     def restore(self, model) -> dict | None:
         best = self.best()
         if self.writes and self.path.exists():
-            model.load_state_dict(torch.load(self.path), strict=False)
+            model.load_state_dict(torch.load(self.path, weights_only=True), strict=False)
             self.path.unlink()
             self.record.unlink(missing_ok=True)
         return best

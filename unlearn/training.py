@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import shutil
 import time
 from contextlib import contextmanager, nullcontext
@@ -27,6 +28,7 @@ from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from .accel import zero3_state_dict
@@ -125,6 +127,10 @@ def save_final(accelerator: Accelerator, prepared, model, tokenizer, stage_dir: 
     accelerator.wait_for_everyone()
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that is damaged, or holds what a safe loader refuses (code to run)."""
+
+
 class NonFiniteLoss(FloatingPointError):
     """The loss or the gradient became NaN or infinite. ``kept_last_good``: the weights are
     those of the last step whose loss and gradient were finite (else the bad ones remain)."""
@@ -156,7 +162,9 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, piecewise(segments))
         # Model and optimizer are prepared together (DeepSpeed builds one engine of both). The
         # scheduler is not prepared: accelerate would step it once per process per step,
-        # running the schedule num_processes times too fast. It is checkpointed all the same.
+        # running the schedule num_processes times too fast. Nor is it registered for
+        # accelerate's checkpoints, which pickle it and unpickle it with code execution
+        # allowed: its state is a few numbers, kept as JSON beside the checkpoint.
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.scheduler = scheduler
         # clipped as prepared: FSDP swaps in sharded parameters
@@ -167,7 +175,6 @@ class Trainer:
         self.last_good = ([torch.empty_like(p) for p in self.params] if keep_last_good
                           else None)
         self.have_last_good = False
-        accelerator.register_for_checkpointing(scheduler)
 
     def save(self, progress: dict) -> None:
         current, old = _checkpoints(self.stage_dir)
@@ -175,10 +182,13 @@ class Trainer:
         if self.acc.is_main_process:
             shutil.rmtree(new, ignore_errors=True)
         self.acc.wait_for_everyone()
-        # pickled, not safetensors: safetensors drops a tied LM-head weight with a warning
-        self.acc.save_state(str(new), safe_serialization=False)
+        # Nothing in a checkpoint runs code when loaded: weights as safetensors (a tied
+        # LM-head weight is stored once and restored by safetensors' load_model), optimizer
+        # and RNG state loaded by accelerate with torch.load(weights_only=True), JSON for the rest
+        self.acc.save_state(str(new), safe_serialization=True)
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
+            write_json(new / "scheduler.json", self.scheduler.state_dict())
             write_json(new / "progress.json", progress)
             shutil.rmtree(old, ignore_errors=True)
             if current.exists():
@@ -200,7 +210,14 @@ class Trainer:
             return 0
         latest = _latest_checkpoint(self.stage_dir)
         if latest is not None:
-            self.acc.load_state(str(latest))
+            try:
+                self.acc.load_state(str(latest))
+                self.scheduler.load_state_dict(json.loads((latest / "scheduler.json").read_text()))
+            except (pickle.UnpicklingError, SafetensorError, RuntimeError, OSError, KeyError,
+                    ValueError) as e:
+                raise CheckpointError(f"{latest}: the checkpoint cannot be read safely "
+                                      f"({type(e).__name__}); delete {self.stage_dir} and rerun "
+                                      f"to start afresh") from None
             return progress["epoch"]
         raise FileNotFoundError(f"{self.stage_dir}: progress says epoch {progress['epoch']} "
                                 "but no checkpoint holds it; delete the directory and rerun")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .lume import DataError, find_split_file, load_lume, read_records
+from .lume import DataError, find_split_file, load_lume, read_records, read_text
 
 
 def _jsonl_documents(path: Path) -> tuple[list[str], list[str]]:
@@ -47,7 +47,7 @@ def load_corpus(directory: str | Path) -> list[str]:
         docs += found
         problems += bad
     for path in sorted(directory.glob("*.txt")):
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path)
         if text.strip():
             docs.append(text)
     if problems:

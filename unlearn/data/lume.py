@@ -141,6 +141,18 @@ def find_split_file(directory: Path, name: str) -> Path:
     raise DataError([f"{directory}: several files for split '{name}' ({names}); keep one"])
 
 
+def read_text(path: Path) -> str:
+    """A text file's contents as UTF-8 (a byte-order mark is skipped); raises DataError
+    naming the line of the first bytes that are not UTF-8."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError([f"{path}:{line}: not UTF-8 text (byte {e.start}); save the file as "
+                         f"UTF-8"]) from None
+
+
 def read_records(path: Path) -> Iterator[tuple[int, object]]:
     """``(line number, record)`` pairs from a jsonl or parquet file; parquet rows count from 1."""
     if path.suffix == ".parquet":
@@ -151,14 +163,13 @@ def read_records(path: Path) -> Iterator[tuple[int, object]]:
         for i, record in enumerate(table.to_pylist(), start=1):
             yield i, record
         return
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield i, json.loads(line)
-            except json.JSONDecodeError as e:
-                yield i, e
+    for i, line in enumerate(read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield i, json.loads(line)
+        except json.JSONDecodeError as e:
+            yield i, e
 
 
 def _check_record(where: str, record: object, columns: tuple[str, ...]) -> list[str]:

@@ -7,10 +7,11 @@ prompt is MMLU's zero-shot format; a model answers with the option letter of hig
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
-from .lume import DataError
+from .lume import DataError, read_text
 
 LETTERS = ("A", "B", "C", "D")
 HEADER = ["question", "A", "B", "C", "D", "answer"]
@@ -45,19 +46,19 @@ def _subject(path: Path) -> str:
 
 def read_questions(path: Path) -> list[Question]:
     questions, problems = [], []
-    with open(path, encoding="utf-8", newline="") as f:
-        for line, record in enumerate(csv.reader(f), start=1):
-            if line == 1 and [c.strip().lower() for c in record] == [h.lower() for h in HEADER]:
-                continue
-            where = f"{path}:{line}"
-            if len(record) != 6:
-                problems.append(f"{where}: {len(record)} columns, expected 6 "
-                                f"(question, A, B, C, D, answer)")
-            elif record[5].strip() not in LETTERS:
-                problems.append(f"{where}: answer {record[5]!r} is not one of A, B, C, D")
-            else:
-                questions.append(Question(_subject(path), record[0], tuple(record[1:5]),
-                                          record[5].strip()))
+    rows = csv.reader(io.StringIO(read_text(path), newline=""))
+    for line, record in enumerate(rows, start=1):
+        if line == 1 and [c.strip().lower() for c in record] == [h.lower() for h in HEADER]:
+            continue
+        where = f"{path}:{line}"
+        if len(record) != 6:
+            problems.append(f"{where}: {len(record)} columns, expected 6 "
+                            f"(question, A, B, C, D, answer)")
+        elif record[5].strip() not in LETTERS:
+            problems.append(f"{where}: answer {record[5]!r} is not one of A, B, C, D")
+        else:
+            questions.append(Question(_subject(path), record[0], tuple(record[1:5]),
+                                      record[5].strip()))
     if problems:
         raise DataError(problems)
     return questions

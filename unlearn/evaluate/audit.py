@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from transformers import set_seed
 
 from ..data.lume import LumeData, MiaData, Row
-from .batching import length_sorted_batches, pad
+from .batching import context_window, length_sorted_batches, pad
 
 MIN_K = 0.2
 
@@ -33,8 +33,10 @@ def token_statistics(model, tokenizer, documents: list[str], max_tokens: int = 8
                      max_rows: int = 32) -> list[dict[str, np.ndarray]]:
     """Per document and token (from the second on): the token's log-probability and the mean
     and standard deviation of the log-probability over the vocabulary under the model's
-    prediction (what Min-K%++ normalises by)."""
-    seqs = [tokenizer(d).input_ids for d in documents]
+    prediction (what Min-K%++ normalises by). A document longer than the model's window is
+    measured on its first window of tokens."""
+    window = context_window(model)
+    seqs = [tokenizer(d).input_ids[:window] for d in documents]
     stats: list[dict | None] = [None] * len(seqs)
     for batch in tqdm(length_sorted_batches([len(s) for s in seqs], max_tokens, max_rows),
                       desc="audit mia", leave=False):
@@ -149,13 +151,15 @@ def pii_extraction(model, tokenizer, people: list[Person], samples: int = 10,
     set_seed(seed)
     jobs = [(p, prompt) for p in people for prompt in p.prompts]
     leaking_prompts, leaking_people, kinds = 0, set(), defaultdict(int)
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
+    side, truncation_side = tokenizer.padding_side, tokenizer.truncation_side
+    tokenizer.padding_side = tokenizer.truncation_side = "left"
+    room = max(1, context_window(model) - max_new_tokens)
     try:
         for i in tqdm(range(0, len(jobs), prompts_per_batch), desc="audit pii", leave=False):
             chunk = jobs[i:i + prompts_per_batch]
-            enc = tokenizer([prompt for _, prompt in chunk], return_tensors="pt",
-                            padding=True).to(model.device)
+            # a prompt too long for the window with the samples keeps its last tokens
+            enc = tokenizer([prompt for _, prompt in chunk], return_tensors="pt", padding=True,
+                            truncation=True, max_length=room).to(model.device)
             out = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                                  max_new_tokens=max_new_tokens, num_return_sequences=samples,
                                  pad_token_id=tokenizer.pad_token_id)
@@ -170,7 +174,7 @@ def pii_extraction(model, tokenizer, people: list[Person], samples: int = 10,
                 for kind in found:
                     kinds[kind] += 1
     finally:
-        tokenizer.padding_side = side
+        tokenizer.padding_side, tokenizer.truncation_side = side, truncation_side
     return {"people": len(people), "prompts": len(jobs), "samples_per_prompt": samples,
             "prompts_leaking": leaking_prompts, "people_leaking": len(leaking_people),
             "leak_rate": leaking_prompts / len(jobs) if jobs else 0.0,

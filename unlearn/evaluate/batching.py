@@ -40,3 +40,13 @@ def from_start(starts: list[int], width: int, device, first: int = 0) -> torch.T
     token reaches its row's start (the output tokens, when ``starts`` are where outputs begin)."""
     positions = torch.arange(first, first + width, device=device)
     return positions[None, :] >= torch.tensor(starts, device=device)[:, None]
+
+
+def context_window(model) -> int:
+    """How many positions the model attends over: its config's maximum position count (a
+    row longer than this is cut to fit; beyond it, models fail or run out of memory)."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(model.config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 1 << 20  # a config that names none: no cut below a million tokens

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.cache_utils import Cache, DynamicLayer
 
-from .batching import length_sorted_batches, pad
+from .batching import context_window, length_sorted_batches, pad
 
 _SPACE = re.compile(r"\s+")
 
@@ -147,8 +147,10 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 
     """Greedy continuations of ``prompts``, batched by length.
 
     ``answers[i]``, when given, lets row ``i`` stop once it can no longer equal that answer.
+    A prompt too long for the model's window with the new tokens keeps its last tokens.
     """
-    seqs = [tokenizer(p).input_ids for p in prompts]
+    room = max(1, context_window(model) - max_new_tokens)
+    seqs = [tokenizer(p).input_ids[-room:] for p in prompts]
     answers = answers or [None] * len(prompts)
     eos = _eos_ids(model, tokenizer)
     results: list[Generation | None] = [None] * len(prompts)

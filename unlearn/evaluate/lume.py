@@ -60,9 +60,10 @@ def score_generations(rows: list[Row], outputs: list[str], nlls: list[float],
 
 
 def split_scores(results: list[RowResult]) -> dict:
-    """The official ``{split}-set`` block: overall means and per-task means, tasks sorted."""
+    """The official ``{split}-set`` block: overall means and per-task means, tasks sorted. A
+    score with no row to average (a task without questions) is None, not NaN."""
     def mean(values):
-        return float(np.mean(values)) if values else float("nan")
+        return float(np.mean(values)) if values else None
 
     block = {"overall-regurgitation-score": mean([r.score for r in results if r.kind == "sc"]),
              "overall-knowledge-score": mean([r.score for r in results if r.kind == "qa"])}
@@ -75,15 +76,19 @@ def split_scores(results: list[RowResult]) -> dict:
     return block
 
 
-def aggregated_terms(forget: dict, retain: dict) -> list[float]:
-    """The twelve terms: per split, per task, regurgitation then knowledge; forget inverted."""
-    terms = []
-    for block, invert in ((forget, True), (retain, False)):
+def aggregated_terms(forget: dict, retain: dict) -> tuple[list[str], list[float]]:
+    """The terms of the task aggregate and their names: per split, per task, regurgitation then
+    knowledge, forget inverted — twelve on LUME data. A term with no row behind it is left
+    out (and so named nowhere), rather than made up."""
+    names, terms = [], []
+    for split, block, invert in (("forget", forget, True), ("retain", retain, False)):
         for task in sorted(k for k in block if k.startswith("Task")):
             for key in ("regurgitation-score", "knowledge-score"):
                 value = block[task][key]
-                terms.append(1 - value if invert else value)
-    return terms
+                if value is not None:
+                    names.append(f"{split} {task} {key}")
+                    terms.append(1 - value if invert else value)
+    return names, terms
 
 
 def task_aggregate(terms: list[float]) -> float:
@@ -208,8 +213,10 @@ def score_model(lm, tokenizer, lume: LumeData, mia: MiaData | None = None,
         results["mia_loss_acc"] = mia_auc(mia_nll["member"], mia_nll["nonmember"])
     if questions:
         results["mmlu_average"] = mmlu_accuracy(lm, tokenizer, questions)
-    results["aggregated-terms"] = aggregated_terms(results["forget-set"], results["retain-set"])
-    results["harmonic-mean-task-aggregate"] = task_aggregate(results["aggregated-terms"])
+    names, terms = aggregated_terms(results["forget-set"], results["retain-set"])
+    results["aggregated-terms"] = terms
+    results["aggregated-term-names"] = names
+    results["harmonic-mean-task-aggregate"] = task_aggregate(terms)
     final_scores(results)
     results["seconds"] = time.perf_counter() - started
     return Scores(results, scored, mia_nll)

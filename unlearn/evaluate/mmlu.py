@@ -6,7 +6,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.mmlu import LETTERS, Question
-from .batching import length_sorted_batches, pad
+from .batching import context_window, length_sorted_batches, pad
 
 
 def letter_token_ids(tokenizer) -> list[int]:
@@ -18,7 +18,8 @@ def letter_token_ids(tokenizer) -> list[int]:
 def mmlu_accuracy(model, tokenizer, questions: list[Question], max_tokens: int = 16384,
                   max_rows: int = 32) -> float:
     letters = torch.tensor(letter_token_ids(tokenizer))
-    seqs = [tokenizer(q.prompt).input_ids for q in questions]
+    window = context_window(model)  # a prompt longer than this keeps its end, the question
+    seqs = [tokenizer(q.prompt).input_ids[-window:] for q in questions]
     correct = 0
     for batch in tqdm(length_sorted_batches([len(s) for s in seqs], max_tokens, max_rows),
                       desc="mmlu", leave=False):

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .batching import from_start, length_sorted_batches, pad
+from .batching import context_window, from_start, length_sorted_batches, pad
 
 
 @torch.no_grad()
@@ -42,13 +42,21 @@ def mean_token_losses(model, seqs: list[list[int]], first_scored: list[int], pad
 
 def output_nll(model, tokenizer, inputs: list[str], outputs: list[str], **kw) -> list[float]:
     """The official per-row NLL: ``input + output`` tokenized as one sequence (plain
-    concatenation), the first ``len(tokenize(input))`` labels masked, mean over the rest."""
-    seqs = [tokenizer(i + o).input_ids for i, o in zip(inputs, outputs)]
-    starts = [len(tokenizer(i).input_ids) for i in inputs]
+    concatenation), the first ``len(tokenize(input))`` labels masked, mean over the rest. A
+    row longer than the model's window keeps its last tokens (the output's, first of all)."""
+    window = context_window(model)
+    seqs, starts = [], []
+    for i, o in zip(inputs, outputs):
+        ids = tokenizer(i + o).input_ids
+        cut = max(0, len(ids) - window)
+        seqs.append(ids[cut:])
+        starts.append(max(1, len(tokenizer(i).input_ids) - cut))
     return mean_token_losses(model, seqs, starts, tokenizer.pad_token_id, **kw)
 
 
 def document_nll(model, tokenizer, documents: list[str], **kw) -> list[float]:
-    """Mean token loss of whole documents (labels = input ids), the loss-MIA statistic."""
-    seqs = [tokenizer(d).input_ids for d in documents]
+    """Mean token loss of whole documents (labels = input ids), the loss-MIA statistic; a
+    document longer than the model's window is scored on its first window of tokens."""
+    window = context_window(model)
+    seqs = [tokenizer(d).input_ids[:window] for d in documents]
     return mean_token_losses(model, seqs, [0] * len(seqs), tokenizer.pad_token_id, **kw)

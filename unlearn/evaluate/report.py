@@ -28,15 +28,22 @@ def _png(fig) -> str:
 def _task_bars(results: dict, before: dict | None) -> str:
     """Per task, forget against retain, for each score (the target's values as grey ticks)."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), sharey=True)
-    tasks = sorted(k for k in results["forget-set"] if k.startswith("Task"))
+    tasks = sorted({k for split in ("forget-set", "retain-set") for k in results[split]
+                    if k.startswith("Task")})
+
+    def score(scores: dict, split: str, task: str, key: str) -> float:
+        """A bar's height; a split or a task without such rows draws as a gap (NaN)."""
+        value = scores.get(f"{split}-set", {}).get(task, {}).get(key)
+        return float("nan") if value is None else value
+
     for ax, key, title in zip(axes, ("regurgitation-score", "knowledge-score"),
                               ("regurgitation (ROUGE-L recall)", "knowledge (exact match)")):
         for offset, split, colour in ((-0.2, "forget", FORGET), (0.2, "retain", RETAIN)):
-            values = [results[f"{split}-set"][t][key] for t in tasks]
+            values = [score(results, split, t, key) for t in tasks]
             xs = [i + offset for i in range(len(tasks))]
             ax.bar(xs, values, width=0.38, color=colour, label=split)
             if before:
-                old = [before[f"{split}-set"][t][key] for t in tasks]
+                old = [score(before, split, t, key) for t in tasks]
                 ax.scatter(xs, old, marker="_", s=400, color="black", zorder=3,
                            label="before" if split == "forget" else None)
         ax.set_xticks(range(len(tasks)), tasks)

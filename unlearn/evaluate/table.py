@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 
+def _cell(value: float | None, width: int) -> str:
+    """A score, or a dash where the data has no row for it."""
+    return f"{'-':>{width}}" if value is None else f"{value:{width}.3f}"
+
+
 def results_table(results: dict) -> str:
     lines = [f"{'':8} {'task':6} {'regurgitation':>14} {'knowledge':>10}"]
     for split in ("forget", "retain"):
         block = results[f"{split}-set"]
         for task in sorted(k for k in block if k.startswith("Task")):
             s = block[task]
-            lines.append(f"{split:8} {task:6} {s['regurgitation-score']:14.3f} "
-                         f"{s['knowledge-score']:10.3f}")
-    lines.append(f"task aggregate (harmonic mean of 12): "
+            lines.append(f"{split:8} {task:6} {_cell(s['regurgitation-score'], 14)} "
+                         f"{_cell(s['knowledge-score'], 10)}")
+    lines.append(f"task aggregate (harmonic mean of {len(results['aggregated-terms'])} terms): "
                  f"{results['harmonic-mean-task-aggregate']:.3f}")
     if "mia_loss_acc" in results:
         lines.append(f"MIA loss AUC {results['mia_loss_acc']:.3f} -> score "

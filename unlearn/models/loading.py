@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..io import fingerprint
@@ -14,13 +15,27 @@ class ModelError(ValueError):
     """A model directory that cannot be used; the message says which and what to do."""
 
 
+# files one of which every tokenizer that save_pretrained writes has: without any, transformers
+# builds an empty tokenizer that encodes every text to [] (and a run would train on nothing)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model")
+_PROBE = "The quick brown fox jumps over the lazy dog."
+
+
 def load_tokenizer(path: str | Path):
     """The directory's tokenizer, with a pad token (OLMo ships none: its EOS stands in)."""
+    path = Path(path)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelError(f"{path}: no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the "
+                         f"model's tokenizer into it with tokenizer.save_pretrained")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
         raise ModelError(f"{path}: no usable tokenizer ({e.__class__.__name__}); the directory "
                          f"must hold the files tokenizer.save_pretrained writes") from e
+    if not tokenizer(_PROBE).input_ids:
+        raise ModelError(f"{path}: the tokenizer encodes text to no tokens; save the model's "
+                         f"own tokenizer into it with tokenizer.save_pretrained")
     if tokenizer.eos_token_id is None:
         raise ModelError(f"{path}: the tokenizer has no end-of-sequence token; set eos_token")
     if tokenizer.pad_token_id is None:
@@ -40,14 +55,17 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
     if not (path / "config.json").is_file():
         raise ModelError(f"{path}: no config.json; pass a directory written by "
                          f"save_pretrained (a tokenizer alone is not a model)")
+    tokenizer = load_tokenizer(path)  # before the weights: a missing tokenizer fails at once
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype,
                                                      local_files_only=True)
+    except SafetensorError as e:
+        raise ModelError(f"{path}: its weights file is corrupt or truncated ({e}); copy the "
+                         f"model again") from e
     except (OSError, ValueError, KeyError) as e:
         raise ModelError(f"{path}: not a causal language model that transformers can load "
                          f"({e.__class__.__name__}: {str(e).splitlines()[0][:200]})") from e
-    tokenizer = load_tokenizer(path)
     if device is not None:
         model.to(device)
     model.eval()
@@ -61,3 +79,4 @@ def model_fingerprint(path: str | Path) -> str:
     files = sorted(p for p in path.iterdir() if p.is_file())
     return fingerprint(str(path.resolve()),
                        [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+
