@@ -5,6 +5,7 @@ import pytest
 
 from unlearn.bench import bench
 from unlearn.data import load_mia
+from unlearn.models.loading import model_fingerprint
 
 
 def test_bench_compares_methods_with_target_and_oracle(synth_dir, tmp_path):
@@ -39,10 +40,20 @@ def test_bench_compares_methods_with_target_and_oracle(synth_dir, tmp_path):
     # a target fine-tuned from a base this package trained from scratch is still a small model
     assert record["profile"] == "small"
     # a second run reuses every cached stage
+    run_json = tmp_path / "b" / "seed0" / "gd" / "run.json"
+    made = run_json.stat().st_mtime_ns
     again = bench(synth_dir, tmp_path / "b", methods=("gd",), preset="tiny",
                   settings={"gd": {"epochs": 2, "batch_size": 4}},
                   target_settings={"epochs": 30, "pretrain_tokens": 8000})
-    assert again["rows"] == board["rows"]
+    assert again["rows"] == board["rows"] and run_json.stat().st_mtime_ns == made
+    # ... but not a run or its evaluation made with other settings
+    changed = bench(synth_dir, tmp_path / "b", methods=("gd",), preset="tiny",
+                    settings={"gd": {"epochs": 2, "batch_size": 4, "lr": 3e-3}},
+                    target_settings={"epochs": 30, "pretrain_tokens": 8000})
+    assert json.loads(run_json.read_text())["config"]["lr"] == 3e-3
+    evaluated = json.loads((tmp_path / "b" / "seed0" / "eval-gd" / "eval.json").read_text())
+    assert evaluated["model_files"] == model_fingerprint(run_json.parent)
+    assert changed["rows"][:2] == board["rows"][:2]  # target and oracle reused
     # a method stopping by the MIA calibrates on a held-out split; every model is scored on the rest
     # (a `label:method` variant, with its settings under its label)
     stopping = bench(synth_dir, tmp_path / "s", methods=("gd_stop:gd",), preset="tiny",

@@ -233,9 +233,10 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     except (MemoryError, torch.OutOfMemoryError) as e:
-        print(f"unlearn {args.command}: error: out of memory ({str(e).splitlines()[0][:120] or "
-              f"the allocator gave up"}); lower batch_size= (or max_len=, --max-new-tokens), "
-              f"or use gradient_checkpointing=true or lora=true", file=sys.stderr)
+        detail = (str(e).splitlines() or ["the allocator gave up"])[0][:120]
+        print(f"unlearn {args.command}: error: out of memory ({detail}); lower batch_size= "
+              f"(or max_len=, --max-new-tokens), or use gradient_checkpointing=true or "
+              f"lora=true", file=sys.stderr)
         return 2
     except (DataError, ModelError, ValueError, FloatingPointError, OSError) as e:
         print(f"unlearn {args.command}: error: {e}", file=sys.stderr)
