@@ -195,3 +195,18 @@ def test_mia_split_holds_out_a_seeded_share_and_saves_the_rest(synth_dir, tmp_pa
         assert len(part_held) == max(2, round(0.3 * len(whole)))
     assert mia.split(0.3, seed=1) == (held, rest) and mia.split(0.3, seed=2) != (held, rest)
     assert load_mia(rest.save(tmp_path / "rest")) == rest
+
+
+def test_a_byte_order_mark_is_read_and_bad_bytes_are_named_by_line(lume_dir, tmp_path):
+    forget = lume_dir / "forget.jsonl"
+    forget.write_bytes(b"\xef\xbb\xbf" + forget.read_bytes())
+    assert [r.id for r in load_lume(lume_dir).forget][0] == "alphasc1"
+    lines = forget.read_bytes().split(b"\n")
+    lines[2] = lines[2].replace(b"Start", b"St\xffart")
+    forget.write_bytes(b"\n".join(lines))
+    with pytest.raises(DataError, match=r"forget.jsonl:3: not UTF-8 text \(byte \d+\); save"):
+        load_lume(lume_dir)
+    (tmp_path / "mmlu").mkdir()
+    (tmp_path / "mmlu" / "q.csv").write_bytes(b"q,a,b,c,d,A\nq2,\xe9,b,c,d,B\n")
+    with pytest.raises(DataError, match=r"q.csv:2: not UTF-8 text"):
+        load_mmlu(tmp_path / "mmlu")

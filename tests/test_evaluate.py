@@ -4,6 +4,7 @@ import statistics
 import pandas as pd
 import pytest
 
+from unlearn.data import load_lume
 from unlearn.evaluate.lume import (RowResult, aggregated_terms, evaluate, mia_auc, mia_score,
                                    read_rows_csv, split_scores, write_rows_csv)
 
@@ -54,6 +55,7 @@ def test_a_task_without_questions_is_scored_on_the_terms_that_exist(tiny_target,
         keep = [line for line in lines
                 if not ('"Task1"' in line and "qa" in json.loads(line)["id"][-3:])]
         (data / f"{split}.jsonl").write_text("\n".join(keep) + "\n")
+    assert load_lume(data).absent_terms() == ["forget Task1 knowledge", "retain Task1 knowledge"]
     results = evaluate(tiny_target[0], data, tmp_path / "e", max_new_tokens=4)
     saved = json.loads((tmp_path / "e" / "results.json").read_text(),
                        parse_constant=lambda c: pytest.fail(f"bare {c} in results.json"))

@@ -38,6 +38,10 @@ def cmd_synth(args) -> None:
 def cmd_check(args) -> None:
     data = load_lume(args.dir)
     print(json.dumps(data.summary(), indent=2))
+    absent = data.absent_terms()
+    if absent:
+        print(f"note: no rows for {', '.join(absent)}; the task aggregate is the harmonic mean "
+              f"of the other terms")
 
 
 def cmd_target(args) -> None:

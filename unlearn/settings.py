@@ -43,7 +43,6 @@ class Range:
 POSITIVE = Range(0, low_open=True)
 NON_NEGATIVE = Range(0)
 SHARE = Range(0, 1, high_open=True)  # a share that may be 0 but not everything
-OPEN_SHARE = Range(0, 1, low_open=True, high_open=True)
 
 
 def convert(name: str, current: Any, value: Any) -> Any:

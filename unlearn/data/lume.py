@@ -78,6 +78,15 @@ class LumeData:
     def rows(self) -> list[Row]:
         return self.forget + self.retain
 
+    def absent_terms(self) -> list[str]:
+        """Terms of the task aggregate that no row feeds (``forget Task1 knowledge``: a task
+        without questions); the aggregate is then taken over the others."""
+        have = {(r.split, r.task, r.kind) for r in self.rows}
+        tasks = sorted({r.task for r in self.rows})
+        return [f"{split} {task} {'regurgitation' if kind == 'sc' else 'knowledge'}"
+                for split in ("forget", "retain") for task in tasks for kind in KINDS
+                if (split, task, kind) not in have]
+
     def summary(self) -> dict[str, dict[str, int]]:
         """Row counts per split, keyed ``Task1/sc`` and so on."""
         out = {}

@@ -15,7 +15,7 @@ import torch
 
 from ..accel import PRECISIONS
 from ..models.layers import check_layer_spec
-from ..settings import NON_NEGATIVE, OPEN_SHARE, POSITIVE, SHARE, Range
+from ..settings import NON_NEGATIVE, POSITIVE, SHARE, Range
 from ..settings import override as override_settings
 from ..training import SCHEDULES
 from .losses import Batch, Reference
@@ -78,7 +78,7 @@ class UnlearnConfig:
         **dict.fromkeys(("weight_decay", "max_grad_norm", "retain_weight", "stop_every"),
                         NON_NEGATIVE),
         **dict.fromkeys(("warmup_ratio", "lora_dropout", "stop_knowledge"), SHARE),
-        "stop_split": OPEN_SHARE,
+        "stop_split": Range(0, 1, low_open=True),
     }
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "schedule": SCHEDULES, "precision": PRECISIONS, "stop_at": ("", "mia", "knowledge")}
