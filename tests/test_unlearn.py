@@ -199,24 +199,30 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_update(tiny_target
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
-def test_killed_run_resumes_to_the_same_result(tiny_target, synth_dir, tmp_path, monkeypatch):
-    kw = dict(seed=3, epochs=1, chunk_size=3)
-    run("sugd", tiny_target[0], synth_dir, tmp_path / "a", **kw)
+def _interrupted_run(monkeypatch, batches: int, method: str, *args, **kwargs) -> None:
+    """``run`` killed as it builds its ``batches``-th batch, with a checkpoint after every
+    epoch before that."""
     monkeypatch.setattr(training, "CHECKPOINT_MINUTES", 0.0)
     original, calls = Batch.of, {"n": 0}
 
-    def crashing(*args, **kwargs):
+    def crashing(*a, **kw):
         calls["n"] += 1
-        if calls["n"] == 5:
+        if calls["n"] == batches:
             raise KeyboardInterrupt
-        return original(*args, **kwargs)
+        return original(*a, **kw)
 
     monkeypatch.setattr(Batch, "of", crashing)
     with pytest.raises(KeyboardInterrupt):
-        run("sugd", tiny_target[0], synth_dir, tmp_path / "b", **kw)
+        run(method, *args, **kwargs)
+    monkeypatch.setattr(Batch, "of", original)
+
+
+def test_killed_run_resumes_to_the_same_result(tiny_target, synth_dir, tmp_path, monkeypatch):
+    kw = dict(seed=3, epochs=1, chunk_size=3)
+    run("sugd", tiny_target[0], synth_dir, tmp_path / "a", **kw)
+    _interrupted_run(monkeypatch, 5, "sugd", tiny_target[0], synth_dir, tmp_path / "b", **kw)
     assert not (tmp_path / "b").exists()
     assert (tmp_path / ".b.partial" / "checkpoint").is_dir()
-    monkeypatch.setattr(Batch, "of", original)
     run("sugd", tiny_target[0], synth_dir, tmp_path / "b", **kw)
     a, b = _state(tmp_path / "a"), _state(tmp_path / "b")
     for k in a:
@@ -235,19 +241,8 @@ class _Planted:
 
 def test_a_pickle_planted_in_a_checkpoint_never_runs(tiny_target, synth_dir, tmp_path,
                                                       monkeypatch):
-    monkeypatch.setattr(training, "CHECKPOINT_MINUTES", 0.0)
-    original, calls = Batch.of, {"n": 0}
-
-    def crashing(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 20:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(Batch, "of", crashing)
-    with pytest.raises(KeyboardInterrupt):
-        run("gd", tiny_target[0], synth_dir, tmp_path / "b", epochs=5, batch_size=4)
-    monkeypatch.setattr(Batch, "of", original)
+    _interrupted_run(monkeypatch, 20, "gd", tiny_target[0], synth_dir, tmp_path / "b",
+                     epochs=5, batch_size=4)
     checkpoint = tmp_path / ".b.partial" / "checkpoint"
     files = [p.name for p in checkpoint.iterdir()]
     assert "model.safetensors" in files and not any(f.endswith(".pkl") and "custom" in f

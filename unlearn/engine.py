@@ -26,7 +26,6 @@ from .evaluate.memorisation import score_rows
 from .evaluate.nll import document_nll
 from .io import RUN, atomic_directory, claim_output, fingerprint, staging_path, write_json
 from .methods import Method, get_method
-from .settings import read_settings_file
 from .methods.base import Example
 from .methods.losses import Batch, Reference, forward
 from .locate.locate import read_layers
@@ -34,14 +33,16 @@ from .models.layers import (decoder_layers, is_attention, is_mlp, layer_indices,
                              resolve_projections)
 from .models.loading import load_model, model_fingerprint
 from .models.target import trained_from_scratch
+from .settings import read_settings_file
 from .training import Epoch, NonFiniteLoss, Segment, Trainer, resume_progress, save_final
 
 
 def resolve_config(method: type[Method], model_dir: Path, profile: str = "auto",
                    config_file: str | Path | None = None, **overrides):
     """The method's paper defaults; then, for a ``small`` profile, its small-target adjustments;
-    then a JSON, TOML or YAML config file; then ``overrides``. ``auto`` picks ``small`` for targets that
-    ``unlearn target`` trained from scratch (or from a base it trained from scratch)."""
+    then a JSON, TOML or YAML config file; then ``overrides``. ``auto`` picks ``small`` for
+    targets that ``unlearn target`` trained from scratch (or from a base it trained from
+    scratch)."""
     if profile == "auto":
         profile = "small" if trained_from_scratch(model_dir) else "paper"
     if profile not in ("paper", "small"):
@@ -187,7 +188,8 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
     plan, segments = _plan(algorithm, forget, retain, seed)
     if eval_points:
         eval_every = max(1, len(plan) // eval_points)
-    run_id = fingerprint(method, asdict(settings), seed, str(model_dir.resolve()),
+    # a checkpoint resumes only the same job: method, settings, seed, these model files, data
+    run_id = fingerprint(method, asdict(settings), seed, model_files,
                          [(e.ids, e.start) for e in forget + retain])
 
     if zero3(accelerator):

@@ -76,6 +76,8 @@ def model_fingerprint(path: str | Path) -> str:
     """What identifies the model in a directory without reading its weights: where it is, and
     the name, size and modification time of each file in it (a retrained model differs)."""
     path = Path(path)
+    if not path.is_dir():
+        raise ModelError(f"{path}: model directory not found")
     files = sorted(p for p in path.iterdir() if p.is_file())
     return fingerprint(str(path.resolve()),
                        [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files])

@@ -39,7 +39,7 @@ from ..evaluate.nll import document_nll, token_stats
 from ..accel import make_accelerator, numel
 from ..io import TARGET, atomic_directory, claim_output, fingerprint
 from ..training import Epoch, NonFiniteLoss, Segment, Trainer, resume_progress, save_final
-from .loading import load_model, load_tokenizer
+from .loading import load_model, load_tokenizer, model_fingerprint
 from .presets import PRESETS, TargetPreset
 from .tokenizer import train_tokenizer
 
@@ -209,7 +209,8 @@ def build_target(data: str | Path, out: str | Path, preset: str = "small",
     mia_docs = load_mia(mia) if mia else None
     data_hash = fingerprint([(r.id, r.input, r.output, r.task, r.split) for r in lume.rows],
                             corpus, [q.text for q in questions])
-    run_id = fingerprint(data_hash, asdict(settings), seed, str(init), oracle)
+    run_id = fingerprint(data_hash, asdict(settings), seed,
+                         model_fingerprint(init) if init else None, oracle)
 
     set_seed(seed)
     accelerator = make_accelerator(settings.precision, micro_batch=settings.max_rows)
