@@ -200,6 +200,18 @@ def atomic_directory(out: str | Path, kind: Output, resumable: bool = False,
     _publish(stage, out, kind)
 
 
+def read_utf8(path: Path) -> str:
+    """A text file's contents as UTF-8 (a byte-order mark is skipped); raises ValueError
+    naming the line of the first bytes that are not UTF-8."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {e.start}); save the file as "
+                         f"UTF-8") from None
+
+
 def write_json(path: str | Path, data: object) -> None:
     """Write strict JSON atomically (a temporary file renamed over the target). Non-finite
     floats become ``null``: bare ``NaN`` is not JSON, and other tools refuse it."""

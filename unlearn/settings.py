@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from .io import read_utf8
+
 _KINDS = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
 
 
@@ -118,12 +120,7 @@ def read_settings_file(path: str | Path) -> dict[str, Any]:
     if path.suffix.lower() not in parsers:
         raise ValueError(f"{path}: unknown config format; name it .json, .toml, .yaml or .yml")
     kind, parse = parsers[path.suffix.lower()]
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = path.read_bytes()[:e.start].count(b"\n") + 1
-        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {e.start}); save the file as "
-                         f"UTF-8") from None
+    text = read_utf8(path)
     try:
         values = parse(text)
     except (ValueError, tomllib.TOMLDecodeError, yaml.YAMLError) as e:

@@ -285,15 +285,12 @@ class Trainer:
         """Raise :class:`NonFiniteLoss`, first putting back the weights from before the last
         update when ``restore`` (the current ones gave a NaN) and there is a copy of them."""
         self.optimizer.zero_grad(set_to_none=True)
-        kept = not restore
         if restore and self.have_last_good:
             with torch.no_grad():
                 for copy, p in zip(self.last_good, self.params):
                     p.copy_(copy)
-            kept = True
-        elif restore and self.last_good is not None:
-            kept = True  # no update was made yet: these are the weights the run started from
-        raise NonFiniteLoss(message, kept_last_good=kept)
+        # without a copy yet no update was made: the weights are those the run started from
+        raise NonFiniteLoss(message, kept_last_good=not restore or self.last_good is not None)
 
     def run(self, progress: dict, loss_fn, after_epoch=None, before_epoch=None,
             after_step=None) -> dict:

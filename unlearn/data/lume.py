@@ -24,6 +24,8 @@ from typing import Iterator
 
 import pyarrow.parquet as pq
 
+from ..io import read_utf8
+
 TASKS = ("Task1", "Task2", "Task3")
 KINDS = ("sc", "qa")
 ROW_COLUMNS = ("id", "input", "output", "task")
@@ -151,15 +153,11 @@ def find_split_file(directory: Path, name: str) -> Path:
 
 
 def read_text(path: Path) -> str:
-    """A text file's contents as UTF-8 (a byte-order mark is skipped); raises DataError
-    naming the line of the first bytes that are not UTF-8."""
-    raw = path.read_bytes()
+    """:func:`unlearn.io.read_utf8`, its error a :class:`DataError`."""
     try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise DataError([f"{path}:{line}: not UTF-8 text (byte {e.start}); save the file as "
-                         f"UTF-8"]) from None
+        return read_utf8(path)
+    except ValueError as e:
+        raise DataError([str(e)]) from None
 
 
 def read_records(path: Path) -> Iterator[tuple[int, object]]:
