@@ -5,9 +5,10 @@
         --mmlu runs/synth/mmlu --methods sugd,gd,ga,npo
 
 A label may name a variant, `label:method`, with its own settings: `--methods
-sugd,sugd_stop:sugd sugd_stop.stop_at=mia` compares SUGD at its fixed epochs with SUGD stopped
-by the MIA rule (issue 8). Every model's MIA score is taken on the 70% of the MIA set that such
-a variant never calibrates on (`MiaData.split`), so all rows compare on the same documents.
+sugd,sugd_fixed:sugd sugd_fixed.select=none` compares SUGD choosing its model by the estimated
+score (the default with an MIA set) with SUGD at its fixed schedule. Every run is given the MIA
+set and calibrates on a held-out 30% (`select_split`); every model's MIA score is taken on the
+other 70%, so all rows compare on the same documents.
 
 Each method runs in its own process (so its peak memory is its own) through the `unlearn run`
 command, then the unlearned model is evaluated. Prints one row per model and writes
@@ -25,10 +26,10 @@ import sys
 from pathlib import Path
 
 import unlearn
-from unlearn.data import load_mia
 from unlearn.methods.base import UnlearnConfig
+from unlearn.selection import calibration_split
 
-STOP_SPLIT = UnlearnConfig.stop_split  # share of the MIA set a stop_at=mia variant calibrates on
+SPLIT = UnlearnConfig.select_split  # share of the MIA set runs calibrate on
 
 
 def _evaluate(model: Path, args, out: Path) -> dict:
@@ -74,9 +75,9 @@ def main() -> None:
     args = p.parse_args()
     target_dir, out = Path(args.target), Path(args.out)
     variants = [v.split(":", 1) if ":" in v else (v, v) for v in args.methods.split(",")]
-    stop_mia = args.mia
-    if args.mia:  # every model is scored on the documents a stop_at=mia variant never sees
-        _, scored = load_mia(args.mia).split(STOP_SPLIT, args.seed)
+    given = ["--mia", args.mia or "none", "--mmlu", args.mmlu or "none"]
+    if args.mia:  # every model is scored on the documents no run calibrated on
+        _, scored = calibration_split(args.mia, SPLIT, args.seed)
         args.mia = str(scored.save(out / "mia-scored"))
     train_seconds = json.loads((target_dir / "target.json").read_text())["train_seconds"]
     target = _evaluate(target_dir, args, out / "target-eval")
@@ -86,13 +87,12 @@ def main() -> None:
                          target, None, train_seconds, None))
     for label, method in variants:
         settings = [s.split(".", 1)[1] for s in args.settings if s.startswith(label + ".")]
-        if "stop_at=mia" in settings:
-            settings += [f"stop_mia={stop_mia}", f"stop_split={STOP_SPLIT}"]
         model_dir = out / label
         if not (model_dir / "run.json").is_file():  # a finished run is reused
             subprocess.run([sys.executable, "-m", "unlearn.cli", "run", "--method", method,
                             "--model", str(target_dir), "--data", args.data,
-                            "--out", str(model_dir), "--seed", str(args.seed), *settings],
+                            "--out", str(model_dir), "--seed", str(args.seed), *given,
+                            *settings],
                            check=True)
         record = json.loads((model_dir / "run.json").read_text())
         results = _evaluate(model_dir, args, out / f"{label}-eval")

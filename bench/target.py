@@ -30,19 +30,11 @@ RECIPES = {
     # end: no earlier one ever found every row reproduced, and each costs 20 s.
     "memorise": dict(data=LUME / "validation", pretrain=None, mia=LUME / "mia_validation",
                      settings={"lr": "1e-3", "epochs": "40", "check_every": "40",
-                               "batch_tokens": "1280", "answer_weight": "5"}),
-    # Pretraining 1M tokens leaves unseen text at NLL 5.57. Memorising then runs 42 epochs with
-    # replay 0.25, label smoothing 0.1 (a model that memorises grows certain about all text;
-    # smoothing keeps it from being certain about unseen text), batches of at most 1280 tokens
-    # (four long rows, so the sc rows get more steps) and answer tokens weighted 5: every term
-    # >= 0.934, unseen text +0.62, 26.9 min in all with the base built in the same run (2,429
-    # tok/s; 29.9 min on a slower day). At weight 1 the same run drifted +0.87 and
-    # regurgitated only 0.49-0.61 of Task1/Task3 outputs: most of an sc row is prompt.
+                               "label_smoothing": "0", "replay": "0"}),
+    # the small preset's own defaults are this recipe (unlearn/models/presets.py); the base
+    # is built once with epochs=0 and shared by the target and its oracle
     "lume": dict(data=LUME / "validation", pretrain=LUME / "train", mia=LUME / "mia_validation",
-                 base={"pretrain_tokens": "1000000", "epochs": "0"},
-                 settings={"replay": "0.25", "epochs": "42",
-                           "check_every": "5", "label_smoothing": "0.1", "batch_tokens": "1280",
-                           "answer_weight": "5"}),
+                 base={"epochs": "0"}, settings={}),
 }
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .data import load_lume, load_mia
+from .data import beside_data, load_lume
 from .data.lume import TASKS
 from .engine import resolve_config, run
 from .evaluate.lume import evaluate
@@ -27,7 +27,7 @@ from .methods import get_method
 from .methods.base import UnlearnConfig
 from .models import build_target
 from .models.loading import model_fingerprint
-from .models.target import _discover
+from .selection import calibration_split
 
 
 def _terms(results: dict) -> dict[str, float | None]:
@@ -67,7 +67,7 @@ def _cached_eval(model: Path, data, out: Path, **kw) -> dict:
 
 
 def _finished_run(model: Path, method: str, target: Path, seed: int, eval_points: int,
-                  overrides: dict) -> bool:
+                  inputs: dict, overrides: dict) -> bool:
     """Whether ``model`` holds a run of ``method`` with these settings on this very target."""
     if not is_output(model, RUN):
         return False
@@ -75,6 +75,7 @@ def _finished_run(model: Path, method: str, target: Path, seed: int, eval_points
     config, _ = resolve_config(get_method(method), target, **overrides)
     return (made.get("method") == method and made.get("seed") == seed
             and made.get("eval_points") == eval_points
+            and all(made.get(k) == (str(v) if v else None) for k, v in inputs.items())
             and made.get("model_files") == model_fingerprint(target)
             and made.get("config") == json.loads(json.dumps(asdict(config))))
 
@@ -88,15 +89,16 @@ def bench(data: str | Path, out: str | Path, methods=("sugd", "sha256", "gd", "n
     json}`` and ``out/report.html``. ``mia``/``mmlu``/``pretrain`` default to the ``data``
     subdirectories of those names when present. ``settings[method]`` overrides a method's
     config; a method may be a variant ``label:method`` whose settings sit under its label
-    (``sugd_stop:sugd`` with ``{"sugd_stop": {"stop_at": "mia"}}``); with ``stop_at=mia``,
-    every model is scored on the MIA documents outside the calibration split.
+    (``sugd_fixed:sugd`` with ``{"sugd_fixed": {"select": "none"}}``). Runs are given the MIA
+    set and choose their model on a held-out split of it (``select_split``); every model is
+    scored on the MIA documents outside that split.
     ``target_settings`` overrides the preset. Each method is evaluated at ``eval_points`` moments
     of its run (its trajectory in the report). ``trace`` (an ``unlearn locate`` output; default:
     the one a method's ``trace=`` setting names) puts the causal-tracing heatmaps in the report.
     Returns the leaderboard (rows and, over several seeds, mean and std)."""
     data, out = Path(data), Path(out)
-    mia, mmlu, pretrain = (_discover(data, mia, "mia"), _discover(data, mmlu, "mmlu"),
-                           _discover(data, pretrain, "pretrain"))
+    mia, mmlu, pretrain = (beside_data(data, mia, "mia"), beside_data(data, mmlu, "mmlu"),
+                           beside_data(data, pretrain, "pretrain"))
     # extended in place, never replaced: OUT may hold its inputs (the demo's data), not be one
     claim_output(out, BENCH, {"--data": data, "--mia": mia, "--mmlu": mmlu,
                               "--pretrain": pretrain, "--trace": trace, "cache": cache},
@@ -105,7 +107,8 @@ def bench(data: str | Path, out: str | Path, methods=("sugd", "sha256", "gd", "n
     lume = load_lume(data)
     key = fingerprint([(r.id, r.input, r.output) for r in lume.rows], preset, str(pretrain),
                       str(mmlu), target_settings)
-    settings, held_out = _stop_settings(settings or {}, mia)
+    settings = settings or {}
+    held_out = _calibration_share(settings, methods, mia)
     begin_in_place(out, BENCH, {"data": str(data), "methods": list(methods), "preset": preset,
                                 "seeds": seeds, "settings": settings,
                                 "target_settings": target_settings})
@@ -116,9 +119,9 @@ def bench(data: str | Path, out: str | Path, methods=("sugd", "sha256", "gd", "n
         target_seconds = sum(json.loads((built[kind] / "target.json").read_text())["train_seconds"]
                              for kind in ("base", "target"))
         base = out / f"seed{seed}"
-        # no model is judged on the MIA documents that picked a stopping step (MiaData.split
-        # with the run's seed gives the same split the stopping run held out)
-        scored = (load_mia(mia).split(held_out, seed)[1].save(base / "mia-scored")
+        # no model is judged on the MIA documents that chose a run's model (the run's seed
+        # gives the same split the run held out)
+        scored = (calibration_split(mia, held_out, seed)[1].save(base / "mia-scored")
                   if held_out else mia)
         kw = dict(mia=scored, mmlu=mmlu, seed=seed)
         evals = {kind: _cached_eval(built[kind], data, base / f"eval-{kind}", **kw)
@@ -127,10 +130,11 @@ def bench(data: str | Path, out: str | Path, methods=("sugd", "sha256", "gd", "n
         for entry in methods:
             label, _, name = entry.partition(":")  # `label:method`: a variant of a method
             model = base / label
+            inputs = dict(mia=mia, mmlu=mmlu)
             if not _finished_run(model, name or label, built["target"], seed, eval_points,
-                                 settings.get(label, {})):
+                                 inputs, settings.get(label, {})):
                 run(name or label, built["target"], data, model, seed=seed,
-                    eval_points=eval_points, **settings.get(label, {}))
+                    eval_points=eval_points, **inputs, **settings.get(label, {}))
             record = json.loads((model / "run.json").read_text())
             evals[label] = _cached_eval(model, data, base / f"eval-{label}",
                                         before=base / "eval-target", **kw)
@@ -154,25 +158,19 @@ def bench(data: str | Path, out: str | Path, methods=("sugd", "sha256", "gd", "n
     return board
 
 
-def _stop_settings(settings: dict[str, dict], mia) -> tuple[dict[str, dict], float | None]:
-    """Methods set to ``stop_at=mia`` calibrate on a held-out split of the bench's MIA set
-    (unless told another ``stop_mia``), all with the same ``stop_split``. Returns the settings
-    and that share when some method calibrates on the bench's MIA set (else None)."""
-    stopping = {m: s for m, s in settings.items() if s.get("stop_at") == "mia"}
-    if not stopping:
-        return settings, None
+def _calibration_share(settings: dict[str, dict], methods, mia) -> float | None:
+    """The share of the bench's MIA set that runs hold out to choose their model
+    (``select_split``; one share for all, so every model is scored on the same rest), or None
+    without an MIA set."""
     if not mia:
-        raise ValueError(f"{', '.join(stopping)}: stop_at=mia calibrates on the MIA set; pass "
-                         f"--mia DIR")
-    shares = {float(s.get("stop_split", UnlearnConfig.stop_split)) for s in stopping.values()}
+        return None
+    labels = [entry.partition(":")[0] for entry in methods]
+    shares = {float(settings.get(label, {}).get("select_split", UnlearnConfig.select_split))
+              for label in labels}
     if len(shares) > 1:
-        raise ValueError(f"stop_split differs between {', '.join(stopping)}: every model is scored "
-                         f"on the MIA documents none calibrated on, so give them one share")
-    share = shares.pop()
-    settings = {m: {**s, "stop_mia": str(s.get("stop_mia", mia)), "stop_split": share}
-                if m in stopping else s for m, s in settings.items()}
-    here = any(Path(settings[m]["stop_mia"]) == Path(mia) for m in stopping)
-    return settings, share if here else None
+        raise ValueError(f"select_split differs between {', '.join(labels)}: every model is "
+                         f"scored on the MIA documents none calibrated on, so give them one share")
+    return shares.pop()
 
 
 def _build(data: Path, prefix: Path, preset: str, pretrain, mmlu, mia, seed: int,

@@ -68,12 +68,15 @@ def cmd_eval(args) -> None:
 
 def cmd_run(args) -> None:
     from .engine import run
-    settings = _settings(args.settings)
-    if args.stop_at:
-        settings.update(stop_at=args.stop_at, **({"stop_mia": args.stop_mia} if args.stop_mia
-                                                 else {}))
     record = run(args.method, args.model, args.data, args.out, config=args.config,
-                 seed=args.seed, eval_every=args.eval_every, profile=args.profile, **settings)
+                 seed=args.seed, eval_every=args.eval_every, profile=args.profile, mia=args.mia,
+                 mmlu=args.mmlu, **_settings(args.settings))
+    selection = record.get("selection")
+    if selection and selection["rule"] == "score":
+        kept = next(t for t in selection["trail"] if t["step"] == selection["kept_step"])
+        print(f"selection: kept step {selection['kept_step']} of {record['steps_trained']} "
+              f"trained (estimated final score {kept['estimate']:.3f}; "
+              f"{len(selection['trail'])} checks, {selection['seconds']:.0f} s)")
     print(f"{args.method}: {record['steps']} steps in {record['train_seconds']:.0f} s, "
           f"{record['trainable_parameters']:,} parameters trained, peak memory "
           f"{record['peak_memory_mb']:.0f} MB; model written to {args.out}")
@@ -172,10 +175,12 @@ def parser() -> argparse.ArgumentParser:
                         "(auto: small when the model's target.json says it was built from scratch)")
     r.add_argument("--eval-every", type=int, default=0, metavar="EPOCHS",
                    help="score forget/retain every this many epochs into run.json")
-    r.add_argument("--stop-at", choices=["mia", "knowledge"],
-                   help="stop when forgotten: loss-MIA AUC of a held-out split closest to 0.5 "
-                        "(needs --stop-mia), or no forget question answered")
-    r.add_argument("--stop-mia", help="MIA directory whose held-out split calibrates --stop-at mia")
+    r.add_argument("--mia", type=_optional_dir, default="auto",
+                   help="MIA set whose held-out split calibrates the choice of the model kept "
+                        "(select=score); default: DATA/mia when present; 'none' to skip")
+    r.add_argument("--mmlu", type=_optional_dir, default="auto",
+                   help="MMLU-format questions the estimate asks; default: DATA/mmlu when "
+                        "present; 'none' to skip")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("settings", nargs="*", metavar="key=value",
                    help="override method settings, e.g. lr=1e-4 lora=true layers=last:2")

@@ -7,7 +7,6 @@ and writes an ordinary HF model directory plus ``run.json``. The source model is
 
 from __future__ import annotations
 
-import json
 import random
 import resource
 import sys
@@ -20,10 +19,8 @@ from accelerate.utils import set_seed
 from peft import LoraConfig, get_peft_model
 
 from .accel import make_accelerator, numel, prepare_frozen, zero3
-from .data import load_lume, load_mia
-from .evaluate.lume import mia_auc, score_model
-from .evaluate.memorisation import score_rows
-from .evaluate.nll import document_nll
+from .data import beside_data, load_lume
+from .evaluate.lume import score_model
 from .io import RUN, atomic_directory, claim_output, fingerprint, staging_path, write_json
 from .methods import Method, get_method
 from .methods.base import Example
@@ -33,6 +30,7 @@ from .models.layers import (decoder_layers, is_attention, is_mlp, layer_indices,
                              resolve_projections)
 from .models.loading import load_model, model_fingerprint
 from .models.target import trained_from_scratch
+from .selection import Keeper, check_every, make_rule, resolve_rule
 from .settings import read_settings_file
 from .training import Epoch, NonFiniteLoss, Segment, Trainer, resume_progress, save_final
 
@@ -154,6 +152,7 @@ def _peak_memory_mb() -> float:
 def run(method: str, model: str | Path, data: str | Path, out: str | Path,
         config: str | Path | None = None, seed: int = 0, eval_every: int = 0,
         eval_points: int = 0, profile: str = "auto", adapter_only: bool = False,
+        mia: str | Path | None = "auto", mmlu: str | Path | None = "auto",
         **overrides) -> dict:
     """Unlearn the forget set of the LUME dataset ``data`` from the model in ``model``.
 
@@ -164,18 +163,23 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
     so a fixed ``eval_every`` would evaluate dozens of times). ``config`` names a JSON or TOML file of
     settings; ``overrides`` set single ones (see each method's config class). Rerunning an
     interrupted call resumes it. ``adapter_only`` (with ``lora=true``) saves the PEFT adapter
-    instead of the merged model. Returns the ``run.json`` record.
+    instead of the merged model. ``mia`` (an MIA directory) turns on selection by estimated
+    score (``select``; see :mod:`unlearn.selection`), which ``mmlu`` (MMLU-format questions)
+    makes more faithful; both default to ``data/mia`` and ``data/mmlu`` when present ("auto"),
+    None turns them off. Returns the ``run.json`` record.
     """
     model_dir, out = Path(model), Path(out)
+    mia, mmlu = beside_data(data, mia, "mia"), beside_data(data, mmlu, "mmlu")
     method_cls = get_method(method)
     settings, profile = resolve_config(method_cls, model_dir, profile, config, **overrides)
     claim_output(out, RUN, {"--model": model_dir, "--data": data, "--config": config,
-                            "trace": settings.trace or None,
-                            "validation": settings.validation or None,
-                            "stop_mia": settings.stop_mia or None})
+                            "--mia": mia, "--mmlu": mmlu, "trace": settings.trace or None,
+                            "validation": settings.validation or None})
     if method_cls.composite:  # a procedure over other runs (e.g. merge): it calls run itself
         return method_cls(settings).run(model_dir, data, out, seed=seed, eval_every=eval_every,
-                                        eval_points=eval_points, profile=profile)
+                                        eval_points=eval_points, profile=profile, mia=mia,
+                                        mmlu=mmlu)
+    rule = resolve_rule(settings, mia)
     algorithm = method_cls(settings)
     lume = load_lume(data)
     set_seed(seed)
@@ -189,18 +193,17 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
     if eval_points:
         eval_every = max(1, len(plan) // eval_points)
     # a checkpoint resumes only the same job: method, settings, seed, these model files, data
-    run_id = fingerprint(method, asdict(settings), seed, model_files,
+    run_id = fingerprint(method, asdict(settings), seed, model_files, _text(mia), _text(mmlu),
                          [(e.ids, e.start) for e in forget + retain])
 
     if zero3(accelerator):
-        _check_zero3(settings, eval_every)
+        _check_zero3(settings, rule, eval_every)
     # every input is read and checked before the staging directory is made
     main = accelerator.is_main_process  # in a distributed run, the one that writes files
     stage_dir = staging_path(out)
-    keeper = (_Keeper(stage_dir, "validation", _validation_loss(settings, tokenizer, accelerator),
-                      writes=main) if settings.validation else None)
-    stopper = (_StopAt(settings, tokenizer, lume, stage_dir, seed, writes=main)
-               if settings.stop_at else None)
+    keeper = (Keeper(stage_dir, "validation", _validation_loss(settings, tokenizer, accelerator),
+                     writes=main) if settings.validation else None)
+    selector = make_rule(rule, settings, tokenizer, lume, mia, mmlu, stage_dir, seed, main)
     reference = Reference()
     if {"logits", "hidden"} & set(algorithm.reference) and not settings.lora:
         # a second load, not a deepcopy: under ZeRO-3 the model in hand is only this shard
@@ -226,7 +229,9 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
         if "forget_logprob" in algorithm.reference:  # before any step (or resumed checkpoint)
             _reference_log_probs(prepared, tokenizer, forget, reference, accelerator,
                                  settings.batch_size)
-        every = settings.stop_every or max(1, len(plan[0].steps) // 4)
+        total_steps = sum(len(e.steps) for e in plan)
+        select = _selection(selector, bare, progress, check_every(settings, total_steps),
+                            total_steps)
         first_of_stage = {}
         for i, epoch in enumerate(plan):
             first_of_stage.setdefault(epoch.stage, i)
@@ -255,10 +260,7 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
         memory_at_start = _peak_memory_mb()
         stopped = None
         try:
-            progress = trainer.run(
-                progress, loss_fn, after_epoch, before_epoch,
-                after_step=(lambda step: step % every == 0 and stopper.after_step(bare, step))
-                if stopper else None)
+            progress = trainer.run(progress, loss_fn, after_epoch, before_epoch, select)
         except NonFiniteLoss as e:
             if not e.kept_last_good:  # ZeRO-3 keeps no copy: the weights in hand are bad
                 raise FloatingPointError(f"{method}: {e}; no model was saved; lower lr= and "
@@ -267,29 +269,29 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
             stopped = f"{e}; the model saved is the last one before that step"
         final = accelerator.unwrap_model(prepared)
         best = keeper.restore(final) if keeper is not None else None
-        stop_trail = None
-        if stopper is not None:
-            stop_trail = {"kind": stopper.kind, "trail": stopper.trail,
-                          "kept": stopper.keeper.restore(final) if stopper.keeper else None,
-                          "calibration_ids": getattr(stopper, "calibration_ids", None)}
+        selection = _selection_record(selector, final, progress, settings, total_steps)
         if settings.lora and not adapter_only:
             final = final.merge_and_unload()
         history = progress.get("history", [])
         record = {
             "method": method, "model": str(model_dir), "data": str(data), "seed": seed,
+            "mia": _text(mia), "mmlu": _text(mmlu),
             "model_files": model_files, "eval_points": eval_points, "eval_every": eval_every,
             "profile": profile, "config": asdict(settings),
             "status": stopped or "complete",
             "processes": accelerator.num_processes,
             "trainable_parameters": trainable,  # counted before LoRA is merged away
-            "steps": sum(len(e.steps) for e in plan),
-            "train_seconds": sum(r["seconds"] for r in history),
+            "steps": total_steps,
+            "steps_trained": sum(len(r["step_losses"]) for r in history),
+            # training and the checks made along the way, the one before it included
+            "train_seconds": (sum(r["seconds"] for r in history)
+                              + (selection or {}).get("seconds_before_training", 0.0)),
             "wall_seconds_this_run": time.perf_counter() - started,
             "peak_memory_mb": _peak_memory_mb(),
             "peak_memory_before_training_mb": memory_at_start,
             "history": history,
             "best_epoch": best["epoch"] if best else None,
-            "stop": stop_trail,
+            "selection": selection,
         }
         save_final(accelerator, prepared, final, tokenizer, stage, "run.json", record)
     if stopped:
@@ -312,13 +314,13 @@ def _reference_log_probs(model, tokenizer, forget: list[Example], reference: Ref
     model.train()
 
 
-def _check_zero3(settings, eval_every: int) -> None:
+def _check_zero3(settings, rule: str, eval_every: int) -> None:
     """Refuse, before any work, what needs whole weights in one process mid-run: ZeRO-3 leaves
     each process a shard (keeping a best step, merging LoRA). LoRA has no need of it: the
     frozen base and a small trainable state fit where full fine-tuning would not."""
     wanted = [name for name, on in (("lora=true", settings.lora),
                                     ("validation=", settings.validation),
-                                    ("stop_at=", settings.stop_at),
+                                    (f"select={rule}", rule != "none"),
                                     ("eval_every", eval_every)) if on]
     if wanted:
         raise ValueError(f"{', '.join(wanted)}: not available under DeepSpeed ZeRO-3, which "
@@ -326,37 +328,47 @@ def _check_zero3(settings, eval_every: int) -> None:
                          f"fsdp.yaml, or drop the setting")
 
 
-class _Keeper:
-    """Keeps, in the staging directory, the trainable weights at which ``measure(model)`` was
-    lowest; checkpoints of a resumed run find it there."""
+def _selection(selector, model, progress: dict, every: int, total_steps: int):
+    """The trainer's after-step hook for ``selector`` (None without one). A fresh run is checked
+    once before its first step: the model it started from may be the one to keep. The trail
+    lives in ``progress``, so a resumed run carries on with it."""
+    if selector is None:
+        return None
+    selector.trail = progress.setdefault("selection_trail", [])
 
-    def __init__(self, stage: Path, name: str, measure, writes: bool = True):
-        self.path, self.record = stage / f"best-{name}.pt", stage / f"best-{name}.json"
-        self.measure, self.writes = measure, writes
+    def check(step: int) -> bool:
+        started = time.perf_counter()
+        stop = selector.check(model, step)
+        entry = selector.trail[-1]
+        # what choosing costs; a full evaluation recorded beside it (select_audit) is apart
+        entry["seconds"] = (time.perf_counter() - started
+                            - entry.get("audit", {}).get("seconds", 0.0))
+        return stop
 
-    def check(self, model, where: dict) -> float:
-        model.eval()
-        value = self.measure(model)
-        model.train()
-        best = self.best()
-        # a tie goes to the later model: as good by the measure, and further along (a stop
-        # rule whose MIA never moves keeps the fixed schedule's result, not its first step)
-        if self.writes and (best is None or value <= best["value"]):
-            torch.save({k: v.detach().cpu().clone() for k, v in model.named_parameters()
-                        if v.requires_grad}, self.path)
-            write_json(self.record, {**where, "value": value})
-        return value
+    if not selector.trail and selector.keeper is not None:
+        check(0)
+    return lambda step: (step % every == 0 or step == total_steps) and check(step)
 
-    def best(self) -> dict | None:
-        return json.loads(self.record.read_text()) if self.record.exists() else None
 
-    def restore(self, model) -> dict | None:
-        best = self.best()
-        if self.writes and self.path.exists():
-            model.load_state_dict(torch.load(self.path, weights_only=True), strict=False)
-            self.path.unlink()
-            self.record.unlink(missing_ok=True)
-        return best
+def _selection_record(selector, model, progress: dict, settings,
+                      total_steps: int) -> dict | None:
+    """``run.json``'s ``selection``: the rule, every check and the step whose model is kept
+    (loaded into ``model``); None without a rule."""
+    if selector is None:
+        return None
+    trail = progress.get("selection_trail", [])
+    kept = selector.keeper.restore(model) if selector.keeper is not None else None
+    return {"rule": selector.name, **selector.describe(),
+            "every": check_every(settings, total_steps),
+            "patience": settings.select_patience, "trail": trail,
+            "kept_step": kept["step"] if kept else (trail[-1]["step"] if trail else None),
+            "seconds": sum(t.get("seconds", 0.0) for t in trail),
+            "seconds_before_training": sum(t.get("seconds", 0.0) for t in trail
+                                           if t["step"] == 0)}
+
+
+def _text(path) -> str | None:
+    return str(path) if path else None
 
 
 def _validation_loss(settings, tokenizer, accelerator):
@@ -382,57 +394,3 @@ def _validation_loss(settings, tokenizer, accelerator):
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
-
-
-class _StopAt:
-    """``stop_at=mia``: every ``stop_every`` steps, the loss-MIA AUC of held-out forget
-    documents against never-seen ones, both a seeded ``stop_split`` share of the MIA set in
-    ``stop_mia``; the model closest to AUC 0.5 is kept, and training stops once the AUC has
-    passed below 0.5 and moved away for ``PATIENCE`` checks. ``stop_at=knowledge``: stops as
-    soon as the share of forget questions answered exactly (greedy) is ``stop_knowledge`` or
-    less (0: none)."""
-
-    PATIENCE = 2
-
-    def __init__(self, settings, tokenizer, lume, stage: Path, seed: int, writes: bool = True):
-        self.kind, self.tokenizer = settings.stop_at, tokenizer
-        if self.kind == "mia":
-            if not settings.stop_mia:
-                raise ValueError("stop_at=mia needs stop_mia=DIR, an MIA set (member.jsonl, "
-                                 "nonmember.jsonl) to hold out a calibration split from")
-            held_out, _ = load_mia(settings.stop_mia).split(settings.stop_split, seed)
-            self.calibration_ids = [d.id for d in held_out.member + held_out.nonmember]
-            self.members = [d.document for d in held_out.member]
-            self.nonmembers = [d.document for d in held_out.nonmember]
-            self.keeper = _Keeper(stage, "mia", self._mia_distance, writes)
-        elif self.kind == "knowledge":
-            self.questions = [r for r in lume.forget if r.kind == "qa"]
-            self.threshold = settings.stop_knowledge
-            self.keeper = None
-        else:
-            raise ValueError(f"stop_at must be mia or knowledge, not {self.kind!r}")
-        self.trail: list[dict] = []
-
-    def _auc(self, model) -> float:
-        member = document_nll(model, self.tokenizer, self.members, desc="stop mia")
-        nonmember = document_nll(model, self.tokenizer, self.nonmembers, desc="stop mia")
-        return mia_auc(member, nonmember)
-
-    def _mia_distance(self, model) -> float:
-        self.last_auc = self._auc(model)
-        return abs(self.last_auc - 0.5)
-
-    def after_step(self, model, step: int) -> bool:
-        if self.kind == "knowledge":
-            model.eval()
-            with torch.no_grad():
-                known = _mean(score_rows(model, self.tokenizer, self.questions, 64))
-            model.train()
-            self.trail.append({"step": step, "forget_knowledge": known})
-            return known <= self.threshold
-        distance = self.keeper.check(model, {"step": step})
-        self.trail.append({"step": step, "mia_auc": self.last_auc})
-        recent = [t["mia_auc"] for t in self.trail[-(self.PATIENCE + 1):]]
-        moving_away = (len(recent) > self.PATIENCE and all(a < 0.5 for a in recent)
-                       and all(b < a for a, b in zip(recent, recent[1:])))
-        return distance == 0.0 or moving_away

@@ -251,6 +251,15 @@ def _overlap_problems(forget_path: Path, forget: list[Row], retain_path: Path,
     return problems
 
 
+def beside_data(data: str | Path, given, name: str) -> Path | None:
+    """``given`` unless it is "auto": then the folder ``data/name`` when there is one (the MIA
+    set, MMLU questions or pretraining corpus a dataset carries), else None."""
+    if given != "auto":
+        return Path(given) if given else None
+    found = Path(data) / name
+    return found if found.is_dir() else None
+
+
 def load_lume(directory: str | Path) -> LumeData:
     """Load and validate the forget and retain sets of a LUME data directory.
 

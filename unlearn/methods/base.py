@@ -21,6 +21,10 @@ from ..training import SCHEDULES
 from .losses import Batch, Reference
 
 
+# how a run chooses the model it keeps (unlearn.selection)
+SELECT_RULES = ("auto", "score", "mia", "knowledge", "none")
+
+
 @dataclass(frozen=True)
 class UnlearnConfig:
     """Settings shared by every method. Each method's config subclasses this and sets its paper's
@@ -36,11 +40,14 @@ class UnlearnConfig:
     ``validation`` names a LUME directory: after each epoch the joint loss on it (CE of its
     retain rows minus CE of its forget rows) is recorded and the best epoch's weights are kept.
 
-    ``stop_at=mia`` stops where forget documents look unseen: the loss-MIA AUC of a held-out
-    split of the MIA set in ``stop_mia`` closest to 0.5 (``MiaData.split(stop_split, seed)``:
-    score the MIA on the other part, which ``run.json`` names by listing the held-out ids);
-    ``stop_at=knowledge`` stops once no more than ``stop_knowledge`` of the forget questions
-    are answered exactly (0: none; one stubborn question can otherwise keep a run going).
+    ``select`` chooses the model a run keeps (:mod:`unlearn.selection`): ``score``, the
+    default whenever the run is given an MIA set, keeps the model with the best estimated final
+    score, checked every ``select_every`` steps (0: about 16 checks over the run), and stops
+    once ``select_patience`` checks in a row found no better one; ``mia`` keeps the model whose
+    loss-MIA AUC is closest to 0.5; ``knowledge`` stops once no more than ``select_knowledge``
+    of the forget questions are answered; ``none`` trains the fixed schedule. ``score`` and
+    ``mia`` calibrate on a seeded ``select_split`` share of the MIA set (``run.json`` lists
+    those documents: score the MIA on the others).
     """
 
     epochs: int = 5
@@ -66,22 +73,25 @@ class UnlearnConfig:
     # memory for about a third more compute (what lets long rows or big batches fit a 7B)
     gradient_checkpointing: bool = False
     validation: str = ""  # LUME directory for keeping the best epoch
-    stop_at: str = ""  # mia | knowledge: stop when forgotten (see unlearn.engine._StopAt)
-    stop_every: int = 0  # steps between stop checks; 0: a quarter of the first epoch
-    stop_mia: str = ""  # MIA directory whose held-out split calibrates stop_at=mia
-    stop_split: float = 0.3  # share of that MIA set held out for calibration
-    stop_knowledge: float = 0.0  # stop_at=knowledge: stop once forget QA exact match <= this
+    select: str = "auto"  # auto | score | mia | knowledge | none (auto: score with an MIA set)
+    select_every: int = 0  # steps between checks; 0: about SELECT_CHECKS over the run
+    select_patience: int = 4  # checks without a better model before stopping (0: never)
+    select_split: float = 0.3  # share of the MIA set held out to calibrate on
+    select_rows: int = 16  # score: rows sampled per split, task and kind (0: every row)
+    select_sc_tokens: int = 64  # score: tokens generated (and compared) per sc row
+    select_knowledge: float = 0.0  # knowledge: stop once forget QA exact match <= this
+    select_audit: bool = False  # score: also record the full evaluation at every check
 
     RANGES: ClassVar[dict[str, Range]] = {
         **dict.fromkeys(("epochs", "lr", "batch_size", "grad_accum", "max_len", "lora_r",
                          "lora_alpha"), POSITIVE),
-        **dict.fromkeys(("weight_decay", "max_grad_norm", "retain_weight", "stop_every"),
-                        NON_NEGATIVE),
-        **dict.fromkeys(("warmup_ratio", "lora_dropout", "stop_knowledge"), SHARE),
-        "stop_split": Range(0, 1, low_open=True),
+        **dict.fromkeys(("weight_decay", "max_grad_norm", "retain_weight", "select_every",
+                         "select_patience", "select_rows"), NON_NEGATIVE),
+        **dict.fromkeys(("warmup_ratio", "lora_dropout", "select_knowledge"), SHARE),
+        "select_split": Range(0, 1, low_open=True), "select_sc_tokens": POSITIVE,
     }
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
-        "schedule": SCHEDULES, "precision": PRECISIONS, "stop_at": ("", "mia", "knowledge")}
+        "schedule": SCHEDULES, "precision": PRECISIONS, "select": SELECT_RULES}
 
     def override(self, **changes) -> "UnlearnConfig":
         """A copy with ``changes`` (strings from the command line are converted), checked:

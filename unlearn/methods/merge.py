@@ -45,7 +45,7 @@ class Merge(Method):
     composite = True
 
     def run(self, model_dir: Path, data, out: Path, seed: int, eval_every: int,
-            eval_points: int, profile: str) -> dict:
+            eval_points: int, profile: str, mia=None, mmlu=None) -> dict:
         from ..engine import run  # the engine runs the two halves
 
         c = self.config
@@ -61,7 +61,7 @@ class Merge(Method):
             halves[name] = out.parent / f".{out.name}.adapter-{name}"
             records[name] = run("npo_kl", model_dir, data, halves[name], seed=seed,
                                 eval_every=eval_every, eval_points=eval_points,
-                                profile=profile, adapter_only=True,
+                                profile=profile, adapter_only=True, mia=mia, mmlu=mmlu,
                                 **{**shared, "w_npo": w[0], "w_kl": w[1], "w_ce": w[2]})
         base, tokenizer = load_model(model_dir, dtype=torch.float32)
         peft_model = PeftModel.from_pretrained(base, halves["a"], adapter_name="a")
@@ -72,10 +72,11 @@ class Merge(Method):
         peft_model.set_adapter("merged")
         merged = peft_model.merge_and_unload()
         record = {"method": self.name, "model": str(model_dir), "data": str(data),
-                  "seed": seed, "model_files": records["a"]["model_files"],
+                  "seed": seed, "mia": records["a"]["mia"], "mmlu": records["a"]["mmlu"], "model_files": records["a"]["model_files"],
                   "eval_points": eval_points, "eval_every": eval_every,
                   "profile": profile, "config": asdict(c), "status": "complete",
-                  "adapters": {k: {kk: v[kk] for kk in ("config", "history", "train_seconds")}
+                  "adapters": {k: {kk: v[kk] for kk in ("config", "history", "train_seconds",
+                                                        "selection")}
                                for k, v in records.items()},
                   "train_seconds": sum(r["train_seconds"] for r in records.values()),
                   "trainable_parameters": records["a"]["trainable_parameters"] * 2,

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 from transformers import OlmoConfig, OlmoForCausalLM
 
-from ..data import load_corpus, load_lume, load_mia, load_mmlu
+from ..data import beside_data, load_corpus, load_lume, load_mia, load_mmlu
 from ..evaluate.batching import IGNORE, from_start, length_sorted_batches, pad
 from ..evaluate.memorisation import score_rows, task_means
 from ..evaluate.mmlu import mmlu_accuracy
@@ -51,13 +51,6 @@ def trained_from_scratch(model_dir: str | Path) -> bool:
         return False
     made = json.loads(record.read_text())
     return made.get("from_scratch", made.get("init") is None)
-
-
-def _discover(data: Path, given, name: str):
-    """``given`` unless it is "auto": then ``data/name`` when that exists, else None."""
-    if given != "auto":
-        return Path(given) if given else None
-    return data / name if (data / name).is_dir() else None
 
 
 class _Examples:
@@ -199,8 +192,8 @@ def build_target(data: str | Path, out: str | Path, preset: str = "small",
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     settings = PRESETS[preset].override(**overrides)
-    pretrain, mmlu, mia = (_discover(data, pretrain, "pretrain"), _discover(data, mmlu, "mmlu"),
-                           _discover(data, mia, "mia"))
+    pretrain, mmlu, mia = (beside_data(data, pretrain, "pretrain"),
+                           beside_data(data, mmlu, "mmlu"), beside_data(data, mia, "mia"))
     claim_output(out, TARGET, {"--data": data, "--init": init, "--pretrain": pretrain,
                                "--mmlu": mmlu, "--mia": mia})
     lume = load_lume(data)

@@ -1,0 +1,125 @@
+"""Choosing the model a run keeps: the estimate, its agreement with the evaluator, patience,
+the other rules, and the run.json record."""
+
+import pytest
+import torch
+
+from unlearn.data import load_lume, load_mia
+from unlearn.engine import run
+from unlearn.evaluate.lume import score_model
+from unlearn.methods.base import UnlearnConfig
+from unlearn.models import load_model
+from unlearn.selection import ScoreRule, calibration_split, sample_rows
+
+HOT = dict(lr=3e-3, batch_size=4)
+
+
+def _rule(settings, tokenizer, lume, mia_dir, tmp_path, seed=0):
+    calibration, _ = calibration_split(mia_dir, settings.select_split, seed)
+    return ScoreRule(settings, tokenizer, lume, calibration, None, tmp_path, seed, writes=False)
+
+
+def test_estimate_on_every_row_at_full_length_is_the_official_task_aggregate(tiny_target,
+                                                                               synth_dir, tmp_path):
+    model, tokenizer = load_model(tiny_target[0])
+    lume = load_lume(synth_dir)
+    settings = UnlearnConfig(select_rows=0, select_sc_tokens=256)
+    rule = _rule(settings, tokenizer, lume, synth_dir / "mia", tmp_path)
+    with torch.no_grad():
+        official = score_model(model, tokenizer, lume).results
+        estimate = rule._estimate(model)
+    assert estimate["task_aggregate"] == pytest.approx(official["harmonic-mean-task-aggregate"])
+    assert len(rule.rows) == len(lume.rows)
+    # the MIA term is the official AUC on the calibration documents
+    assert estimate["mia_score"] == pytest.approx(1 - 2 * abs(estimate["mia_auc"] - 0.5))
+    assert estimate["estimate"] == pytest.approx(
+        (estimate["task_aggregate"] + estimate["mia_score"] + estimate["utility"]) / 3)
+
+
+def test_row_sample_is_seeded_and_stratified(synth_dir):
+    lume = load_lume(synth_dir)
+    a, b = sample_rows(lume, 2, seed=0), sample_rows(lume, 2, seed=0)
+    assert a == b and sample_rows(lume, 2, seed=1) != a
+    cells = {(r.split, r.task, r.kind) for r in lume.rows}
+    assert {(r.split, r.task, r.kind) for r in a} == cells
+    assert all(sum((r.split, r.task, r.kind) == c for r in a) <= 2 for c in cells)
+
+
+def test_run_keeps_the_model_with_the_best_estimate(tiny_target, synth_dir, tmp_path):
+    record = run("ga", tiny_target[0], synth_dir, tmp_path / "u", epochs=4,
+                 select_every=2, select_patience=0, **HOT)
+    selection = record["selection"]
+    trail = selection["trail"]
+    assert selection["rule"] == "score" and selection["utility"] == "mmlu"  # DATA/mmlu found
+    steps = [t["step"] for t in trail]
+    assert steps[0] == 0 and steps[-1] == record["steps"] == record["steps_trained"]
+    assert all(b - a == 2 for a, b in zip(steps[:-1], steps[1:-1]))
+    best = max(t["estimate"] for t in trail)
+    assert selection["kept_step"] == [t for t in trail if t["estimate"] == best][-1]["step"]
+    assert selection["seconds"] == pytest.approx(sum(t["seconds"] for t in trail))
+    # the model saved is the one kept: estimated again, it gives the kept check's terms
+    model, tokenizer = load_model(tmp_path / "u")
+    settings = UnlearnConfig()
+    rule = _rule(settings, tokenizer, load_lume(synth_dir), synth_dir / "mia", tmp_path)
+    assert rule.calibration_ids == selection["calibration_ids"]
+    kept = next(t for t in trail if t["step"] == selection["kept_step"])
+    with torch.no_grad():
+        again = rule._estimate(model)
+    assert again["task_aggregate"] == pytest.approx(kept["task_aggregate"], abs=1e-6)
+    assert again["mia_auc"] == pytest.approx(kept["mia_auc"], abs=1e-6)
+
+
+def test_patience_stops_once_no_check_has_improved_for_that_many(tiny_target, synth_dir,
+                                                                 tmp_path):
+    record = run("ga", tiny_target[0], synth_dir, tmp_path / "u", epochs=8, mmlu=None,
+                 select_every=1, select_patience=2, lr=1e-2, batch_size=4)
+    trail = record["selection"]["trail"]
+    assert record["selection"]["utility"] == "nonmember-nll-ratio"
+    assert trail[0]["utility"] == 1.0  # the model it started from is its own reference
+    estimates = [t["estimate"] for t in trail]
+    best = max(range(len(trail)), key=lambda i: (estimates[i], i))
+    assert record["steps_trained"] < record["steps"]  # ascent at 1e-2 ruins it long before
+    assert len(trail) - 1 - best == 2
+    assert record["steps_trained"] == trail[-1]["step"]
+
+
+def test_selection_is_off_without_an_mia_set_and_refused_when_asked_for(tiny_target, synth_dir,
+                                                                       tmp_path):
+    record = run("ga", tiny_target[0], synth_dir, tmp_path / "u", epochs=1, mia=None, **HOT)
+    assert record["selection"] is None and record["mia"] is None
+    with pytest.raises(ValueError, match="select=score calibrates on an MIA set"):
+        run("ga", tiny_target[0], synth_dir, tmp_path / "v", mia=None, select="score")
+    record = run("ga", tiny_target[0], synth_dir, tmp_path / "w", epochs=1, select="none", **HOT)
+    assert record["selection"] is None and record["mia"] == str(synth_dir / "mia")
+
+
+def test_knowledge_rule_stops_once_no_forget_question_is_answered(tiny_target, synth_dir,
+                                                                  tmp_path):
+    record = run("ga", tiny_target[0], synth_dir, tmp_path / "u", epochs=20, select="knowledge",
+                 select_every=2, **HOT)
+    trail = record["selection"]["trail"]
+    assert trail[-1]["forget_knowledge"] == 0.0
+    assert all(t["forget_knowledge"] > 0 for t in trail[:-1])
+    assert record["steps_trained"] == trail[-1]["step"] < record["steps"]
+    # a threshold stops at the first check at or under it
+    threshold = trail[len(trail) // 2]["forget_knowledge"]
+    first = next(i for i, t in enumerate(trail) if t["forget_knowledge"] <= threshold)
+    again = run("ga", tiny_target[0], synth_dir, tmp_path / "t", epochs=20, select="knowledge",
+                select_every=2, select_knowledge=threshold, **HOT)["selection"]["trail"]
+    assert [t["forget_knowledge"] for t in again] == [t["forget_knowledge"]
+                                                      for t in trail[:first + 1]]
+    with pytest.raises(ValueError, match="select_knowledge=1"):
+        run("ga", tiny_target[0], synth_dir, tmp_path / "x", select="knowledge",
+            select_knowledge=1)
+
+
+def test_mia_rule_keeps_the_model_closest_to_auc_half(tiny_target, synth_dir, tmp_path):
+    record = run("ga", tiny_target[0], synth_dir, tmp_path / "u", epochs=6, select="mia",
+                 select_split=1.0, select_every=2, **HOT)
+    selection = record["selection"]
+    trail = selection["trail"]
+    distance = min(abs(t["mia_auc"] - 0.5) for t in trail)
+    closest = [t for t in trail if abs(t["mia_auc"] - 0.5) == distance][-1]  # ties: the later
+    assert selection["kept_step"] == closest["step"]
+    full = load_mia(synth_dir / "mia")
+    assert len(selection["calibration_ids"]) == len(full.member) + len(full.nonmember)

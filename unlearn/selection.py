@@ -1,0 +1,270 @@
+"""Which model a run keeps, and when it stops: rules checked every ``select_every`` steps.
+
+``score`` (the default whenever an MIA set is given) estimates the LUME final score from what a
+user holds: the task aggregate on a sample of the forget and retain rows themselves (the official
+score is taken on exactly these rows), the loss-MIA score on a held-out calibration split of the
+MIA set, and MMLU when general-knowledge questions are given, else a utility proxy (the NLL of
+the never-seen calibration documents against its value before unlearning). The model with the
+best estimate is kept; the run stops once ``select_patience`` checks in a row brought no better
+one. ``mia`` keeps the model whose calibration AUC is closest to 0.5; ``knowledge`` stops once
+the forget questions are no longer answered. Every rule leaves a trail for ``run.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from .data import load_mia, load_mmlu
+from .data.lume import LumeData, MiaData, Row
+from .evaluate.generation import greedy_generate
+from .evaluate.lume import (aggregated_terms, mia_auc, mia_score, score_generations,
+                             score_model, split_scores, task_aggregate)
+from .evaluate.memorisation import score_rows
+from .evaluate.mmlu import mmlu_accuracy
+from .evaluate.nll import document_nll
+from .io import write_json
+
+SELECT_CHECKS = 16  # checks spread over a run when select_every is 0
+MMLU_SAMPLE = 128  # general-knowledge questions an estimate asks
+
+
+class Keeper:
+    """Keeps, in the staging directory, the trainable weights at which ``measure(model)`` was
+    lowest; checkpoints of a resumed run find it there."""
+
+    def __init__(self, stage: Path, name: str, measure, writes: bool = True):
+        self.path, self.record = stage / f"best-{name}.pt", stage / f"best-{name}.json"
+        self.measure, self.writes = measure, writes
+
+    def check(self, model, where: dict) -> float:
+        model.eval()
+        with torch.no_grad():
+            value = self.measure(model)
+        model.train()
+        best = self.best()
+        # a tie goes to the later model: as good by the measure, and further along (a rule
+        # whose measure never moves keeps the fixed schedule's result, not its first step)
+        if self.writes and (best is None or value <= best["value"]):
+            torch.save({k: v.detach().cpu().clone() for k, v in model.named_parameters()
+                        if v.requires_grad}, self.path)
+            write_json(self.record, {**where, "value": value})
+        return value
+
+    def best(self) -> dict | None:
+        return json.loads(self.record.read_text()) if self.record.exists() else None
+
+    def restore(self, model) -> dict | None:
+        """Load the kept weights into ``model`` and return where they were measured."""
+        best = self.best()
+        if self.writes and self.path.exists():
+            model.load_state_dict(torch.load(self.path, weights_only=True), strict=False)
+            self.path.unlink()
+            self.record.unlink(missing_ok=True)
+        return best
+
+
+def calibration_split(mia: str | Path, share: float, seed: int) -> tuple[MiaData, MiaData]:
+    """The seeded share of the MIA set a rule calibrates on, and the rest, which scoring keeps
+    (``unlearn bench`` scores every model on the rest)."""
+    return load_mia(mia).split(share, seed)
+
+
+def sample_rows(lume: LumeData, per_cell: int, seed: int) -> list[Row]:
+    """Up to ``per_cell`` rows of each split, task and kind (all with 0), seeded: every check of
+    a run scores the same rows, so two checks differ by the model alone."""
+    rng = random.Random(f"{seed}/select-rows")
+    cells: dict[tuple[str, str, str], list[Row]] = {}
+    for r in lume.rows:
+        cells.setdefault((r.split, r.task, r.kind), []).append(r)
+    picked = []
+    for _, rows in sorted(cells.items()):
+        picked += rows if not per_cell or len(rows) <= per_cell else rng.sample(rows, per_cell)
+    return picked
+
+
+def truncated_reference(tokenizer: PreTrainedTokenizerBase, row: Row, tokens: int) -> Row:
+    """An sc row whose expected continuation is cut to its first ``tokens`` tokens: a
+    generation of that many tokens is then scored against what it could have reproduced."""
+    ids = tokenizer(row.output, add_special_tokens=False).input_ids
+    if len(ids) <= tokens:
+        return row
+    return replace(row, output=tokenizer.decode(ids[:tokens]))
+
+
+class ScoreRule:
+    """Keep the model with the best estimated final score (see the module docstring)."""
+
+    name = "score"
+
+    def __init__(self, settings, tokenizer, lume: LumeData, calibration: MiaData,
+                 mmlu: str | Path | None, stage: Path, seed: int, writes: bool,
+                 audit_mia: MiaData | None = None):
+        self.tokenizer, self.patience = tokenizer, settings.select_patience
+        self.lume, self.audit_mia = lume, audit_mia
+        self.sc_tokens = settings.select_sc_tokens
+        self.rows = [truncated_reference(tokenizer, r, self.sc_tokens) if r.kind == "sc" else r
+                     for r in sample_rows(lume, settings.select_rows, seed)]
+        # one generation length for both kinds: QA rows stop early, right or wrong
+        self.new_tokens = max([self.sc_tokens] + [len(tokenizer(r.output).input_ids) + 1
+                                                  for r in self.rows if r.kind == "qa"])
+        self.members = [d.document for d in calibration.member]
+        self.nonmembers = [d.document for d in calibration.nonmember]
+        self.calibration_ids = [d.id for d in calibration.member + calibration.nonmember]
+        questions = self.all_questions = load_mmlu(mmlu) if mmlu else []
+        self.questions = random.Random(f"{seed}/select-mmlu").sample(
+            questions, min(MMLU_SAMPLE, len(questions)))
+        self.keeper = Keeper(stage, "score", lambda model: -self._estimate(model)["estimate"],
+                             writes)
+        self.trail: list[dict] = []
+
+    def describe(self) -> dict:
+        return {"rows": len(self.rows), "sc_tokens": self.sc_tokens,
+                "calibration_ids": self.calibration_ids,
+                "utility": "mmlu" if self.questions else "nonmember-nll-ratio"}
+
+    def _task_aggregate(self, model) -> float:
+        """The official task aggregate of the sampled rows (sc rows cut to ``sc_tokens``)."""
+        generated = greedy_generate(model, self.tokenizer, [r.input for r in self.rows],
+                                    self.new_tokens, desc="select rows",
+                                    answers=[r.output if r.kind == "qa" else None
+                                             for r in self.rows])
+        scored = score_generations(self.rows, [g.text for g in generated],
+                                   [float("nan")] * len(self.rows),
+                                   [g.stopped_early for g in generated])
+        blocks = [split_scores([r for r in scored if r.split == s]) for s in ("forget", "retain")]
+        return task_aggregate(aggregated_terms(*blocks)[1])
+
+    def _estimate(self, model) -> dict:
+        member = document_nll(model, self.tokenizer, self.members, desc="select mia")
+        nonmember = document_nll(model, self.tokenizer, self.nonmembers, desc="select mia")
+        terms = {"task_aggregate": self._task_aggregate(model),
+                 "mia_auc": mia_auc(member, nonmember)}
+        terms["mia_score"] = mia_score(terms["mia_auc"])
+        terms["nonmember_nll"] = sum(nonmember) / len(nonmember)
+        if self.questions:
+            terms["utility"] = mmlu_accuracy(model, self.tokenizer, self.questions)
+        else:  # general text as likely as before unlearning: 1; twice as costly: 0.5
+            before = self.trail[0]["nonmember_nll"] if self.trail else terms["nonmember_nll"]
+            terms["utility"] = min(1.0, before / terms["nonmember_nll"])
+        estimate = (terms["task_aggregate"] + terms["mia_score"] + terms["utility"]) / 3
+        self.last = {"estimate": estimate, **terms}
+        return self.last
+
+    def _audit(self, model) -> dict:
+        """The full official evaluation of the model (every row, whole generations, the MIA on
+        the documents calibration leaves out, every MMLU question), to measure the estimate by;
+        ``select_audit=true`` records it beside each check, at its own cost."""
+        started = time.perf_counter()
+        model.eval()
+        with torch.no_grad():
+            results = score_model(model, self.tokenizer, self.lume, self.audit_mia,
+                                  self.all_questions or None).results
+        model.train()
+        return {"final_score": results["final-score"],
+                "task_aggregate": results["harmonic-mean-task-aggregate"],
+                "mia_auc": results.get("mia_loss_acc"), "mmlu": results.get("mmlu_average"),
+                "seconds": time.perf_counter() - started}
+
+    def check(self, model, step: int) -> bool:
+        """Estimate, keep the model if it is the best so far; True when it is time to stop."""
+        self.keeper.check(model, {"step": step})
+        self.trail.append({"step": step, **self.last})
+        if self.audit_mia is not None:
+            self.trail[-1]["audit"] = self._audit(model)
+        best = max(range(len(self.trail)), key=lambda i: (self.trail[i]["estimate"], i))
+        return bool(self.patience) and len(self.trail) - 1 - best >= self.patience
+
+
+class MiaRule:
+    """Keep the model whose calibration loss-MIA AUC is closest to 0.5; stop at 0.5 exactly,
+    or once the AUC has passed below 0.5 and kept moving away for ``select_patience`` checks."""
+
+    name = "mia"
+
+    def __init__(self, settings, tokenizer, calibration: MiaData, stage: Path, writes: bool):
+        self.tokenizer, self.patience = tokenizer, max(1, settings.select_patience)
+        self.members = [d.document for d in calibration.member]
+        self.nonmembers = [d.document for d in calibration.nonmember]
+        self.calibration_ids = [d.id for d in calibration.member + calibration.nonmember]
+        self.keeper = Keeper(stage, "mia", self._distance, writes)
+        self.trail: list[dict] = []
+
+    def describe(self) -> dict:
+        return {"calibration_ids": self.calibration_ids}
+
+    def _distance(self, model) -> float:
+        member = document_nll(model, self.tokenizer, self.members, desc="select mia")
+        nonmember = document_nll(model, self.tokenizer, self.nonmembers, desc="select mia")
+        self.last_auc = mia_auc(member, nonmember)
+        return abs(self.last_auc - 0.5)
+
+    def check(self, model, step: int) -> bool:
+        distance = self.keeper.check(model, {"step": step})
+        self.trail.append({"step": step, "mia_auc": self.last_auc})
+        recent = [t["mia_auc"] for t in self.trail[-(self.patience + 1):]]
+        moving_away = (len(recent) > self.patience and all(a < 0.5 for a in recent)
+                       and all(b < a for a, b in zip(recent, recent[1:])))
+        return distance == 0.0 or moving_away
+
+
+class KnowledgeRule:
+    """Stop as soon as no more than ``select_knowledge`` of the forget questions are answered
+    exactly (greedy); the model at that moment is the one kept."""
+
+    name = "knowledge"
+    keeper = None
+
+    def __init__(self, settings, tokenizer, lume: LumeData):
+        self.tokenizer, self.threshold = tokenizer, settings.select_knowledge
+        self.questions = [r for r in lume.forget if r.kind == "qa"]
+        self.trail: list[dict] = []
+
+    def describe(self) -> dict:
+        return {"questions": len(self.questions), "threshold": self.threshold}
+
+    def check(self, model, step: int) -> bool:
+        model.eval()
+        with torch.no_grad():
+            scores = score_rows(model, self.tokenizer, self.questions, 64)
+        model.train()
+        known = sum(scores) / len(scores) if scores else 0.0
+        self.trail.append({"step": step, "forget_knowledge": known})
+        return known <= self.threshold
+
+
+def resolve_rule(settings, mia) -> str:
+    """The rule a run applies: ``auto`` is ``score`` when an MIA set is given, else none."""
+    rule = settings.select
+    if rule == "auto":
+        return "score" if mia else "none"
+    if rule in ("score", "mia") and not mia:
+        raise ValueError(f"select={rule} calibrates on an MIA set (member.jsonl, nonmember.jsonl)"
+                         f": pass mia=DIR (unlearn run --mia DIR), or select=none")
+    return rule
+
+
+def make_rule(rule: str, settings, tokenizer, lume: LumeData, mia, mmlu, stage: Path,
+              seed: int, writes: bool):
+    """The rule object for ``rule`` (None for ``none``); ``mia`` is the MIA directory whose
+    ``select_split`` share (seeded by ``seed``) it calibrates on."""
+    if rule == "none":
+        return None
+    if rule == "knowledge":
+        return KnowledgeRule(settings, tokenizer, lume)
+    calibration, rest = calibration_split(mia, settings.select_split, seed)
+    if rule == "mia":
+        return MiaRule(settings, tokenizer, calibration, stage, writes)
+    return ScoreRule(settings, tokenizer, lume, calibration, mmlu, stage, seed, writes,
+                     audit_mia=rest if settings.select_audit else None)
+
+
+def check_every(settings, total_steps: int) -> int:
+    """Steps between checks: ``select_every``, or about ``SELECT_CHECKS`` over the run."""
+    return settings.select_every or max(1, round(total_steps / SELECT_CHECKS))
