@@ -44,13 +44,13 @@ def test_batched_generation_matches_one_by_one(checkpoint, synth_dir):
 
 def test_full_and_lora_unlearning_touch_only_what_was_chosen(checkpoint, synth_dir, tmp_path):
     source = load_model(checkpoint)[0].state_dict()
-    run("gd", checkpoint, synth_dir, tmp_path / "full", epochs=1, batch_size=8,
+    run("gd", checkpoint, synth_dir, tmp_path / "full", mia=None, epochs=1, batch_size=8,
         layers="last:1", modules="mlp", lr=1e-3, profile="paper")
     after = load_model(tmp_path / "full")[0].state_dict()
     changed = {k for k in source if not torch.equal(after[k], source[k])}
     assert changed and all(".1.mlp." in k for k in changed), changed
     # LoRA on q, v, up and down projections, under whatever names this architecture uses
-    run("sugd", checkpoint, synth_dir, tmp_path / "lora", epochs=1, chunk_size=64,
+    run("sugd", checkpoint, synth_dir, tmp_path / "lora", mia=None, epochs=1, chunk_size=64,
         lora=True, lr=1e-3, profile="paper", layers="last:1")
     merged = load_model(tmp_path / "lora")[0].state_dict()
     assert set(merged) == set(source)  # merged back into the plain architecture

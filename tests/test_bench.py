@@ -54,21 +54,24 @@ def test_bench_compares_methods_with_target_and_oracle(synth_dir, tmp_path):
     evaluated = json.loads((tmp_path / "b" / "seed0" / "eval-gd" / "eval.json").read_text())
     assert evaluated["model_files"] == model_fingerprint(run_json.parent)
     assert changed["rows"][:2] == board["rows"][:2]  # target and oracle reused
-    # a method stopping by the MIA calibrates on a held-out split; every model is scored on the rest
-    # (a `label:method` variant, with its settings under its label)
-    stopping = bench(synth_dir, tmp_path / "s", methods=("gd_stop:gd",), preset="tiny",
-                     cache=tmp_path / "b" / "cache",
-                     settings={"gd_stop": {"epochs": 2, "batch_size": 4, "stop_at": "mia",
-                                           "stop_every": 1}},
-                     target_settings={"epochs": 30, "pretrain_tokens": 8000})
-    assert [r["model"] for r in stopping["rows"]] == ["target", "oracle", "gd_stop"]
-    record = json.loads((tmp_path / "s" / "seed0" / "gd_stop" / "run.json").read_text())
-    assert record["method"] == "gd"
-    calibrated = set(record["stop"]["calibration_ids"])
+    # every run chooses its model on a held-out split of the MIA set; every model is scored on
+    # the rest
+    record = json.loads(run_json.read_text())
+    assert record["selection"]["rule"] == "score"
+    calibrated = set(record["selection"]["calibration_ids"])
     full = load_mia(synth_dir / "mia")
     assert calibrated < {d.id for d in full.member + full.nonmember}
-    for model in ("target", "oracle", "gd_stop"):
+    for model in ("target", "oracle", "gd"):
         scored = {i for kind in ("member", "nonmember") for i in pd.read_csv(
-            tmp_path / "s" / "seed0" / f"eval-{model}" / "mia_results" / f"{kind}_0.csv")["id"]}
+            tmp_path / "b" / "seed0" / f"eval-{model}" / "mia_results" / f"{kind}_0.csv")["id"]}
         assert scored and not scored & calibrated
         assert len(scored) + len(calibrated) == len(full.member) + len(full.nonmember)
+    # a `label:method` variant, with its settings under its label: here the fixed schedule
+    fixed = bench(synth_dir, tmp_path / "s", methods=("gd_fixed:gd",), preset="tiny",
+                  cache=tmp_path / "b" / "cache",
+                  settings={"gd_fixed": {"epochs": 2, "batch_size": 4, "select": "none"}},
+                  target_settings={"epochs": 30, "pretrain_tokens": 8000})
+    assert [r["model"] for r in fixed["rows"]] == ["target", "oracle", "gd_fixed"]
+    record = json.loads((tmp_path / "s" / "seed0" / "gd_fixed" / "run.json").read_text())
+    assert record["method"] == "gd" and record["selection"] is None
+    assert record["steps_trained"] == record["steps"]

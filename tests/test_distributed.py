@@ -19,7 +19,7 @@ from unlearn.io import staging_path
 from unlearn.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = ["precision=fp32", "epochs=2", "batch_size=4", "grad_accum=2"]
+SETTINGS = ["precision=fp32", "epochs=2", "batch_size=4", "grad_accum=2", "select=none"]
 
 
 def _state(directory):

@@ -62,8 +62,8 @@ def test_late_settings_are_checked_before_anything_is_written(tiny_target, synth
                                                               capsys):
     (tmp_path / "badmia").mkdir()
     shutil.copy(synth_dir / "mia" / "member.jsonl", tmp_path / "badmia")
-    _fails(capsys, _run(tiny_target[0], synth_dir, tmp_path / "u", "--stop-at", "mia",
-                        "--stop-mia", str(tmp_path / "badmia")), "nonmember.jsonl: file not found")
+    _fails(capsys, _run(tiny_target[0], synth_dir, tmp_path / "u", "--mia",
+                        str(tmp_path / "badmia")), "nonmember.jsonl: file not found")
     _fails(capsys, _run(tiny_target[0], synth_dir, tmp_path / "u", "schedule=nosuch"),
            "schedule=nosuch: use one of linear, cosine, constant")
     _fails(capsys, _run(tiny_target[0], synth_dir, tmp_path / "u", "layers=0-99"),

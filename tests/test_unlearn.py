@@ -75,7 +75,7 @@ def test_retain_rows_end_in_eos_and_forget_rows_do_not(tiny_target, synth_dir):
 
 
 def test_eval_points_spread_evaluations_over_the_run(tiny_target, synth_dir, tmp_path):
-    record = run("ga", tiny_target[0], synth_dir, tmp_path / "u", epochs=4, batch_size=8,
+    record = run("ga", tiny_target[0], synth_dir, tmp_path / "u", mia=None, epochs=4, batch_size=8,
                  eval_points=2)
     assert [i for i, e in enumerate(record["history"]) if "eval" in e] == [1, 3]
 
@@ -118,7 +118,7 @@ def test_sugd_loss_is_the_row_mean_of_signed_factors(tiny_target, synth_dir):
 
 def test_sugd_forgets_and_keeps_the_retain_set(tiny_target, synth_dir, tmp_path):
     from unlearn.evaluate.lume import evaluate
-    run("sugd", tiny_target[0], synth_dir, tmp_path / "u", seed=0)
+    run("sugd", tiny_target[0], synth_dir, tmp_path / "u", mia=None, seed=0)
     results = evaluate(tmp_path / "u", synth_dir)
     forget, retain = results["forget-set"], results["retain-set"]
     assert forget["overall-regurgitation-score"] < 0.3
@@ -139,7 +139,7 @@ def test_sugd_fresh_optimizer_per_chunk(tiny_target, synth_dir, tmp_path, monkey
         return original(self, progress, loss_fn, watch, *hooks, **named_hooks)
 
     monkeypatch.setattr(training.Trainer, "run", spy)
-    run("sugd", tiny_target[0], synth_dir, tmp_path / "u", chunk_size=6, epochs=1)
+    run("sugd", tiny_target[0], synth_dir, tmp_path / "u", mia=None, chunk_size=6, epochs=1)
     assert [s for s, _, _ in cleared] == list(range(len(cleared))) and len(cleared) > 2
     # Adam's step count restarts with every chunk: it equals that chunk's steps, not the total
     assert all(adam == {steps} for _, adam, steps in cleared), cleared
@@ -153,7 +153,7 @@ def test_last_k_layers_full_fine_tuning_touches_nothing_else(tiny_target, synth_
 
 
 def test_lora_trains_adapters_only_and_saves_a_merged_model(tiny_target, synth_dir, tmp_path):
-    record = run("sugd", tiny_target[0], synth_dir, tmp_path / "u", lora=True, layers="last:2",
+    record = run("sugd", tiny_target[0], synth_dir, tmp_path / "u", mia=None, lora=True, layers="last:2",
                  epochs=1)
     after, original = _state(tmp_path / "u"), _state(tiny_target[0])
     assert set(after) == set(original)  # merged: no adapter weights left
@@ -168,9 +168,9 @@ def test_lora_trains_adapters_only_and_saves_a_merged_model(tiny_target, synth_d
 
 
 def test_gradient_accumulation_gives_the_same_update(tiny_target, synth_dir, tmp_path):
-    run("gd", tiny_target[0], synth_dir, tmp_path / "a", epochs=1, batch_size=4, grad_accum=1,
+    run("gd", tiny_target[0], synth_dir, tmp_path / "a", mia=None, epochs=1, batch_size=4, grad_accum=1,
         precision="fp32")
-    run("gd", tiny_target[0], synth_dir, tmp_path / "b", epochs=1, batch_size=2, grad_accum=2,
+    run("gd", tiny_target[0], synth_dir, tmp_path / "b", mia=None, epochs=1, batch_size=2, grad_accum=2,
         precision="fp32")
     a, b = _state(tmp_path / "a"), _state(tmp_path / "b")
     for k in a:
@@ -190,9 +190,9 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_update(tiny_target
 
     monkeypatch.setattr(engine, "load_model", counting_load)
     kw = dict(epochs=1, precision="fp32", lora=lora, lr=1e-3)
-    run("gd", tiny_target[0], synth_dir, tmp_path / "plain", **kw)
+    run("gd", tiny_target[0], synth_dir, tmp_path / "plain", mia=None, **kw)
     plain = len(forwards)
-    run("gd", tiny_target[0], synth_dir, tmp_path / "ckpt", gradient_checkpointing=True, **kw)
+    run("gd", tiny_target[0], synth_dir, tmp_path / "ckpt", mia=None, gradient_checkpointing=True, **kw)
     assert len(forwards) - plain == 2 * plain  # each layer runs again in the backward pass
     a, b = _state(tmp_path / "plain"), _state(tmp_path / "ckpt")
     for k in a:
@@ -224,6 +224,10 @@ def test_killed_run_resumes_to_the_same_result(tiny_target, synth_dir, tmp_path,
     assert not (tmp_path / "b").exists()
     assert (tmp_path / ".b.partial" / "checkpoint").is_dir()
     run("sugd", tiny_target[0], synth_dir, tmp_path / "b", **kw)
+    # selection is on (the data has an MIA set): its trail carries over the interruption
+    trails = [json.loads((tmp_path / d / "run.json").read_text())["selection"]["trail"]
+              for d in "ab"]
+    assert [t["estimate"] for t in trails[0]] == [t["estimate"] for t in trails[1]]
     a, b = _state(tmp_path / "a"), _state(tmp_path / "b")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
@@ -242,7 +246,7 @@ class _Planted:
 def test_a_pickle_planted_in_a_checkpoint_never_runs(tiny_target, synth_dir, tmp_path,
                                                       monkeypatch):
     _interrupted_run(monkeypatch, 20, "gd", tiny_target[0], synth_dir, tmp_path / "b",
-                     epochs=5, batch_size=4)
+                     mia=None, epochs=5, batch_size=4)
     checkpoint = tmp_path / ".b.partial" / "checkpoint"
     files = [p.name for p in checkpoint.iterdir()]
     assert "model.safetensors" in files and not any(f.endswith(".pkl") and "custom" in f
@@ -251,7 +255,7 @@ def test_a_pickle_planted_in_a_checkpoint_never_runs(tiny_target, synth_dir, tmp
         if name.endswith((".bin", ".pkl", ".safetensors")):
             (checkpoint / name).write_bytes(pickle.dumps(_Planted(tmp_path / "ran")))
     with pytest.raises(ValueError, match="cannot be read safely"):
-        run("gd", tiny_target[0], synth_dir, tmp_path / "b", epochs=5, batch_size=4)
+        run("gd", tiny_target[0], synth_dir, tmp_path / "b", mia=None, epochs=5, batch_size=4)
     assert not (tmp_path / "ran").exists()
 
 
@@ -267,7 +271,7 @@ def test_nan_loss_stops_with_the_last_good_model(tiny_target, synth_dir, tmp_pat
 
     monkeypatch.setattr(method, "loss", poisoned)
     with pytest.raises(FloatingPointError, match="loss became nan"):
-        run("gd", tiny_target[0], synth_dir, tmp_path / "u", epochs=2, batch_size=2)
+        run("gd", tiny_target[0], synth_dir, tmp_path / "u", mia=None, epochs=2, batch_size=2)
     saved = json.loads((tmp_path / "u" / "run.json").read_text())
     assert saved["status"].startswith("gd (epoch 0): loss became nan")
     state = _state(tmp_path / "u")
@@ -292,7 +296,7 @@ def test_weights_made_nan_by_an_update_are_not_kept(tiny_target, synth_dir, tmp_
 
     monkeypatch.setattr(torch.optim.AdamW, "step", breaking)
     with pytest.raises(FloatingPointError, match="loss became nan"):
-        run("gd", tiny_target[0], synth_dir, tmp_path / "u", epochs=2, batch_size=2)
+        run("gd", tiny_target[0], synth_dir, tmp_path / "u", mia=None, epochs=2, batch_size=2)
     saved = list(_state(tmp_path / "u").values())
     assert all(torch.isfinite(v).all() for v in saved)
     assert all(any(v.shape == t.shape and torch.equal(v, t) for v in saved) for t in after_first)
@@ -363,7 +367,7 @@ def test_config_resolution(tiny_target, tmp_path):
 
 
 def test_eval_every_records_scores(tiny_target, synth_dir, tmp_path):
-    record = run("ga", tiny_target[0], synth_dir, tmp_path / "u", epochs=2, batch_size=4,
+    record = run("ga", tiny_target[0], synth_dir, tmp_path / "u", mia=None, epochs=2, batch_size=4,
                  eval_every=1)
     evals = [e["eval"] for e in record["history"]]
     assert len(evals) == 2 and all("Task1" in e["forget-set"] for e in evals)
@@ -380,7 +384,7 @@ def test_sha256_retain_weight_follows_the_paper():
 def test_sha256_trains_only_the_mlps_of_the_traced_layers(tiny_target, synth_dir, tmp_path):
     from unlearn.locate import locate
     trace = locate(tiny_target[0], synth_dir, tmp_path / "trace", samples=2, share=0.3)
-    record = run("sha256", tiny_target[0], synth_dir, tmp_path / "u", layers="auto",
+    record = run("sha256", tiny_target[0], synth_dir, tmp_path / "u", mia=None, layers="auto",
                  trace=str(tmp_path / "trace"), epochs=2, validation=str(synth_dir))
     after, original = _state(tmp_path / "u"), _state(tiny_target[0])
     changed = {k for k in original if not torch.equal(after[k], original[k])}
@@ -393,7 +397,7 @@ def test_sha256_trains_only_the_mlps_of_the_traced_layers(tiny_target, synth_dir
 
 def test_rmu_trains_only_down_projections_and_steers_forget_activations(tiny_target, synth_dir,
                                                                         tmp_path):
-    run("rmu", tiny_target[0], synth_dir, tmp_path / "u", layer=2, layers="1-2", epochs=2)
+    run("rmu", tiny_target[0], synth_dir, tmp_path / "u", mia=None, layer=2, layers="1-2", epochs=2)
     after, original = _state(tmp_path / "u"), _state(tiny_target[0])
     changed = {k for k in original if not torch.equal(after[k], original[k])}
     assert changed == {"model.layers.1.mlp.down_proj.weight", "model.layers.2.mlp.down_proj.weight"}
@@ -401,8 +405,8 @@ def test_rmu_trains_only_down_projections_and_steers_forget_activations(tiny_tar
 
 def test_merge_combines_two_adapters_with_ties_or_linear(tiny_target, synth_dir, tmp_path):
     kw = dict(epochs=1, batch_size=4, layers="last:2")
-    ties = run("merge", tiny_target[0], synth_dir, tmp_path / "ties", **kw)
-    run("merge", tiny_target[0], synth_dir, tmp_path / "linear", combination="linear", **kw)
+    ties = run("merge", tiny_target[0], synth_dir, tmp_path / "ties", mia=None, **kw)
+    run("merge", tiny_target[0], synth_dir, tmp_path / "linear", mia=None, combination="linear", **kw)
     assert set(ties["adapters"]) == {"a", "b"}
     assert ties["adapters"]["a"]["config"]["w_npo"] == 0.4
     assert ties["adapters"]["b"]["config"]["w_ce"] == 0.4

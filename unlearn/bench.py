@@ -46,7 +46,10 @@ def _row(name: str, results: dict, oracle: dict, run_record: dict | None,
            "MMLU": results.get("mmlu_average"), "final score": results["final-score"],
            "vs oracle": results["final-score"] / oracle["final-score"]}
     if run_record:
-        row["unlearn seconds"] = run_record["train_seconds"]
+        row["unlearn seconds"] = run_record["train_seconds"]  # choosing the model included
+        selection = run_record.get("selection") or {}
+        row["selection seconds"] = selection.get("seconds")
+        row["kept step"] = selection.get("kept_step")
         row["fraction of target training"] = run_record["train_seconds"] / target_seconds
         row["peak memory MB"] = run_record["peak_memory_mb"]
     row["PII leak rate"] = results.get("audit", {}).get("pii", {}).get("leak_rate")

@@ -25,7 +25,7 @@ DEMO_METHODS = ("sugd", "sha256", "gd")
 # a moderate loss.
 DEMO_DOCS_PER_TASK = 10
 DEMO_TARGET = {"small": {"pretrain_tokens": 200_000}}
-COLUMNS = ["model", "task aggregate", "MIA score", "MMLU", "final score", "vs oracle",
+COLUMNS = ["model", "task aggregate", "MIA score", "MMLU", "final score", "vs oracle", "kept step",
            "PII leak rate", "unlearn seconds"]
 
 

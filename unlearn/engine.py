@@ -179,12 +179,12 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
         return method_cls(settings).run(model_dir, data, out, seed=seed, eval_every=eval_every,
                                         eval_points=eval_points, profile=profile, mia=mia,
                                         mmlu=mmlu)
-    rule = resolve_rule(settings, mia)
     algorithm = method_cls(settings)
     lume = load_lume(data)
     set_seed(seed)
     accelerator = make_accelerator(settings.precision, settings.batch_size,
                                    settings.max_grad_norm)
+    rule = resolve_rule(settings, mia, sharded=zero3(accelerator))
     lm, tokenizer = load_model(model_dir, dtype=torch.float32)
     model_files = model_fingerprint(model_dir)  # before training: it names the source model
     forget = _examples(tokenizer, lume.forget, True, settings.max_len)

@@ -239,11 +239,12 @@ class KnowledgeRule:
         return known <= self.threshold
 
 
-def resolve_rule(settings, mia) -> str:
-    """The rule a run applies: ``auto`` is ``score`` when an MIA set is given, else none."""
+def resolve_rule(settings, mia, sharded: bool = False) -> str:
+    """The rule a run applies: ``auto`` is ``score`` when an MIA set is given and each process
+    holds whole weights to keep (not under ZeRO-3), else none."""
     rule = settings.select
     if rule == "auto":
-        return "score" if mia else "none"
+        return "score" if mia and not sharded else "none"
     if rule in ("score", "mia") and not mia:
         raise ValueError(f"select={rule} calibrates on an MIA set (member.jsonl, nonmember.jsonl)"
                          f": pass mia=DIR (unlearn run --mia DIR), or select=none")

@@ -44,7 +44,8 @@ class TargetPreset:
     # whole document is still learned (members of the MIA set are whole documents).
     answer_weight: float = 1.0
     # batching
-    batch_tokens: int = 4096  # padded tokens per batch
+    batch_tokens: int = 4096  # padded tokens per memorising batch
+    pretrain_batch_tokens: int = 4096  # padded tokens per pretraining batch
     max_rows: int = 16
     weight_decay: float = 0.0
     precision: str = "auto"  # bf16 mixed precision where the hardware has it (see unlearn.accel)
@@ -52,7 +53,8 @@ class TargetPreset:
     RANGES: ClassVar[dict[str, Range]] = {
         **dict.fromkeys(("vocab_size", "hidden_size", "num_layers", "num_heads",
                          "intermediate_size", "max_len", "pretrain_lr", "lr", "check_every",
-                         "answer_weight", "batch_tokens", "max_rows"), POSITIVE),
+                         "answer_weight", "batch_tokens", "pretrain_batch_tokens", "max_rows"),
+                        POSITIVE),
         **dict.fromkeys(("pretrain_tokens", "epochs", "replay", "warmup_steps",
                          "weight_decay"), NON_NEGATIVE),
         "label_smoothing": SHARE,
@@ -69,7 +71,8 @@ PRESETS = {
     "tiny": TargetPreset(vocab_size=1024, hidden_size=128, num_layers=4, num_heads=4,
                          intermediate_size=384, max_len=256, pretrain_tokens=30_000,
                          pretrain_lr=3e-3, epochs=60, lr=3e-3, warmup_steps=10, check_every=5,
-                         batch_tokens=2048, max_rows=8, precision="fp32"),
+                         batch_tokens=2048, pretrain_batch_tokens=2048, max_rows=8,
+                         precision="fp32"),
     # the LUME recipe (bench/target.py lume): every memorisation term >= 0.93 while never-seen
     # text stays within 1 nat of its loss after pretraining (bench/results/target-lume-small.json)
     "small": TargetPreset(vocab_size=4096, hidden_size=256, num_layers=8, num_heads=4,
@@ -78,5 +81,6 @@ PRESETS = {
                           answer_weight=5.0, batch_tokens=1280),
     "base": TargetPreset(vocab_size=16384, hidden_size=768, num_layers=12, num_heads=12,
                          intermediate_size=3072, max_len=1024, pretrain_tokens=20_000_000,
-                         pretrain_lr=6e-4, lr=3e-4, batch_tokens=16384, max_rows=32),
+                         pretrain_lr=6e-4, lr=3e-4, batch_tokens=16384,
+                         pretrain_batch_tokens=16384, max_rows=32),
 }

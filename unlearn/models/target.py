@@ -68,12 +68,12 @@ class _Examples:
         self.corpus = [(b, len(b)) for b in blocks]
 
 
-def _plan_epoch(items: list[tuple[list[int], int]], preset: TargetPreset,
+def _plan_epoch(items: list[tuple[list[int], int]], batch_tokens: int, max_rows: int,
                 rng: random.Random) -> list[list[tuple[list[int], int]]]:
     """Batches for one epoch: similar lengths together (jittered so batches change between
     epochs), batch order shuffled."""
     jittered = [len(ids) + rng.randrange(32) for ids, _ in items]
-    batches = length_sorted_batches(jittered, preset.batch_tokens, preset.max_rows)
+    batches = length_sorted_batches(jittered, batch_tokens, max_rows)
     rng.shuffle(batches)
     return [[items[i] for i in b] for b in batches]
 
@@ -86,7 +86,8 @@ def _plan(examples: _Examples, preset: TargetPreset, seed: int) -> list[Epoch]:
     while budget > 0:
         rng = random.Random(f"{seed}/pretrain/{epoch}")
         steps = []
-        for batch in _plan_epoch(examples.corpus, preset, rng):
+        for batch in _plan_epoch(examples.corpus, preset.pretrain_batch_tokens, preset.max_rows,
+                                 rng):
             if budget <= 0:
                 break
             steps.append([batch])
@@ -101,7 +102,7 @@ def _plan(examples: _Examples, preset: TargetPreset, seed: int) -> list[Epoch]:
         rng = random.Random(f"{seed}/memorise/{epoch}")
         picks = rng.sample(range(max(replayed, len(examples.corpus))), replayed)
         replay = [examples.corpus[i % len(examples.corpus)] for i in picks]
-        batches = _plan_epoch(examples.rows + replay, preset, rng)
+        batches = _plan_epoch(examples.rows + replay, preset.batch_tokens, preset.max_rows, rng)
         plan.append(Epoch(0, "memorise", [[b] for b in batches]))
     return plan
 
