@@ -230,8 +230,11 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
             _reference_log_probs(prepared, tokenizer, forget, reference, accelerator,
                                  settings.batch_size)
         total_steps = sum(len(e.steps) for e in plan)
+        # a staged method (SUGD's chunks) has not met a later stage's forget rows before that
+        # stage: patience may end a run in its last stage only
+        last_stage = sum(len(e.steps) for e in plan if e.stage < plan[-1].stage)
         select = _selection(selector, bare, progress, check_every(settings, total_steps),
-                            total_steps)
+                            total_steps, last_stage)
         first_of_stage = {}
         for i, epoch in enumerate(plan):
             first_of_stage.setdefault(epoch.stage, i)
@@ -328,17 +331,19 @@ def _check_zero3(settings, rule: str, eval_every: int) -> None:
                          f"fsdp.yaml, or drop the setting")
 
 
-def _selection(selector, model, progress: dict, every: int, total_steps: int):
+def _selection(selector, model, progress: dict, every: int, total_steps: int,
+               may_stop_from: int = 0):
     """The trainer's after-step hook for ``selector`` (None without one). A fresh run is checked
-    once before its first step: the model it started from may be the one to keep. The trail
-    lives in ``progress``, so a resumed run carries on with it."""
+    once before its first step: the model it started from may be the one to keep. The rule may
+    stop the run once it is past step ``may_stop_from``. The trail lives in ``progress``, so a resumed
+    run carries on with it."""
     if selector is None:
         return None
     selector.trail = progress.setdefault("selection_trail", [])
 
     def check(step: int) -> bool:
         started = time.perf_counter()
-        stop = selector.check(model, step)
+        stop = selector.check(model, step) and step > may_stop_from
         entry = selector.trail[-1]
         # what choosing costs; a full evaluation recorded beside it (select_audit) is apart
         entry["seconds"] = (time.perf_counter() - started
