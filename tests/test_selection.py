@@ -61,7 +61,7 @@ def test_run_keeps_the_model_with_the_best_estimate(tiny_target, synth_dir, tmp_
     model, tokenizer = load_model(tmp_path / "u")
     settings = UnlearnConfig()
     rule = _rule(settings, tokenizer, load_lume(synth_dir), synth_dir / "mia", tmp_path)
-    assert rule.calibration_ids == selection["calibration_ids"]
+    assert rule.describe()["calibration_ids"] == selection["calibration_ids"]
     kept = next(t for t in trail if t["step"] == selection["kept_step"])
     with torch.no_grad():
         again = rule._estimate(model)

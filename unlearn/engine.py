@@ -233,8 +233,8 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
         # a staged method (SUGD's chunks) has not met a later stage's forget rows before that
         # stage: patience may end a run in its last stage only
         last_stage = sum(len(e.steps) for e in plan if e.stage < plan[-1].stage)
-        select = _selection(selector, bare, progress, check_every(settings, total_steps),
-                            total_steps, last_stage)
+        every = check_every(settings, total_steps)
+        select = _selection(selector, bare, progress, every, total_steps, last_stage)
         first_of_stage = {}
         for i, epoch in enumerate(plan):
             first_of_stage.setdefault(epoch.stage, i)
@@ -272,7 +272,7 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
             stopped = f"{e}; the model saved is the last one before that step"
         final = accelerator.unwrap_model(prepared)
         best = keeper.restore(final) if keeper is not None else None
-        selection = _selection_record(selector, final, progress, settings, total_steps)
+        selection = _selection_record(selector, final, progress, settings, every)
         if settings.lora and not adapter_only:
             final = final.merge_and_unload()
         history = progress.get("history", [])
@@ -335,8 +335,8 @@ def _selection(selector, model, progress: dict, every: int, total_steps: int,
                may_stop_from: int = 0):
     """The trainer's after-step hook for ``selector`` (None without one). A fresh run is checked
     once before its first step: the model it started from may be the one to keep. The rule may
-    stop the run once it is past step ``may_stop_from``. The trail lives in ``progress``, so a resumed
-    run carries on with it."""
+    stop the run once it is past step ``may_stop_from``. The trail lives in ``progress``, so a
+    resumed run carries on with it."""
     if selector is None:
         return None
     selector.trail = progress.setdefault("selection_trail", [])
@@ -355,8 +355,7 @@ def _selection(selector, model, progress: dict, every: int, total_steps: int,
     return lambda step: (step % every == 0 or step == total_steps) and check(step)
 
 
-def _selection_record(selector, model, progress: dict, settings,
-                      total_steps: int) -> dict | None:
+def _selection_record(selector, model, progress: dict, settings, every: int) -> dict | None:
     """``run.json``'s ``selection``: the rule, every check and the step whose model is kept
     (loaded into ``model``); None without a rule."""
     if selector is None:
@@ -364,7 +363,7 @@ def _selection_record(selector, model, progress: dict, settings,
     trail = progress.get("selection_trail", [])
     kept = selector.keeper.restore(model) if selector.keeper is not None else None
     return {"rule": selector.name, **selector.describe(),
-            "every": check_every(settings, total_steps),
+            "every": every,
             "patience": settings.select_patience, "trail": trail,
             "kept_step": kept["step"] if kept else (trail[-1]["step"] if trail else None),
             "seconds": sum(t.get("seconds", 0.0) for t in trail),
@@ -383,8 +382,7 @@ def _validation_loss(settings, tokenizer, accelerator):
     examples = (_examples(tokenizer, data.forget, True, settings.max_len)
                 + _examples(tokenizer, data.retain, False, settings.max_len))
 
-    @torch.no_grad()
-    def measure(model) -> float:
+    def measure(model) -> float:  # called by Keeper, without gradients
         forget, retain = [], []
         for i in range(0, len(examples), settings.batch_size):
             batch = Batch.of(examples[i:i + settings.batch_size], tokenizer.pad_token_id,

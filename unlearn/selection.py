@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,6 +36,33 @@ SELECT_CHECKS = 16  # checks spread over a run when select_every is 0
 MMLU_SAMPLE = 128  # general-knowledge questions an estimate asks
 
 
+@contextmanager
+def evaluating(model):
+    """The model in eval mode without gradients for a measurement, back to training after."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train()
+
+
+class Calibration:
+    """The held-out split of the MIA set a rule calibrates on, and its loss-MIA AUC."""
+
+    def __init__(self, split: MiaData, tokenizer):
+        self.tokenizer = tokenizer
+        self.members = [d.document for d in split.member]
+        self.nonmembers = [d.document for d in split.nonmember]
+        self.ids = [d.id for d in split.member + split.nonmember]
+
+    def auc(self, model) -> tuple[float, list[float]]:
+        """The AUC, and the non-members' NLLs (never-seen text, for the utility proxy)."""
+        member = document_nll(model, self.tokenizer, self.members, desc="select mia")
+        nonmember = document_nll(model, self.tokenizer, self.nonmembers, desc="select mia")
+        return mia_auc(member, nonmember), nonmember
+
+
 class Keeper:
     """Keeps, in the staging directory, the trainable weights at which ``measure(model)`` was
     lowest; checkpoints of a resumed run find it there."""
@@ -44,10 +72,8 @@ class Keeper:
         self.measure, self.writes = measure, writes
 
     def check(self, model, where: dict) -> float:
-        model.eval()
-        with torch.no_grad():
+        with evaluating(model):
             value = self.measure(model)
-        model.train()
         best = self.best()
         # a tie goes to the later model: as good by the measure, and further along (a rule
         # whose measure never moves keeps the fixed schedule's result, not its first step)
@@ -114,9 +140,7 @@ class ScoreRule:
         # one generation length for both kinds: QA rows stop early, right or wrong
         self.new_tokens = max([self.sc_tokens] + [len(tokenizer(r.output).input_ids) + 1
                                                   for r in self.rows if r.kind == "qa"])
-        self.members = [d.document for d in calibration.member]
-        self.nonmembers = [d.document for d in calibration.nonmember]
-        self.calibration_ids = [d.id for d in calibration.member + calibration.nonmember]
+        self.calibration = Calibration(calibration, tokenizer)
         questions = self.all_questions = load_mmlu(mmlu) if mmlu else []
         self.questions = random.Random(f"{seed}/select-mmlu").sample(
             questions, min(MMLU_SAMPLE, len(questions)))
@@ -126,7 +150,7 @@ class ScoreRule:
 
     def describe(self) -> dict:
         return {"rows": len(self.rows), "sc_tokens": self.sc_tokens,
-                "calibration_ids": self.calibration_ids,
+                "calibration_ids": self.calibration.ids,
                 "utility": "mmlu" if self.questions else "nonmember-nll-ratio"}
 
     def _task_aggregate(self, model) -> float:
@@ -142,10 +166,8 @@ class ScoreRule:
         return task_aggregate(aggregated_terms(*blocks)[1])
 
     def _estimate(self, model) -> dict:
-        member = document_nll(model, self.tokenizer, self.members, desc="select mia")
-        nonmember = document_nll(model, self.tokenizer, self.nonmembers, desc="select mia")
-        terms = {"task_aggregate": self._task_aggregate(model),
-                 "mia_auc": mia_auc(member, nonmember)}
+        auc, nonmember = self.calibration.auc(model)
+        terms = {"task_aggregate": self._task_aggregate(model), "mia_auc": auc}
         terms["mia_score"] = mia_score(terms["mia_auc"])
         terms["nonmember_nll"] = sum(nonmember) / len(nonmember)
         if self.questions:
@@ -162,11 +184,9 @@ class ScoreRule:
         the documents calibration leaves out, every MMLU question), to measure the estimate by;
         ``select_audit=true`` records it beside each check, at its own cost."""
         started = time.perf_counter()
-        model.eval()
-        with torch.no_grad():
+        with evaluating(model):
             results = score_model(model, self.tokenizer, self.lume, self.audit_mia,
                                   self.all_questions or None).results
-        model.train()
         return {"final_score": results["final-score"],
                 "task_aggregate": results["harmonic-mean-task-aggregate"],
                 "mia_auc": results.get("mia_loss_acc"), "mmlu": results.get("mmlu_average"),
@@ -189,20 +209,16 @@ class MiaRule:
     name = "mia"
 
     def __init__(self, settings, tokenizer, calibration: MiaData, stage: Path, writes: bool):
-        self.tokenizer, self.patience = tokenizer, max(1, settings.select_patience)
-        self.members = [d.document for d in calibration.member]
-        self.nonmembers = [d.document for d in calibration.nonmember]
-        self.calibration_ids = [d.id for d in calibration.member + calibration.nonmember]
+        self.patience = max(1, settings.select_patience)
+        self.calibration = Calibration(calibration, tokenizer)
         self.keeper = Keeper(stage, "mia", self._distance, writes)
         self.trail: list[dict] = []
 
     def describe(self) -> dict:
-        return {"calibration_ids": self.calibration_ids}
+        return {"calibration_ids": self.calibration.ids}
 
     def _distance(self, model) -> float:
-        member = document_nll(model, self.tokenizer, self.members, desc="select mia")
-        nonmember = document_nll(model, self.tokenizer, self.nonmembers, desc="select mia")
-        self.last_auc = mia_auc(member, nonmember)
+        self.last_auc = self.calibration.auc(model)[0]
         return abs(self.last_auc - 0.5)
 
     def check(self, model, step: int) -> bool:
@@ -230,10 +246,8 @@ class KnowledgeRule:
         return {"questions": len(self.questions), "threshold": self.threshold}
 
     def check(self, model, step: int) -> bool:
-        model.eval()
-        with torch.no_grad():
+        with evaluating(model):
             scores = score_rows(model, self.tokenizer, self.questions, 64)
-        model.train()
         known = sum(scores) / len(scores) if scores else 0.0
         self.trail.append({"step": step, "forget_knowledge": known})
         return known <= self.threshold

@@ -6,5 +6,5 @@ from .lume import (DataError, Document, LumeData, MiaData, Row, beside_data, loa
 from .mmlu import Question, load_mmlu
 from .synth import synthesize
 
-__all__ = ["DataError", "Document", "LumeData", "MiaData", "Question", "Row", "beside_data", "load_corpus",
-           "load_lume", "load_mia", "load_mmlu", "synthesize"]
+__all__ = ["DataError", "Document", "LumeData", "MiaData", "Question", "Row", "beside_data",
+           "load_corpus", "load_lume", "load_mia", "load_mmlu", "synthesize"]
