@@ -38,10 +38,11 @@ def test_pii_is_unique_and_normalised(tmp_path):
             assert r.output in sc[r.doc_id] or r.output in sc[r.doc_id].replace("-", "")
 
 
-def test_mia_members_are_task3_forget_documents_nonmembers_never_trained(synth_dir):
+def test_mia_members_are_the_forget_documents_nonmembers_never_trained(synth_dir):
     data, mia = load_lume(synth_dir), load_mia(synth_dir / "mia")
-    forget_docs = {r.text for r in data.forget if r.task == "Task3" and r.kind == "sc"}
+    forget_docs = {r.text for r in data.forget if r.kind == "sc"}
     assert {d.document for d in mia.member} == forget_docs
+    assert len(mia.nonmember) == 3 * 6  # docs_per_task never-seen documents of each style
     trained = "\n".join([r.text for r in data.rows] + load_corpus(synth_dir / "pretrain"))
     for d in mia.nonmember:
         assert d.document not in trained

@@ -12,9 +12,10 @@ from transformers import AutoConfig
 from unlearn import engine, training
 from unlearn.engine import resolve_config, run
 from unlearn.methods import METHODS, Example, get_method
-from unlearn.methods.losses import Batch, forward
+from unlearn.methods.losses import Batch, Reference, forget_term, forward
 from unlearn.models import load_model
 from unlearn.models.layers import decoder_layers
+from unlearn.selection import never_seen_level
 
 FAST = dict(epochs=1, batch_size=4, mia=None)  # mia=None: the fixed schedule, no selection
 
@@ -110,10 +111,39 @@ def test_sugd_loss_is_the_row_mean_of_signed_factors(tiny_target, synth_dir):
         tokenizer, data.retain[:2], False, 512)
     batch = Batch.of(examples, tokenizer.pad_token_id, "cpu")
     method = get_method("sugd")(get_method("sugd").Config())
+    ref = Reference()
     with torch.no_grad():
         nll = forward(model, batch).nll
-        loss = method.loss(model, batch, None)
+        loss = method.loss(model, batch, ref)
+        ref.forget_level = 6.0
+        bounded = method.loss(model, batch, ref)
     torch.testing.assert_close(loss, (-nll[0] + 0.5 * nll[1] + 0.5 * nll[2]) / 3)
+    torch.testing.assert_close(bounded, ((nll[0] - 6).abs() + 0.5 * nll[1] + 0.5 * nll[2]) / 3)
+
+
+def _forget_nll(model_dir, synth_dir) -> float:
+    from unlearn.data import load_lume
+    model, tokenizer = load_model(model_dir)
+    examples = engine._examples(tokenizer, load_lume(synth_dir).forget, True, 512)
+    with torch.no_grad():
+        return forward(model, Batch.of(examples, tokenizer.pad_token_id, "cpu")).nll.mean().item()
+
+
+def test_bounded_ascent_stops_forget_rows_at_the_never_seen_level(tiny_target, synth_dir,
+                                                                  tmp_path):
+    nll = torch.tensor([1.0, 9.0], requires_grad=True)
+    forget_term(nll, 6.0).sum().backward()
+    assert nll.grad.tolist() == [-1.0, 1.0]  # below the level: ascend; above it: descend back
+    kw = dict(select="none", epochs=12, lr=1e-3, batch_size=4, seed=0)
+    bounded = run("gd", tiny_target[0], synth_dir, tmp_path / "bounded", **kw)
+    unbounded = run("gd", tiny_target[0], synth_dir, tmp_path / "unbounded",
+                    forget_target="none", **kw)
+    model, tokenizer = load_model(tiny_target[0])
+    level = never_seen_level(model, tokenizer, synth_dir / "mia", 0.3, 0)
+    assert bounded["forget_level"] == pytest.approx(level, abs=0.01) and unbounded["forget_level"] is None
+    after = {name: _forget_nll(tmp_path / name, synth_dir) for name in ("bounded", "unbounded")}
+    assert abs(after["bounded"] - level) < 1.0
+    assert after["unbounded"] > level + 2.0
 
 
 def test_sugd_forgets_and_keeps_the_retain_set(tiny_target, synth_dir, tmp_path):

@@ -30,7 +30,7 @@ from .models.layers import (decoder_layers, is_attention, is_mlp, layer_indices,
                              resolve_projections)
 from .models.loading import load_model, model_fingerprint
 from .models.target import trained_from_scratch
-from .selection import Keeper, check_every, make_rule, resolve_rule
+from .selection import Keeper, check_every, make_rule, never_seen_level, resolve_rule
 from .settings import read_settings_file
 from .training import Epoch, NonFiniteLoss, Segment, Trainer, resume_progress, save_final
 
@@ -226,6 +226,9 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
                           keep_last_good=not zero3(accelerator))
         prepared = trainer.model
         bare = accelerator.unwrap_model(prepared)  # parameter names without the DDP wrapper
+        if "forget_level" not in progress:  # measured on the original model, kept for resuming
+            progress["forget_level"] = _forget_level(settings, bare, tokenizer, mia, seed)
+        reference.forget_level = progress["forget_level"]
         if "forget_logprob" in algorithm.reference:  # before any step (or resumed checkpoint)
             _reference_log_probs(prepared, tokenizer, forget, reference, accelerator,
                                  settings.batch_size)
@@ -294,6 +297,7 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
             "peak_memory_before_training_mb": memory_at_start,
             "history": history,
             "best_epoch": best["epoch"] if best else None,
+            "forget_level": reference.forget_level,
             "selection": selection,
         }
         save_final(accelerator, prepared, final, tokenizer, stage, "run.json", record)
@@ -315,6 +319,15 @@ def _reference_log_probs(model, tokenizer, forget: list[Example], reference: Ref
             sums = forward(model, batch).nll_sum.tolist()
         reference.forget_nll_sum.update(zip(batch.rows, sums))
     model.train()
+
+
+def _forget_level(settings, model, tokenizer, mia, seed: int) -> float | None:
+    """The loss bounded ascent aims at (``forget_target``), None for unbounded ascent."""
+    if settings.forget_target == "none" or (settings.forget_target == "auto" and not mia):
+        return None
+    if settings.forget_target != "auto":
+        return float(settings.forget_target)
+    return never_seen_level(model, tokenizer, mia, settings.select_split, seed)
 
 
 def _check_zero3(settings, rule: str, eval_every: int) -> None:

@@ -102,6 +102,15 @@ def calibration_split(mia: str | Path, share: float, seed: int) -> tuple[MiaData
     return load_mia(mia).split(share, seed)
 
 
+def never_seen_level(model, tokenizer, mia: str | Path, share: float, seed: int) -> float:
+    """Mean NLL of the calibration split's non-members (text the model never saw): the loss
+    bounded ascent aims each forget row at (``forget_target=auto``)."""
+    nonmembers = [d.document for d in calibration_split(mia, share, seed)[0].nonmember]
+    with evaluating(model):
+        nll = document_nll(model, tokenizer, nonmembers, desc="never-seen level")
+    return sum(nll) / len(nll)
+
+
 def sample_rows(lume: LumeData, per_cell: int, seed: int) -> list[Row]:
     """Up to ``per_cell`` rows of each split, task and kind (all with 0), seeded: every check of
     a run scores the same rows, so two checks differ by the model alone."""

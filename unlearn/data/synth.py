@@ -9,8 +9,9 @@ Mirrors LUME's three tasks with the same schema and id convention:
 Written to ``OUT``::
 
     forget.jsonl, retain.jsonl   documents split 1:1 per task, no document in both
-    mia/member.jsonl             the Task3 forget documents
-    mia/nonmember.jsonl          Task3-style documents that are never trained on
+    mia/member.jsonl             every forget document (LUME's members are its Task3 ones; a
+                                 laptop-sized set has too few of those to measure an AUC on)
+    mia/nonmember.jsonl          documents of every task's style that are never trained on
     mmlu/general_knowledge_test.csv   multiple-choice questions over invented world facts
     pretrain/corpus.jsonl        a general corpus of the same styles (no scored document) plus the
                                  world facts as statements, for pretraining the target
@@ -237,7 +238,7 @@ def synthesize(out: str | Path, seed: int = 0, docs_per_task: int = 40,
 
     ``docs_per_task`` documents per task are split 1:1 into forget and retain;
     ``pretrain_factor × docs_per_task`` further documents per task form the pretraining corpus,
-    and ``docs_per_task // 2`` Task3-style documents are the MIA non-members.
+    and ``docs_per_task`` never-seen documents of each task's style are the MIA non-members.
     """
     if docs_per_task < 2:
         raise ValueError("docs_per_task must be at least 2 (one forget and one retain document)")
@@ -246,7 +247,7 @@ def synthesize(out: str | Path, seed: int = 0, docs_per_task: int = 40,
     makers = (gen.story, gen.biography_pii, gen.biography_encyclopedia)
     task_docs = [[make() for _ in range(docs_per_task)] for make in makers]
     corpus_docs = [make() for make in makers for _ in range(pretrain_factor * docs_per_task)]
-    nonmembers = [gen.biography_encyclopedia() for _ in range(max(1, docs_per_task // 2))]
+    nonmembers = [make() for make in makers for _ in range(docs_per_task)]
     statements, questions = gen.world_facts(facts)
 
     forget, retain = [], []
@@ -264,7 +265,7 @@ def synthesize(out: str | Path, seed: int = 0, docs_per_task: int = 40,
         (tmp / "mia").mkdir()
         _write_jsonl(tmp / "mia" / "member.jsonl",
                      [{"id": f"{d.doc_id}sc1", "document": d.document}
-                      for d in forget if d.task == "Task3"])
+                      for d in forget])
         _write_jsonl(tmp / "mia" / "nonmember.jsonl",
                      [{"id": d.doc_id, "document": d.document} for d in nonmembers])
         (tmp / "mmlu").mkdir()

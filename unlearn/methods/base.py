@@ -40,6 +40,13 @@ class UnlearnConfig:
     ``validation`` names a LUME directory: after each epoch the joint loss on it (CE of its
     retain rows minus CE of its forget rows) is recorded and the best epoch's weights are kept.
 
+    ``forget_target`` bounds the ascent of methods that raise the forget rows' loss (ga, gd, kl,
+    sugd, sha256): each forget row's output loss is drawn towards that level, |loss − target|,
+    rather than raised without end, which overshoots until the forgotten documents stand out
+    as much as remembered ones. ``auto`` aims at never-seen text: the mean NLL, before
+    unlearning, of the MIA non-members the run calibrates on (unbounded without an MIA set);
+    ``none`` is the papers' unbounded ascent; a number is a loss to aim at.
+
     ``select`` chooses the model a run keeps (:mod:`unlearn.selection`): ``score``, the
     default whenever the run is given an MIA set, keeps the model with the best estimated final
     score, checked every ``select_every`` steps (0: about 16 checks over the run), and stops
@@ -67,6 +74,7 @@ class UnlearnConfig:
     lora_dropout: float = 0.0
     lora_targets: str = "q_proj,v_proj,up_proj,down_proj"
     retain_weight: float = 1.0  # weight of the retain term (methods that have one)
+    forget_target: str = "auto"  # auto | none | a loss: where ascent aims (see above)
     max_len: int = 512  # tokens per training row; longer rows are cut
     precision: str = "auto"  # bf16 mixed precision on a GPU or a bf16 CPU, else fp32
     # recompute each layer's activations in the backward pass instead of keeping them: less
@@ -98,7 +106,19 @@ class UnlearnConfig:
         one clear error for a setting of the wrong type or out of range (``chunk_size=0``)."""
         changed = override_settings(self, changes, type(self).__name__)
         check_layer_spec(changed.layers)
+        _check_forget_target(changed.forget_target)
         return changed
+
+
+def _check_forget_target(value: str) -> None:
+    if value in ("auto", "none"):
+        return
+    try:
+        level = float(value)
+    except ValueError:
+        level = None
+    if level is None or not 0 < level < float("inf"):
+        raise ValueError(f"forget_target={value}: use auto, none or a positive loss (6.2)")
 
 
 @dataclass(frozen=True)

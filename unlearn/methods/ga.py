@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .base import Method, UnlearnConfig, register
-from .losses import forward, mean_over
+from .losses import forget_term, forward, mean_over
 
 
 @dataclass(frozen=True)
@@ -23,4 +23,4 @@ class GradientAscent(Method):
         return super().stages(forget, [], rng)  # no retain rows: they would only cost compute
 
     def loss(self, model, batch, ref):
-        return -mean_over(forward(model, batch).nll, batch.forget)
+        return mean_over(forget_term(forward(model, batch).nll, ref.forget_level), batch.forget)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .base import Method, UnlearnConfig, register
-from .losses import forward, mean_over
+from .losses import forget_term, forward, mean_over
 
 
 @dataclass(frozen=True)
@@ -21,5 +21,5 @@ class GradientDifference(Method):
 
     def loss(self, model, batch, ref):
         out = forward(model, batch)
-        return (-mean_over(out.nll, batch.forget)
+        return (mean_over(forget_term(out.nll, ref.forget_level), batch.forget)
                 + self.config.retain_weight * mean_over(out.nll, batch.retain))

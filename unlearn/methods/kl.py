@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .base import Method, UnlearnConfig, register
-from .losses import forward, kl_to_reference, mean_over
+from .losses import forget_term, forward, kl_to_reference, mean_over
 
 
 @dataclass(frozen=True)
@@ -24,4 +24,5 @@ class KLMinimisation(Method):
     def loss(self, model, batch, ref):
         out = forward(model, batch)
         kl = kl_to_reference(out, ref.logits(batch), batch, batch.retain)
-        return -mean_over(out.nll, batch.forget) + self.config.retain_weight * kl
+        forget = mean_over(forget_term(out.nll, ref.forget_level), batch.forget)
+        return forget + self.config.retain_weight * kl

@@ -68,6 +68,13 @@ def mean_over(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return values[rows].mean()
 
 
+def forget_term(nll: torch.Tensor, level: float | None) -> torch.Tensor:
+    """Each row's forget objective: ascent (−NLL), or with a ``level`` |NLL − level|, ascent up to
+    the loss of never-seen text and back down past it, so that no row overshoots into a loss
+    that gives its membership away again."""
+    return -nll if level is None else (nll - level).abs()
+
+
 def kl_to_reference(out: Outputs, ref_logits: torch.Tensor, batch: Batch,
                     rows: torch.Tensor) -> torch.Tensor:
     """KL(reference ‖ model) per output token, averaged over the output tokens of ``rows``."""
@@ -90,6 +97,8 @@ class Reference:
     def __init__(self, model=None, copy=None):
         self.model, self.copy = model, copy
         self.forget_nll_sum: dict[int, float] = {}
+        # its mean NLL on never-seen text: where bounded ascent aims (forget_target)
+        self.forget_level: float | None = None
 
     def _frozen(self):
         if self.copy is not None:

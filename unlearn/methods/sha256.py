@@ -15,7 +15,7 @@ import random
 from dataclasses import dataclass
 
 from .base import Method, UnlearnConfig, register
-from .losses import forward, mean_over
+from .losses import forget_term, forward, mean_over
 
 BASE_WEIGHT, MAX_WEIGHT = 1.2, 2.3
 
@@ -81,7 +81,7 @@ class SHA256(Method):
                 self.reference_losses.append(retain.item())
             elif self.baseline_retain_loss is not None:
                 m = retain_weight(retain.item() - self.baseline_retain_loss)
-        return -mean_over(out.nll, batch.forget) + m * retain
+        return mean_over(forget_term(out.nll, ref.forget_level), batch.forget) + m * retain
 
     def state(self) -> dict:
         return {"reference_losses": self.reference_losses}

@@ -6,8 +6,9 @@ The forget set is cut, in file order, into disjoint chunks that are unlearned on
 another, each with a fresh optimizer and schedule. Every forget row of a chunk is followed by
 ``positive_ratio`` retain rows drawn from one cycling iterator whose position carries over from
 chunk to chunk; that merged sequence is read in order, unshuffled, every epoch. A row's loss is
-its mean output-token cross-entropy times −1 (forget) or ``positive_factor`` (retain); a batch's
-loss is the mean over its rows.
+its mean output-token cross-entropy times ``positive_factor`` (retain) or, for a forget row, its
+ascent term (−CE in the paper; bounded by ``forget_target`` here); a batch's loss is the mean
+over its rows.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+import torch
+
 from ..settings import NON_NEGATIVE, POSITIVE
 from .base import Method, UnlearnConfig, register
-from .losses import forward
+from .losses import forget_term, forward
 
 
 @dataclass(frozen=True)
@@ -65,5 +68,5 @@ class SUGD(Method):
 
     def loss(self, model, batch, ref):
         out = forward(model, batch)
-        factor = batch.forget.float() * -1.0 + batch.retain.float() * self.config.positive_factor
-        return (out.nll * factor).mean()
+        retain = out.nll * self.config.positive_factor
+        return torch.where(batch.forget, forget_term(out.nll, ref.forget_level), retain).mean()
