@@ -12,7 +12,7 @@ from transformers import AutoConfig
 from unlearn import engine, training
 from unlearn.engine import resolve_config, run
 from unlearn.methods import METHODS, Example, get_method
-from unlearn.methods.losses import Batch, Reference, forget_term, forward
+from unlearn.methods.losses import Batch, Outputs, Reference, forget_term, forward
 from unlearn.models import load_model
 from unlearn.models.layers import decoder_layers
 from unlearn.selection import never_seen_level
@@ -113,12 +113,15 @@ def test_sugd_loss_is_the_row_mean_of_signed_factors(tiny_target, synth_dir):
     method = get_method("sugd")(get_method("sugd").Config())
     ref = Reference()
     with torch.no_grad():
-        nll = forward(model, batch).nll
+        out = forward(model, batch)
+        nll = out.nll
         loss = method.loss(model, batch, ref)
         ref.forget_level = 6.0
         bounded = method.loss(model, batch, ref)
     torch.testing.assert_close(loss, (-nll[0] + 0.5 * nll[1] + 0.5 * nll[2]) / 3)
-    torch.testing.assert_close(bounded, ((nll[0] - 6).abs() + 0.5 * nll[1] + 0.5 * nll[2]) / 3)
+    whole = out.text_nll[0]  # the forget row's whole text, prompt included
+    forget = (nll[0] - 6).abs() + (whole - 6).abs()
+    torch.testing.assert_close(bounded, (forget + 0.5 * nll[1] + 0.5 * nll[2]) / 3)
 
 
 def _forget_nll(model_dir, synth_dir) -> float:
@@ -126,21 +129,25 @@ def _forget_nll(model_dir, synth_dir) -> float:
     model, tokenizer = load_model(model_dir)
     examples = engine._examples(tokenizer, load_lume(synth_dir).forget, True, 512)
     with torch.no_grad():
-        return forward(model, Batch.of(examples, tokenizer.pad_token_id, "cpu")).nll.mean().item()
+        out = forward(model, Batch.of(examples, tokenizer.pad_token_id, "cpu"))
+    return out.text_nll.mean().item()
 
 
 def test_bounded_ascent_stops_forget_rows_at_the_never_seen_level(tiny_target, synth_dir,
                                                                   tmp_path):
     nll = torch.tensor([1.0, 9.0], requires_grad=True)
-    forget_term(nll, 6.0).sum().backward()
-    assert nll.grad.tolist() == [-1.0, 1.0]  # below the level: ascend; above it: descend back
+    text_nll = torch.tensor([9.0, 1.0], requires_grad=True)
+    forget_term(Outputs(None, nll, torch.ones(2), text_nll), 6.0).sum().backward()
+    assert nll.grad.tolist() == [-1.0, 1.0]  # below the level: ascend; above: descend
+    assert text_nll.grad.tolist() == [1.0, -1.0]
     kw = dict(select="none", epochs=12, lr=1e-3, batch_size=4, seed=0)
     bounded = run("gd", tiny_target[0], synth_dir, tmp_path / "bounded", **kw)
     unbounded = run("gd", tiny_target[0], synth_dir, tmp_path / "unbounded",
                     forget_target="none", **kw)
     model, tokenizer = load_model(tiny_target[0])
     level = never_seen_level(model, tokenizer, synth_dir / "mia", 0.3, 0)
-    assert bounded["forget_level"] == pytest.approx(level, abs=0.01) and unbounded["forget_level"] is None
+    assert bounded["forget_level"] == pytest.approx(level, abs=0.01)
+    assert unbounded["forget_level"] is None
     after = {name: _forget_nll(tmp_path / name, synth_dir) for name in ("bounded", "unbounded")}
     assert abs(after["bounded"] - level) < 1.0
     assert after["unbounded"] > level + 2.0

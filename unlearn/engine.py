@@ -237,7 +237,8 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
         # stage: patience may end a run in its last stage only
         last_stage = sum(len(e.steps) for e in plan if e.stage < plan[-1].stage)
         every = check_every(settings, total_steps)
-        select = _selection(selector, bare, progress, every, total_steps, last_stage)
+        select = _selection(selector, bare, progress, every, total_steps, last_stage,
+                            reference if settings.forget_target == "auto" else None)
         first_of_stage = {}
         for i, epoch in enumerate(plan):
             first_of_stage.setdefault(epoch.stage, i)
@@ -297,7 +298,7 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
             "peak_memory_before_training_mb": memory_at_start,
             "history": history,
             "best_epoch": best["epoch"] if best else None,
-            "forget_level": reference.forget_level,
+            "forget_level": progress.get("forget_level"),  # before the first step
             "selection": selection,
         }
         save_final(accelerator, prepared, final, tokenizer, stage, "run.json", record)
@@ -345,24 +346,33 @@ def _check_zero3(settings, rule: str, eval_every: int) -> None:
 
 
 def _selection(selector, model, progress: dict, every: int, total_steps: int,
-               may_stop_from: int = 0):
+               may_stop_from: int = 0, reference: Reference | None = None):
     """The trainer's after-step hook for ``selector`` (None without one). A fresh run is checked
     once before its first step: the model it started from may be the one to keep. The rule may
     stop the run once it is past step ``may_stop_from``. The trail lives in ``progress``, so a
-    resumed run carries on with it."""
+    resumed run carries on with it. With a ``reference``, bounded ascent follows never-seen
+    text: ascent damages the model for all text, so the level it aims at is the calibration
+    non-members' NLL at the latest check, not only before the first step."""
     if selector is None:
         return None
     selector.trail = progress.setdefault("selection_trail", [])
+
+    def follow_level() -> None:
+        levels = [t["nonmember_nll"] for t in selector.trail if "nonmember_nll" in t]
+        if reference is not None and levels:
+            reference.forget_level = levels[-1]
 
     def check(step: int) -> bool:
         started = time.perf_counter()
         stop = selector.check(model, step) and step > may_stop_from
         entry = selector.trail[-1]
+        follow_level()
         # what choosing costs; a full evaluation recorded beside it (select_audit) is apart
         entry["seconds"] = (time.perf_counter() - started
                             - entry.get("audit", {}).get("seconds", 0.0))
         return stop
 
+    follow_level()  # a resumed run aims where it was aiming
     if not selector.trail and selector.keeper is not None:
         check(0)
     return lambda step: (step % every == 0 or step == total_steps) and check(step)

@@ -41,11 +41,12 @@ class UnlearnConfig:
     retain rows minus CE of its forget rows) is recorded and the best epoch's weights are kept.
 
     ``forget_target`` bounds the ascent of methods that raise the forget rows' loss (ga, gd, kl,
-    sugd, sha256): each forget row's output loss is drawn towards that level, |loss − target|,
-    rather than raised without end, which overshoots until the forgotten documents stand out
-    as much as remembered ones. ``auto`` aims at never-seen text: the mean NLL, before
-    unlearning, of the MIA non-members the run calibrates on (unbounded without an MIA set);
-    ``none`` is the papers' unbounded ascent; a number is a loss to aim at.
+    sugd, sha256): each forget row's output loss and whole-text loss are drawn towards a level
+    (:func:`~unlearn.methods.losses.forget_term`) rather than raised without end, which
+    overshoots until the forgotten documents stand out as much as remembered ones. ``auto``
+    aims at never-seen text: the mean NLL of the MIA non-members the run calibrates on, before
+    the first step and again at every selection check (unbounded without an MIA set); ``none``
+    is the papers' unbounded ascent; a number is a fixed loss to aim at.
 
     ``select`` chooses the model a run keeps (:mod:`unlearn.selection`): ``score``, the
     default whenever the run is given an MIA set, keeps the model with the best estimated final

@@ -23,4 +23,4 @@ class GradientAscent(Method):
         return super().stages(forget, [], rng)  # no retain rows: they would only cost compute
 
     def loss(self, model, batch, ref):
-        return mean_over(forget_term(forward(model, batch).nll, ref.forget_level), batch.forget)
+        return mean_over(forget_term(forward(model, batch), ref.forget_level), batch.forget)

@@ -21,5 +21,5 @@ class GradientDifference(Method):
 
     def loss(self, model, batch, ref):
         out = forward(model, batch)
-        return (mean_over(forget_term(out.nll, ref.forget_level), batch.forget)
+        return (mean_over(forget_term(out, ref.forget_level), batch.forget)
                 + self.config.retain_weight * mean_over(out.nll, batch.retain))

@@ -24,5 +24,5 @@ class KLMinimisation(Method):
     def loss(self, model, batch, ref):
         out = forward(model, batch)
         kl = kl_to_reference(out, ref.logits(batch), batch, batch.retain)
-        forget = mean_over(forget_term(out.nll, ref.forget_level), batch.forget)
+        forget = mean_over(forget_term(out, ref.forget_level), batch.forget)
         return forget + self.config.retain_weight * kl

@@ -39,11 +39,13 @@ class Batch:
 
 @dataclass
 class Outputs:
-    """A forward pass: logits, and per row the summed and mean NLL of its output tokens."""
+    """A forward pass: logits, and per row the summed and mean NLL of its output tokens, and the
+    mean NLL of its whole text (prompt included: the statistic the loss-MIA reads)."""
 
     logits: torch.Tensor  # (rows, positions - 1, vocab), aligned with the shifted labels
     nll_sum: torch.Tensor  # (rows,)
     tokens: torch.Tensor  # (rows,) output tokens scored
+    text_nll: torch.Tensor  # (rows,)
 
     @property
     def nll(self) -> torch.Tensor:
@@ -53,11 +55,11 @@ class Outputs:
 
 def forward(model, batch: Batch) -> Outputs:
     logits = model(input_ids=batch.ids, attention_mask=batch.mask).logits[:, :-1].float()
-    targets = batch.labels[:, 1:]
-    token_nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none",
-                                ignore_index=IGNORE)
-    scored = targets != IGNORE
-    return Outputs(logits, (token_nll * scored).sum(1), scored.sum(1))
+    token_nll = F.cross_entropy(logits.transpose(1, 2), batch.ids[:, 1:], reduction="none")
+    scored = batch.labels[:, 1:] != IGNORE  # output tokens: labels equal ids there
+    real = batch.mask[:, 1:].bool()
+    return Outputs(logits, (token_nll * scored).sum(1), scored.sum(1),
+                   (token_nll * real).sum(1) / real.sum(1).clamp(min=1))
 
 
 def mean_over(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -68,11 +70,14 @@ def mean_over(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return values[rows].mean()
 
 
-def forget_term(nll: torch.Tensor, level: float | None) -> torch.Tensor:
-    """Each row's forget objective: ascent (−NLL), or with a ``level`` |NLL − level|, ascent up to
-    the loss of never-seen text and back down past it, so that no row overshoots into a loss
-    that gives its membership away again."""
-    return -nll if level is None else (nll - level).abs()
+def forget_term(out: Outputs, level: float | None) -> torch.Tensor:
+    """Each row's forget objective: ascent on its output tokens (−NLL), or with a ``level``
+    |NLL(output) − level| + |NLL(whole text) − level|: the output forgotten and the row's text
+    drawn, prompt included, to the loss of never-seen text and no further. Left below it the
+    document is remembered; pushed far above it, it stands out again to a loss-MIA."""
+    if level is None:
+        return -out.nll
+    return (out.nll - level).abs() + (out.text_nll - level).abs()
 
 
 def kl_to_reference(out: Outputs, ref_logits: torch.Tensor, batch: Batch,
@@ -97,7 +102,7 @@ class Reference:
     def __init__(self, model=None, copy=None):
         self.model, self.copy = model, copy
         self.forget_nll_sum: dict[int, float] = {}
-        # its mean NLL on never-seen text: where bounded ascent aims (forget_target)
+        # the mean NLL of never-seen text: where bounded ascent aims (forget_target)
         self.forget_level: float | None = None
 
     def _frozen(self):

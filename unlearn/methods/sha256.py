@@ -81,7 +81,7 @@ class SHA256(Method):
                 self.reference_losses.append(retain.item())
             elif self.baseline_retain_loss is not None:
                 m = retain_weight(retain.item() - self.baseline_retain_loss)
-        return mean_over(forget_term(out.nll, ref.forget_level), batch.forget) + m * retain
+        return mean_over(forget_term(out, ref.forget_level), batch.forget) + m * retain
 
     def state(self) -> dict:
         return {"reference_losses": self.reference_losses}

@@ -69,4 +69,4 @@ class SUGD(Method):
     def loss(self, model, batch, ref):
         out = forward(model, batch)
         retain = out.nll * self.config.positive_factor
-        return torch.where(batch.forget, forget_term(out.nll, ref.forget_level), retain).mean()
+        return torch.where(batch.forget, forget_term(out, ref.forget_level), retain).mean()
