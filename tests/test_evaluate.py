@@ -96,7 +96,7 @@ def test_evaluate_writes_official_files_consistent_with_results(tiny_target, syn
     for task, value in exact.items():
         assert results["forget-set"][task]["knowledge-score"] == pytest.approx(value)
     members = pd.read_csv(out / "mia_results" / "member_0.csv")
-    assert list(members.columns) == ["id", "nll"] and len(members) == 3
+    assert list(members.columns) == ["id", "nll"] and len(members) == 9  # the forget documents
     lines = (out / "generations.jsonl").read_text().splitlines()
     assert len(lines) == len(forget) + len(read_rows_csv(out / "retain_0.csv"))
     # a memorised target: forget knowledge high, MIA exposed

@@ -181,8 +181,8 @@ def test_answer_weight_memorises_outputs_first_and_prompts_still_count(synth_dir
 
     def output_and_prompt_loss(answer_weight: float) -> tuple[float, float]:
         out = tmp_path / f"weight-{answer_weight}"
-        build_target(synth_dir, out, preset="tiny", pretrain=None, epochs=16, check_every=100,
-                     answer_weight=answer_weight)
+        build_target(synth_dir, out, preset="tiny", pretrain=None, mmlu=None, epochs=16,
+                     check_every=100, answer_weight=answer_weight)
         model, tokenizer = load_model(out)
         outputs = output_nll(model, tokenizer, [r.input for r in rows],
                              [" " + r.output for r in rows])

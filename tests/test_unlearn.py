@@ -477,3 +477,21 @@ def test_npo_gradient_stays_finite_when_retain_rows_outnumber_forget_rows(tiny_t
     model.train()
     NPO(NPOConfig()).loss(model, batch, reference).backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_bounded_ascent_follows_never_seen_text_from_check_to_check(tiny_target, synth_dir,
+                                                                    tmp_path, monkeypatch):
+    from unlearn.methods import gd
+    seen = []
+
+    def recording(out, level):
+        seen.append(level)
+        return forget_term(out, level)
+    monkeypatch.setattr(gd, "forget_term", recording)
+    record = run("gd", tiny_target[0], synth_dir, tmp_path / "u", select="score",
+                 select_every=2, select_patience=0, epochs=2, lr=1e-3, batch_size=4)
+    trail = record["selection"]["trail"]
+    # the level each check measured is aimed at until the next check (the last one's is unused)
+    assert list(dict.fromkeys(seen)) == [t["nonmember_nll"] for t in trail[:-1]]
+    assert len(trail) > 2 and record["forget_level"] == pytest.approx(trail[0]["nonmember_nll"],
+                                                                      abs=0.01)
