@@ -164,8 +164,9 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
     settings; ``overrides`` set single ones (see each method's config class). Rerunning an
     interrupted call resumes it. ``adapter_only`` (with ``lora=true``) saves the PEFT adapter
     instead of the merged model. ``mia`` (an MIA directory) turns on selection by estimated
-    score (``select``; see :mod:`unlearn.selection`), which ``mmlu`` (MMLU-format questions)
-    makes more faithful; both default to ``data/mia`` and ``data/mmlu`` when present ("auto"),
+    score (``select``; see :mod:`unlearn.selection`) and bounds ascent at the loss of its
+    never-seen documents (``forget_target``); ``mmlu`` (MMLU-format questions) makes the
+    estimate more faithful; both default to ``data/mia`` and ``data/mmlu`` when present ("auto"),
     None turns them off. Returns the ``run.json`` record.
     """
     model_dir, out = Path(model), Path(out)
