@@ -59,8 +59,11 @@ class Calibration:
     def auc(self, model) -> tuple[float, list[float]]:
         """The AUC, and the non-members' NLLs (never-seen text, for the utility proxy)."""
         member = document_nll(model, self.tokenizer, self.members, desc="select mia")
-        nonmember = document_nll(model, self.tokenizer, self.nonmembers, desc="select mia")
+        nonmember = self.nonmember_nll(model)
         return mia_auc(member, nonmember), nonmember
+
+    def nonmember_nll(self, model) -> list[float]:
+        return document_nll(model, self.tokenizer, self.nonmembers, desc="select mia")
 
 
 class Keeper:
@@ -105,9 +108,8 @@ def calibration_split(mia: str | Path, share: float, seed: int) -> tuple[MiaData
 def never_seen_level(model, tokenizer, mia: str | Path, share: float, seed: int) -> float:
     """Mean NLL of the calibration split's non-members (text the model never saw): the loss
     bounded ascent aims each forget row at (``forget_target=auto``)."""
-    nonmembers = [d.document for d in calibration_split(mia, share, seed)[0].nonmember]
     with evaluating(model):
-        nll = document_nll(model, tokenizer, nonmembers, desc="never-seen level")
+        nll = Calibration(calibration_split(mia, share, seed)[0], tokenizer).nonmember_nll(model)
     return sum(nll) / len(nll)
 
 
