@@ -27,7 +27,8 @@ from pathlib import Path
 
 import unlearn
 from unlearn.methods.base import UnlearnConfig
-from unlearn.selection import calibration_split
+from unlearn.data import load_lume
+from unlearn.selection import scored_rest
 
 SPLIT = UnlearnConfig.select_split  # share of the MIA set runs calibrate on
 
@@ -77,7 +78,7 @@ def main() -> None:
     variants = [v.split(":", 1) if ":" in v else (v, v) for v in args.methods.split(",")]
     given = ["--mia", args.mia or "none", "--mmlu", args.mmlu or "none"]
     if args.mia:  # every model is scored on the documents no run calibrated on
-        _, scored = calibration_split(args.mia, SPLIT, args.seed)
+        scored = scored_rest(args.mia, SPLIT, args.seed, load_lume(args.data), target_dir)
         args.mia = str(scored.save(out / "mia-scored"))
     train_seconds = json.loads((target_dir / "target.json").read_text())["train_seconds"]
     target = _evaluate(target_dir, args, out / "target-eval")

@@ -197,6 +197,22 @@ def test_mia_split_holds_out_a_seeded_share_and_saves_the_rest(synth_dir, tmp_pa
     assert load_mia(rest.save(tmp_path / "rest")) == rest
 
 
+def test_mia_split_spreads_the_held_out_share_over_the_strata(synth_dir):
+    mia = load_mia(synth_dir / "mia")
+    # members of three kinds, non-members ranked: the held-out share takes from every kind
+    # in proportion, and one non-member from each stretch of the ranking
+    member_keys = [i % 3 for i in range(len(mia.member))]
+    nonmember_keys = list(range(len(mia.nonmember)))
+    for seed in range(5):
+        held, _ = mia.split(0.3, seed, (member_keys, nonmember_keys))
+        kinds = [member_keys[mia.member.index(d)] for d in held.member]
+        counts = [kinds.count(k) for k in range(3)]
+        assert len(kinds) >= 3 and max(counts) - min(counts) <= 1 and min(counts) >= 1
+        ranks = sorted(mia.nonmember.index(d) for d in held.nonmember)
+        stretch = int(len(mia.nonmember) / len(ranks))  # evenly spaced along the ranking
+        assert all(stretch <= b - a <= stretch + 1 for a, b in zip(ranks, ranks[1:]))
+
+
 def test_a_byte_order_mark_is_read_and_bad_bytes_are_named_by_line(lume_dir, tmp_path):
     forget = lume_dir / "forget.jsonl"
     forget.write_bytes(b"\xef\xbb\xbf" + forget.read_bytes())

@@ -14,8 +14,10 @@ from unlearn.selection import ScoreRule, calibration_split, sample_rows
 HOT = dict(lr=3e-3, batch_size=4)
 
 
-def _rule(settings, tokenizer, lume, mia_dir, tmp_path, seed=0):
-    calibration, _ = calibration_split(mia_dir, settings.select_split, seed)
+def _rule(settings, tokenizer, lume, mia_dir, tmp_path, source, seed=0):
+    """The score rule a run from ``source`` (a model) with ``seed`` makes."""
+    calibration, _ = calibration_split(load_mia(mia_dir), settings.select_split, seed, lume,
+                                       source, tokenizer)
     return ScoreRule(settings, tokenizer, lume, calibration, None, tmp_path, seed, writes=False)
 
 
@@ -24,7 +26,7 @@ def test_estimate_on_every_row_at_full_length_is_the_official_task_aggregate(tin
     model, tokenizer = load_model(tiny_target[0])
     lume = load_lume(synth_dir)
     settings = UnlearnConfig(select_rows=0, select_sc_tokens=256)
-    rule = _rule(settings, tokenizer, lume, synth_dir / "mia", tmp_path)
+    rule = _rule(settings, tokenizer, lume, synth_dir / "mia", tmp_path, model)
     with torch.no_grad():
         official = score_model(model, tokenizer, lume).results
         estimate = rule._estimate(model)
@@ -60,7 +62,8 @@ def test_run_keeps_the_model_with_the_best_estimate(tiny_target, synth_dir, tmp_
     # the model saved is the one kept: estimated again, it gives the kept check's terms
     model, tokenizer = load_model(tmp_path / "u")
     settings = UnlearnConfig()
-    rule = _rule(settings, tokenizer, load_lume(synth_dir), synth_dir / "mia", tmp_path)
+    rule = _rule(settings, tokenizer, load_lume(synth_dir), synth_dir / "mia", tmp_path,
+                 load_model(tiny_target[0])[0])
     assert rule.describe()["calibration_ids"] == selection["calibration_ids"]
     kept = next(t for t in trail if t["step"] == selection["kept_step"])
     with torch.no_grad():

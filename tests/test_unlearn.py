@@ -10,12 +10,13 @@ import torch
 from transformers import AutoConfig
 
 from unlearn import engine, training
+from unlearn.data import load_lume, load_mia
 from unlearn.engine import resolve_config, run
 from unlearn.methods import METHODS, Example, get_method
 from unlearn.methods.losses import Batch, Outputs, Reference, forget_term, forward
 from unlearn.models import load_model
 from unlearn.models.layers import decoder_layers
-from unlearn.selection import never_seen_level
+from unlearn.selection import calibration_split, never_seen_level
 
 FAST = dict(epochs=1, batch_size=4, mia=None)  # mia=None: the fixed schedule, no selection
 
@@ -47,7 +48,6 @@ def test_every_method_writes_a_model_and_leaves_the_source_untouched(name, tiny_
 
 def test_output_loss_masks_the_prompt(tiny_target, synth_dir):
     model, tokenizer = load_model(tiny_target[0])
-    from unlearn.data import load_lume
     row = load_lume(synth_dir).forget[0]
     ids = tokenizer(row.input + " " + row.output).input_ids
     start = len(tokenizer(row.input).input_ids)
@@ -63,7 +63,6 @@ def test_output_loss_masks_the_prompt(tiny_target, synth_dir):
 
 def test_retain_rows_end_in_eos_and_forget_rows_do_not(tiny_target, synth_dir):
     _, tokenizer = load_model(tiny_target[0])
-    from unlearn.data import load_lume
     lume = load_lume(synth_dir)
     eos = tokenizer.eos_token_id
     retain = engine._examples(tokenizer, lume.retain, False, 512)
@@ -105,7 +104,6 @@ def test_sugd_chunks_in_file_order_with_a_carried_over_retain_cycle():
 
 def test_sugd_loss_is_the_row_mean_of_signed_factors(tiny_target, synth_dir):
     model, tokenizer = load_model(tiny_target[0])
-    from unlearn.data import load_lume
     data = load_lume(synth_dir)
     examples = engine._examples(tokenizer, data.forget[:1], True, 512) + engine._examples(
         tokenizer, data.retain[:2], False, 512)
@@ -125,7 +123,6 @@ def test_sugd_loss_is_the_row_mean_of_signed_factors(tiny_target, synth_dir):
 
 
 def _forget_nll(model_dir, synth_dir) -> float:
-    from unlearn.data import load_lume
     model, tokenizer = load_model(model_dir)
     examples = engine._examples(tokenizer, load_lume(synth_dir).forget, True, 512)
     with torch.no_grad():
@@ -145,7 +142,9 @@ def test_bounded_ascent_stops_forget_rows_at_the_never_seen_level(tiny_target, s
     unbounded = run("gd", tiny_target[0], synth_dir, tmp_path / "unbounded",
                     forget_target="none", **kw)
     model, tokenizer = load_model(tiny_target[0])
-    level = never_seen_level(model, tokenizer, synth_dir / "mia", 0.3, 0)
+    split = calibration_split(load_mia(synth_dir / "mia"), 0.3, 0, load_lume(synth_dir), model,
+                              tokenizer)
+    level = never_seen_level(model, tokenizer, split[0])
     assert bounded["forget_level"] == pytest.approx(level, abs=0.01)
     assert unbounded["forget_level"] is None
     after = {name: _forget_nll(tmp_path / name, synth_dir) for name in ("bounded", "unbounded")}

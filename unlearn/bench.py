@@ -27,7 +27,7 @@ from .methods import get_method
 from .methods.base import UnlearnConfig
 from .models import build_target
 from .models.loading import model_fingerprint
-from .selection import calibration_split
+from .selection import scored_rest
 
 
 def _terms(results: dict) -> dict[str, float | None]:
@@ -124,7 +124,7 @@ def bench(data: str | Path, out: str | Path, methods=("sugd", "sha256", "gd", "n
         base = out / f"seed{seed}"
         # no model is judged on the MIA documents that chose a run's model (the run's seed
         # gives the same split the run held out)
-        scored = (calibration_split(mia, held_out, seed)[1].save(base / "mia-scored")
+        scored = (scored_rest(mia, held_out, seed, lume, built["target"]).save(base / "mia-scored")
                   if held_out else mia)
         kw = dict(mia=scored, mmlu=mmlu, seed=seed)
         evals = {kind: _cached_eval(built[kind], data, base / f"eval-{kind}", **kw)

@@ -19,7 +19,7 @@ from accelerate.utils import set_seed
 from peft import LoraConfig, get_peft_model
 
 from .accel import make_accelerator, numel, prepare_frozen, zero3
-from .data import beside_data, load_lume
+from .data import beside_data, load_lume, load_mia
 from .evaluate.lume import score_model
 from .io import RUN, atomic_directory, claim_output, fingerprint, staging_path, write_json
 from .methods import Method, get_method
@@ -30,7 +30,8 @@ from .models.layers import (decoder_layers, is_attention, is_mlp, layer_indices,
                              resolve_projections)
 from .models.loading import load_model, model_fingerprint
 from .models.target import trained_from_scratch
-from .selection import Keeper, check_every, make_rule, never_seen_level, resolve_rule
+from .selection import (Keeper, calibration_split, check_every, make_rule, never_seen_level,
+                        resolve_rule)
 from .settings import read_settings_file
 from .training import Epoch, NonFiniteLoss, Segment, Trainer, resume_progress, save_final
 
@@ -186,6 +187,7 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
     accelerator = make_accelerator(settings.precision, settings.batch_size,
                                    settings.max_grad_norm)
     rule = resolve_rule(settings, mia, sharded=zero3(accelerator))
+    mia_data = load_mia(mia) if mia else None
     lm, tokenizer = load_model(model_dir, dtype=torch.float32)
     model_files = model_fingerprint(model_dir)  # before training: it names the source model
     forget = _examples(tokenizer, lume.forget, True, settings.max_len)
@@ -204,7 +206,6 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
     stage_dir = staging_path(out)
     keeper = (Keeper(stage_dir, "validation", _validation_loss(settings, tokenizer, accelerator),
                      writes=main) if settings.validation else None)
-    selector = make_rule(rule, settings, tokenizer, lume, mia, mmlu, stage_dir, seed, main)
     reference = Reference()
     if {"logits", "hidden"} & set(algorithm.reference) and not settings.lora:
         # a second load, not a deepcopy: under ZeRO-3 the model in hand is only this shard
@@ -227,8 +228,13 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
                           keep_last_good=not zero3(accelerator))
         prepared = trainer.model
         bare = accelerator.unwrap_model(prepared)  # parameter names without the DDP wrapper
-        if "forget_level" not in progress:  # measured on the original model, kept for resuming
-            progress["forget_level"] = _forget_level(settings, bare, tokenizer, mia, seed)
+        # the calibration split and the level are measured on the source model: the trainer
+        # loads a resumed run's weights later
+        split = (calibration_split(mia_data, settings.select_split, seed, lume, bare, tokenizer)
+                 if mia_data else None)
+        selector = make_rule(rule, settings, tokenizer, lume, split, mmlu, stage_dir, seed, main)
+        if "forget_level" not in progress:  # kept for resuming
+            progress["forget_level"] = _forget_level(settings, bare, tokenizer, split)
         reference.forget_level = progress["forget_level"]
         if "forget_logprob" in algorithm.reference:  # before any step (or resumed checkpoint)
             _reference_log_probs(prepared, tokenizer, forget, reference, accelerator,
@@ -323,13 +329,13 @@ def _reference_log_probs(model, tokenizer, forget: list[Example], reference: Ref
     model.train()
 
 
-def _forget_level(settings, model, tokenizer, mia, seed: int) -> float | None:
+def _forget_level(settings, model, tokenizer, split) -> float | None:
     """The loss bounded ascent aims at (``forget_target``), None for unbounded ascent."""
-    if settings.forget_target == "none" or (settings.forget_target == "auto" and not mia):
+    if settings.forget_target == "none" or (settings.forget_target == "auto" and not split):
         return None
     if settings.forget_target != "auto":
         return float(settings.forget_target)
-    return never_seen_level(model, tokenizer, mia, settings.select_split, seed)
+    return never_seen_level(model, tokenizer, split[0])
 
 
 def _check_zero3(settings, rule: str, eval_every: int) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import random
+import statistics
 import time
 from contextlib import contextmanager
 from dataclasses import replace
@@ -31,8 +32,9 @@ from .evaluate.memorisation import score_rows
 from .evaluate.mmlu import mmlu_accuracy
 from .evaluate.nll import document_nll
 from .io import write_json
+from .models.loading import load_model
 
-SELECT_CHECKS = 16  # checks spread over a run when select_every is 0
+SELECT_CHECKS = 12  # checks spread over a run when select_every is 0
 MMLU_SAMPLE = 128  # general-knowledge questions an estimate asks
 
 
@@ -99,18 +101,36 @@ class Keeper:
         return best
 
 
-def calibration_split(mia: str | Path, share: float, seed: int) -> tuple[MiaData, MiaData]:
+def calibration_split(mia: MiaData, share: float, seed: int, lume: LumeData, model,
+                      tokenizer) -> tuple[MiaData, MiaData]:
     """The seeded share of the MIA set a rule calibrates on, and the rest, which scoring keeps
-    (``unlearn bench`` scores every model on the rest)."""
-    return load_mia(mia).split(share, seed)
-
-
-def never_seen_level(model, tokenizer, mia: str | Path, share: float, seed: int) -> float:
-    """Mean NLL of the calibration split's non-members (text the model never saw): the loss
-    bounded ascent aims each forget row at (``forget_target=auto``)."""
+    (``unlearn bench`` scores every model on the rest). The share is stratified: members evenly
+    over the forget tasks their documents belong to, non-members evenly along their loss under
+    ``model`` (the source model, before any step). A handful of documents drawn at random can
+    miss a whole kind of text, and membership judged on it is then judged on other text than
+    the rest holds."""
+    task = {r.text: r.task for r in lume.forget if r.kind == "sc"}
     with evaluating(model):
-        nll = Calibration(calibration_split(mia, share, seed)[0], tokenizer).nonmember_nll(model)
-    return sum(nll) / len(nll)
+        nll = document_nll(model, tokenizer, [d.document for d in mia.nonmember],
+                           desc="mia strata")
+    return mia.split(share, seed, ([task.get(d.document, "") for d in mia.member], nll))
+
+
+def scored_rest(mia: str | Path, share: float, seed: int, lume: LumeData,
+                model_dir: str | Path) -> MiaData:
+    """The MIA documents that a run from ``model_dir`` with ``seed`` leaves out of its
+    calibration split: those every model of a comparison is scored on."""
+    model, tokenizer = load_model(model_dir, dtype=torch.float32)
+    return calibration_split(load_mia(mia), share, seed, lume, model, tokenizer)[1]
+
+
+def never_seen_level(model, tokenizer, calibration: MiaData) -> float:
+    """Median NLL of the calibration split's non-members (text the model never saw): the loss
+    bounded ascent aims each forget row at (``forget_target=auto``). The median, not the mean:
+    documents gathered at the median of never-seen losses give the loss attack an AUC of 0.5
+    whatever the spread of those losses; at the mean of a skewed spread they do not."""
+    with evaluating(model):
+        return statistics.median(Calibration(calibration, tokenizer).nonmember_nll(model))
 
 
 def sample_rows(lume: LumeData, per_cell: int, seed: int) -> list[Row]:
@@ -180,7 +200,7 @@ class ScoreRule:
         auc, nonmember = self.calibration.auc(model)
         terms = {"task_aggregate": self._task_aggregate(model), "mia_auc": auc}
         terms["mia_score"] = mia_score(terms["mia_auc"])
-        terms["nonmember_nll"] = sum(nonmember) / len(nonmember)
+        terms["nonmember_nll"] = statistics.median(nonmember)  # the level bounded ascent follows
         if self.questions:
             terms["utility"] = mmlu_accuracy(model, self.tokenizer, self.questions)
         else:  # general text as likely as before unlearning: 1; twice as costly: 0.5
@@ -276,15 +296,15 @@ def resolve_rule(settings, mia, sharded: bool = False) -> str:
     return rule
 
 
-def make_rule(rule: str, settings, tokenizer, lume: LumeData, mia, mmlu, stage: Path,
-              seed: int, writes: bool):
-    """The rule object for ``rule`` (None for ``none``); ``mia`` is the MIA directory whose
-    ``select_split`` share (seeded by ``seed``) it calibrates on."""
+def make_rule(rule: str, settings, tokenizer, lume: LumeData,
+              split: tuple[MiaData, MiaData] | None, mmlu, stage: Path, seed: int, writes: bool):
+    """The rule object for ``rule`` (None for ``none``); ``split`` is the MIA set's calibration
+    share and the rest (:func:`calibration_split`), for the rules that calibrate."""
     if rule == "none":
         return None
     if rule == "knowledge":
         return KnowledgeRule(settings, tokenizer, lume)
-    calibration, rest = calibration_split(mia, settings.select_split, seed)
+    calibration, rest = split
     if rule == "mia":
         return MiaRule(settings, tokenizer, calibration, stage, writes)
     return ScoreRule(settings, tokenizer, lume, calibration, mmlu, stage, seed, writes,

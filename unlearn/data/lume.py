@@ -103,15 +103,23 @@ class MiaData:
     member: list[Document]
     nonmember: list[Document]
 
-    def split(self, share: float, seed: int = 0) -> tuple[MiaData, MiaData]:
+    def split(self, share: float, seed: int = 0,
+              strata: tuple[list, list] | None = None) -> tuple[MiaData, MiaData]:
         """A seeded ``share`` of members and of non-members held out (at least 2 of each), and
         the rest. Calibrating on the held-out part and scoring on the rest keeps a stopping rule
-        from being judged on the documents it looked at."""
+        from being judged on the documents it looked at. ``strata`` (a sortable key for each
+        member and each non-member, in order: a member's task, a non-member's loss) spreads each
+        held-out share evenly over the keys, so that a small split spans the kinds the rest
+        holds."""
         rng = random.Random(f"{seed}/mia-split")
         parts = []
-        for docs in (self.member, self.nonmember):
+        for side, docs in enumerate((self.member, self.nonmember)):
             count = min(len(docs), max(2, round(share * len(docs))))
-            picked = set(rng.sample(range(len(docs)), count))
+            order = rng.sample(range(len(docs)), len(docs))  # ties stay in a seeded order
+            if strata:
+                order.sort(key=strata[side].__getitem__)
+            offset = rng.random()  # systematic sampling: one pick in each of `count` stretches
+            picked = {order[int((j + offset) * len(docs) / count)] for j in range(count)}
             parts.append(([d for i, d in enumerate(docs) if i in picked],
                           [d for i, d in enumerate(docs) if i not in picked]))
         (held_member, rest_member), (held_nonmember, rest_nonmember) = parts

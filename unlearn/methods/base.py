@@ -86,8 +86,8 @@ class UnlearnConfig:
     select_every: int = 0  # steps between checks; 0: about SELECT_CHECKS over the run
     select_patience: int = 4  # checks without a better model before stopping (0: never)
     select_split: float = 0.3  # share of the MIA set held out to calibrate on
-    select_rows: int = 16  # score: rows sampled per split, task and kind (0: every row)
-    select_sc_tokens: int = 64  # score: tokens generated (and compared) per sc row
+    select_rows: int = 8  # score: rows sampled per split, task and kind (0: every row)
+    select_sc_tokens: int = 32  # score: tokens generated (and compared) per sc row
     select_knowledge: float = 0.0  # knowledge: stop once forget QA exact match <= this
     select_audit: bool = False  # score: also record the full evaluation at every check
 
