@@ -47,6 +47,22 @@ def test_row_sample_is_seeded_and_stratified(synth_dir):
     assert all(sum((r.split, r.task, r.kind) == c for r in a) <= 2 for c in cells)
 
 
+def test_the_model_a_run_started_from_is_never_kept(tiny_target, synth_dir, tmp_path,
+                                                     monkeypatch):
+    # every step scores worse than the start: the best later model is kept all the same, and
+    # patience counts from it
+    model, tokenizer = load_model(tiny_target[0])
+    settings = UnlearnConfig(select_patience=2)
+    rule = ScoreRule(settings, tokenizer, load_lume(synth_dir),
+                     load_mia(synth_dir / "mia"), None, tmp_path, 0, writes=True)
+    estimates = iter([0.5, 0.2, 0.3, 0.1, 0.25])
+    monkeypatch.setattr(rule, "_estimate",
+                        lambda m: setattr(rule, "last", {"estimate": next(estimates)}) or rule.last)
+    stops = [rule.check(model, step) for step in (0, 2, 4, 6, 8)]
+    assert rule.keeper.best()["step"] == 4
+    assert stops == [False, False, False, False, True]
+
+
 def test_run_keeps_the_model_with_the_best_estimate(tiny_target, synth_dir, tmp_path):
     record = run("ga", tiny_target[0], synth_dir, tmp_path / "u", epochs=4,
                  select_every=2, select_patience=0, **HOT)

@@ -355,7 +355,7 @@ def _check_zero3(settings, rule: str, eval_every: int) -> None:
 def _selection(selector, model, progress: dict, every: int, total_steps: int,
                may_stop_from: int = 0, reference: Reference | None = None):
     """The trainer's after-step hook for ``selector`` (None without one). A fresh run is checked
-    once before its first step: the model it started from may be the one to keep. The rule may
+    once before its first step, the reference later checks are judged against. The rule may
     stop the run once it is past step ``may_stop_from``. The trail lives in ``progress``, so a
     resumed run carries on with it. With a ``reference``, bounded ascent follows never-seen
     text: ascent damages the model for all text, so the level it aims at is the calibration

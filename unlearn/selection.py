@@ -76,13 +76,14 @@ class Keeper:
         self.path, self.record = stage / f"best-{name}.pt", stage / f"best-{name}.json"
         self.measure, self.writes = measure, writes
 
-    def check(self, model, where: dict) -> float:
+    def check(self, model, where: dict, eligible: bool = True) -> float:
+        """Measure the model; keep it when it is ``eligible`` and the best so far."""
         with evaluating(model):
             value = self.measure(model)
         best = self.best()
         # a tie goes to the later model: as good by the measure, and further along (a rule
         # whose measure never moves keeps the fixed schedule's result, not its first step)
-        if self.writes and (best is None or value <= best["value"]):
+        if self.writes and eligible and (best is None or value <= best["value"]):
             torch.save({k: v.detach().cpu().clone() for k, v in model.named_parameters()
                         if v.requires_grad}, self.path)
             write_json(self.record, {**where, "value": value})
@@ -224,18 +225,24 @@ class ScoreRule:
                 "seconds": time.perf_counter() - started}
 
     def check(self, model, step: int) -> bool:
-        """Estimate, keep the model if it is the best so far; True when it is time to stop."""
-        self.keeper.check(model, {"step": step})
+        """Estimate, keep the model if it is the best so far; True when it is time to stop.
+        The model the run started from (step 0) is measured, as the reference its successors
+        are judged against, but never kept: a deletion request is not answered by the
+        original model, however the estimate ranks it."""
+        self.keeper.check(model, {"step": step}, eligible=step > 0)
         self.trail.append({"step": step, **self.last})
         if self.audit_mia is not None:
             self.trail[-1]["audit"] = self._audit(model)
-        best = max(range(len(self.trail)), key=lambda i: (self.trail[i]["estimate"], i))
+        candidates = [i for i, t in enumerate(self.trail) if t["step"] > 0]
+        if not candidates:
+            return False
+        best = max(candidates, key=lambda i: (self.trail[i]["estimate"], i))
         return bool(self.patience) and len(self.trail) - 1 - best >= self.patience
 
 
 class MiaRule:
-    """Keep the model whose calibration loss-MIA AUC is closest to 0.5; stop at 0.5 exactly,
-    or once the AUC has passed below 0.5 and kept moving away for ``select_patience`` checks."""
+    """Keep the model whose calibration loss-MIA AUC is closest to 0.5 (the model the run
+    started from excepted); stop at 0.5 exactly, or once the AUC has passed below 0.5 and kept moving away for ``select_patience`` checks."""
 
     name = "mia"
 
@@ -253,12 +260,12 @@ class MiaRule:
         return abs(self.last_auc - 0.5)
 
     def check(self, model, step: int) -> bool:
-        distance = self.keeper.check(model, {"step": step})
+        distance = self.keeper.check(model, {"step": step}, eligible=step > 0)
         self.trail.append({"step": step, "mia_auc": self.last_auc})
         recent = [t["mia_auc"] for t in self.trail[-(self.patience + 1):]]
         moving_away = (len(recent) > self.patience and all(a < 0.5 for a in recent)
                        and all(b < a for a, b in zip(recent, recent[1:])))
-        return distance == 0.0 or moving_away
+        return step > 0 and (distance == 0.0 or moving_away)
 
 
 class KnowledgeRule:
