@@ -3,6 +3,8 @@
     python bench/target.py memorise   # small preset memorises ../shared/lume/validation
     python bench/target.py lume       # pretrain on train, memorise validation with replay
     python bench/target.py lume --oracle   # the same on the retain rows only (the gold standard)
+    python bench/target.py train-part --init runs/bench/base-lume-small   # for development:
+        # the lume recipe on a part of train (bench/lume_train_part.py), validation unseen
 
 `lume` runs in two builds, as a target and its oracle share one pretrained base: the base
 (`epochs=0`, written to OUT/base-lume-PRESET and reused when it is there; delete it to time it
@@ -35,6 +37,11 @@ RECIPES = {
     # is built once with epochs=0 and shared by the target and its oracle
     "lume": dict(data=LUME / "validation", pretrain=LUME / "train", mia=LUME / "mia_validation",
                  base={"epochs": "0"}, settings={}),
+    # for development (bench/lume_train_part.py writes the data): the same recipe on a part of
+    # train; --init runs/bench/base-lume-small reuses the base, pretrained on the same corpus
+    "train-part": dict(data=Path("runs/bench/lume-train-part"), pretrain=LUME / "train",
+                       mia=Path("runs/bench/lume-train-part/mia"), base={"epochs": "0"},
+                       settings={}),
 }
 
 
