@@ -230,8 +230,10 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
         bare = accelerator.unwrap_model(prepared)  # parameter names without the DDP wrapper
         # the calibration split and the level are measured on the source model: the trainer
         # loads a resumed run's weights later
+        needs_split = rule in ("score", "mia") or (settings.forget_target == "auto"
+                                                   and "forget_level" not in progress)
         split = (calibration_split(mia_data, settings.select_split, seed, lume, bare, tokenizer)
-                 if mia_data else None)
+                 if mia_data and needs_split else None)
         selector = make_rule(rule, settings, tokenizer, lume, split, mmlu, stage_dir, seed, main)
         if "forget_level" not in progress:  # kept for resuming
             progress["forget_level"] = _forget_level(settings, bare, tokenizer, split)

@@ -242,7 +242,8 @@ class ScoreRule:
 
 class MiaRule:
     """Keep the model whose calibration loss-MIA AUC is closest to 0.5 (the model the run
-    started from excepted); stop at 0.5 exactly, or once the AUC has passed below 0.5 and kept moving away for ``select_patience`` checks."""
+    started from excepted); stop at 0.5 exactly, or once the AUC has passed below 0.5 and kept
+    moving away for ``select_patience`` checks."""
 
     name = "mia"
 
