@@ -10,6 +10,7 @@ import torch
 from transformers import AutoConfig
 
 from unlearn import engine, training
+from unlearn.anchor import Anchor, sample_passages
 from unlearn.data import load_lume, load_mia
 from unlearn.engine import resolve_config, run
 from unlearn.methods import METHODS, Example, get_method
@@ -235,22 +236,22 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_update(tiny_target
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
-def _interrupted_run(monkeypatch, batches: int, method: str, *args, **kwargs) -> None:
-    """``run`` killed as it builds its ``batches``-th batch, with a checkpoint after every
+def _interrupted_run(monkeypatch, steps: int, method: str, *args, **kwargs) -> None:
+    """``run`` killed as it starts its ``steps``-th optimizer step, with a checkpoint after every
     epoch before that."""
     monkeypatch.setattr(training, "CHECKPOINT_MINUTES", 0.0)
-    original, calls = Batch.of, {"n": 0}
+    original, calls = training.Trainer.step, {"n": 0}
 
     def crashing(*a, **kw):
         calls["n"] += 1
-        if calls["n"] == batches:
+        if calls["n"] == steps:
             raise KeyboardInterrupt
         return original(*a, **kw)
 
-    monkeypatch.setattr(Batch, "of", crashing)
+    monkeypatch.setattr(training.Trainer, "step", crashing)
     with pytest.raises(KeyboardInterrupt):
         run(method, *args, **kwargs)
-    monkeypatch.setattr(Batch, "of", original)
+    monkeypatch.setattr(training.Trainer, "step", original)
 
 
 def test_killed_run_resumes_to_the_same_result(tiny_target, synth_dir, tmp_path, monkeypatch):
@@ -494,3 +495,34 @@ def test_bounded_ascent_follows_never_seen_text_from_check_to_check(tiny_target,
     assert list(dict.fromkeys(seen)) == [t["nonmember_nll"] for t in trail[:-1]]
     assert len(trail) > 2 and record["forget_level"] == pytest.approx(trail[0]["nonmember_nll"],
                                                                       abs=0.01)
+
+
+def test_anchor_passages_are_seeded_and_the_hold_starts_at_zero(tiny_target):
+    model, tokenizer = load_model(tiny_target[0])
+    passages = sample_passages(model, tokenizer, 8, seed=1)
+    assert passages == sample_passages(model, tokenizer, 8, seed=1)
+    assert passages != sample_passages(model, tokenizer, 8, seed=2)
+    assert all(p[0] == tokenizer.eos_token_id and tokenizer.eos_token_id not in p[1:]
+               for p in passages)
+    anchor = Anchor.measure(model, passages, tokenizer.pad_token_id)
+    assert anchor.term(model, "cpu").item() == 0.0  # nothing has risen yet
+    with torch.no_grad():  # damage every text alike: flatten the output distribution
+        model.lm_head.weight.mul_(0.2)
+    assert anchor.term(model, "cpu").item() > 0.1
+
+
+def test_the_anchor_holds_general_text_against_ascent(tiny_target, synth_dir, tmp_path):
+    model, tokenizer = load_model(tiny_target[0])
+    passages = sample_passages(model, tokenizer, 32, seed=0)  # the run's own, by its seed
+
+    def rise(weight):
+        out = tmp_path / f"w{weight}"
+        run("ga", tiny_target[0], synth_dir, out, epochs=3, lr=3e-3, batch_size=4, mia=None,
+            forget_target="none", anchor_weight=weight)
+        after = load_model(out)[0]
+        return Anchor.measure(after, passages, tokenizer.pad_token_id).start_nll.mean() \
+            - Anchor.measure(model, passages, tokenizer.pad_token_id).start_nll.mean()
+
+    free, held = rise(0), rise(5)
+    assert free > 0.5  # unbounded ascent makes all text less likely
+    assert held < free / 2

@@ -19,6 +19,7 @@ from accelerate.utils import set_seed
 from peft import LoraConfig, get_peft_model
 
 from .accel import make_accelerator, numel, prepare_frozen, zero3
+from .anchor import Anchor, sample_passages
 from .data import beside_data, load_lume, load_mia
 from .evaluate.lume import score_model
 from .io import RUN, atomic_directory, claim_output, fingerprint, staging_path, write_json
@@ -238,6 +239,7 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
         if "forget_level" not in progress:  # kept for resuming
             progress["forget_level"] = _forget_level(settings, bare, tokenizer, split)
         reference.forget_level = progress["forget_level"]
+        anchor = _anchor(settings, bare, tokenizer, progress, seed, accelerator)
         if "forget_logprob" in algorithm.reference:  # before any step (or resumed checkpoint)
             _reference_log_probs(prepared, tokenizer, forget, reference, accelerator,
                                  settings.batch_size)
@@ -254,13 +256,18 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
 
         def loss_fn(micro: list[Example]):
             batch = Batch.of(micro, tokenizer.pad_token_id, accelerator.device)
-            return algorithm.loss(prepared, batch, reference), int(batch.mask.sum())
+            loss = algorithm.loss(prepared, batch, reference)
+            if anchor is not None:
+                loss = loss + settings.anchor_weight * anchor.term(prepared, accelerator.device)
+            return loss, int(batch.mask.sum())
 
         def before_epoch(index: int) -> None:
             algorithm.start_epoch(index - first_of_stage[plan[index].stage])
 
         def after_epoch(index: int, record: dict) -> bool:
             progress["method_state"] = algorithm.state()
+            if anchor is not None:  # a resumed run goes on with the passages it was at
+                progress["anchor"] = anchor.state()
             if keeper is not None:
                 record["validation_loss"] = keeper.check(bare, {"epoch": index})
             last = index + 1 == len(plan)
@@ -338,6 +345,24 @@ def _forget_level(settings, model, tokenizer, split) -> float | None:
     if settings.forget_target != "auto":
         return float(settings.forget_target)
     return never_seen_level(model, tokenizer, split[0])
+
+
+def _anchor(settings, model, tokenizer, progress: dict, seed: int, accelerator
+            ) -> Anchor | None:
+    """The hold on general text (None with ``anchor_weight=0``): passages the source model
+    writes, measured before the first step and kept in ``progress`` for resuming."""
+    if not settings.anchor_weight:
+        return None
+    if "anchor" not in progress:
+        model.eval()
+        passages = sample_passages(model, tokenizer, settings.anchor_samples, seed,
+                                   synced=zero3(accelerator) and accelerator.num_processes > 1)
+        progress["anchor"] = Anchor.measure(model, passages, tokenizer.pad_token_id).state()
+        model.train()
+    state = progress["anchor"]
+    if not state["passages"]:  # every passage ended at once: nothing to hold
+        return None
+    return Anchor(state["passages"], state["start_nll"], tokenizer.pad_token_id, state["next"])
 
 
 def _check_zero3(settings, rule: str, eval_every: int) -> None:

@@ -237,7 +237,11 @@ class ScoreRule:
         if not candidates:
             return False
         best = max(candidates, key=lambda i: (self.trail[i]["estimate"], i))
-        return bool(self.patience) and len(self.trail) - 1 - best >= self.patience
+        # patience starts once a model beats the one the run started from: ascent often costs
+        # utility before the forget side moves, and a run stopped then has not begun its work
+        start = self.trail[0]["estimate"] if self.trail[0]["step"] == 0 else -1.0
+        return (bool(self.patience) and self.trail[best]["estimate"] > start
+                and len(self.trail) - 1 - best >= self.patience)
 
 
 class MiaRule:

@@ -44,9 +44,13 @@ class UnlearnConfig:
     sugd, sha256): each forget row's output loss and whole-text loss are drawn towards a level
     (:func:`~unlearn.methods.losses.forget_term`) rather than raised without end, which
     overshoots until the forgotten documents stand out as much as remembered ones. ``auto``
-    aims at never-seen text: the mean NLL of the MIA non-members the run calibrates on, before
+    aims at never-seen text: the median NLL of the MIA non-members the run calibrates on, before
     the first step and again at every selection check (unbounded without an MIA set); ``none``
     is the papers' unbounded ascent; a number is a fixed loss to aim at.
+
+    ``anchor_weight`` holds general text where it was (:mod:`unlearn.anchor`): the source model
+    writes ``anchor_samples`` passages of its own before the first step, and every micro-batch
+    adds that weight times the rise of their loss above its start. 0 trains the method alone.
 
     ``select`` chooses the model a run keeps (:mod:`unlearn.selection`): ``score``, the
     default whenever the run is given an MIA set, keeps the model with the best estimated final
@@ -76,6 +80,8 @@ class UnlearnConfig:
     lora_targets: str = "q_proj,v_proj,up_proj,down_proj"
     retain_weight: float = 1.0  # weight of the retain term (methods that have one)
     forget_target: str = "auto"  # auto | none | a loss: where ascent aims (see above)
+    anchor_weight: float = 1.0  # weight of the hold on general text (0: none; see above)
+    anchor_samples: int = 32  # passages the source model writes for that hold
     max_len: int = 512  # tokens per training row; longer rows are cut
     precision: str = "auto"  # bf16 mixed precision on a GPU or a bf16 CPU, else fp32
     # recompute each layer's activations in the backward pass instead of keeping them: less
@@ -93,8 +99,9 @@ class UnlearnConfig:
 
     RANGES: ClassVar[dict[str, Range]] = {
         **dict.fromkeys(("epochs", "lr", "batch_size", "grad_accum", "max_len", "lora_r",
-                         "lora_alpha"), POSITIVE),
-        **dict.fromkeys(("weight_decay", "max_grad_norm", "retain_weight", "select_every",
+                         "lora_alpha", "anchor_samples"), POSITIVE),
+        **dict.fromkeys(("weight_decay", "max_grad_norm", "retain_weight", "anchor_weight",
+                         "select_every",
                          "select_patience", "select_rows"), NON_NEGATIVE),
         **dict.fromkeys(("warmup_ratio", "lora_dropout", "select_knowledge"), SHARE),
         "select_split": Range(0, 1, low_open=True), "select_sc_tokens": POSITIVE,

@@ -102,7 +102,7 @@ class Reference:
     def __init__(self, model=None, copy=None):
         self.model, self.copy = model, copy
         self.forget_nll_sum: dict[int, float] = {}
-        # the mean NLL of never-seen text: where bounded ascent aims (forget_target)
+        # the median NLL of never-seen text: where bounded ascent aims (forget_target)
         self.forget_level: float | None = None
 
     def _frozen(self):
