@@ -47,20 +47,34 @@ def test_row_sample_is_seeded_and_stratified(synth_dir):
     assert all(sum((r.split, r.task, r.kind) == c for r in a) <= 2 for c in cells)
 
 
+def _scripted_rule(estimates, tiny_target, synth_dir, tmp_path, monkeypatch):
+    """A score rule (patience 2) whose estimates are ``estimates``, check after check; and the
+    stop answer of each check, at steps 0, 2, 4, ..."""
+    model, tokenizer = load_model(tiny_target[0])
+    rule = ScoreRule(UnlearnConfig(select_patience=2), tokenizer, load_lume(synth_dir),
+                     load_mia(synth_dir / "mia"), None, tmp_path, 0, writes=True)
+    values = iter(estimates)
+    monkeypatch.setattr(rule, "_estimate",
+                        lambda m: setattr(rule, "last", {"estimate": next(values)}) or rule.last)
+    return rule, [rule.check(model, 2 * i) for i in range(len(estimates))]
+
+
 def test_the_model_a_run_started_from_is_never_kept(tiny_target, synth_dir, tmp_path,
                                                      monkeypatch):
     # every step scores worse than the start: the best later model is kept all the same, and
-    # patience counts from it
-    model, tokenizer = load_model(tiny_target[0])
-    settings = UnlearnConfig(select_patience=2)
-    rule = ScoreRule(settings, tokenizer, load_lume(synth_dir),
-                     load_mia(synth_dir / "mia"), None, tmp_path, 0, writes=True)
-    estimates = iter([0.5, 0.2, 0.3, 0.1, 0.25])
-    monkeypatch.setattr(rule, "_estimate",
-                        lambda m: setattr(rule, "last", {"estimate": next(estimates)}) or rule.last)
-    stops = [rule.check(model, step) for step in (0, 2, 4, 6, 8)]
+    # patience never runs out, since no model has yet beaten the start
+    rule, stops = _scripted_rule([0.5, 0.2, 0.3, 0.1, 0.25, 0.2], tiny_target, synth_dir,
+                                 tmp_path, monkeypatch)
     assert rule.keeper.best()["step"] == 4
-    assert stops == [False, False, False, False, True]
+    assert not any(stops)
+
+
+def test_patience_counts_from_the_first_model_that_beats_the_start(tiny_target, synth_dir,
+                                                                   tmp_path, monkeypatch):
+    rule, stops = _scripted_rule([0.5, 0.2, 0.3, 0.6, 0.4, 0.55], tiny_target, synth_dir,
+                                 tmp_path, monkeypatch)
+    assert rule.keeper.best()["step"] == 6
+    assert stops == [False] * 5 + [True]
 
 
 def test_run_keeps_the_model_with_the_best_estimate(tiny_target, synth_dir, tmp_path):

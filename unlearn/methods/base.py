@@ -50,7 +50,8 @@ class UnlearnConfig:
 
     ``anchor_weight`` holds general text where it was (:mod:`unlearn.anchor`): the source model
     writes ``anchor_samples`` passages of its own before the first step, and every micro-batch
-    adds that weight times the rise of their loss above its start. 0 trains the method alone.
+    adds that weight times the rise of their loss above its start. 0 (the default) trains the
+    method alone.
 
     ``select`` chooses the model a run keeps (:mod:`unlearn.selection`): ``score``, the
     default whenever the run is given an MIA set, keeps the model with the best estimated final
@@ -80,7 +81,7 @@ class UnlearnConfig:
     lora_targets: str = "q_proj,v_proj,up_proj,down_proj"
     retain_weight: float = 1.0  # weight of the retain term (methods that have one)
     forget_target: str = "auto"  # auto | none | a loss: where ascent aims (see above)
-    anchor_weight: float = 1.0  # weight of the hold on general text (0: none; see above)
+    anchor_weight: float = 0.0  # weight of the hold on general text (0: none; see above)
     anchor_samples: int = 32  # passages the source model writes for that hold
     max_len: int = 512  # tokens per training row; longer rows are cut
     precision: str = "auto"  # bf16 mixed precision on a GPU or a bf16 CPU, else fp32
