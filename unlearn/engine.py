@@ -245,9 +245,10 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
                                  settings.batch_size)
         total_steps = sum(len(e.steps) for e in plan)
         # a staged method (SUGD's chunks) has not met a later stage's forget rows before that
-        # stage: patience may end a run in its last stage only
+        # stage: a model from an earlier stage still holds them, so checks (and stopping)
+        # belong to the last stage
         last_stage = sum(len(e.steps) for e in plan if e.stage < plan[-1].stage)
-        every = check_every(settings, total_steps)
+        every = check_every(settings, total_steps - last_stage)
         select = _selection(selector, bare, progress, every, total_steps, last_stage,
                             reference if settings.forget_target == "auto" else None)
         first_of_stage = {}
@@ -380,11 +381,11 @@ def _check_zero3(settings, rule: str, eval_every: int) -> None:
 
 
 def _selection(selector, model, progress: dict, every: int, total_steps: int,
-               may_stop_from: int = 0, reference: Reference | None = None):
+               window_start: int = 0, reference: Reference | None = None):
     """The trainer's after-step hook for ``selector`` (None without one). A fresh run is checked
-    once before its first step, the reference later checks are judged against. The rule may
-    stop the run once it is past step ``may_stop_from``. The trail lives in ``progress``, so a
-    resumed run carries on with it. With a ``reference``, bounded ascent follows never-seen
+    once before its first step, the reference later checks are judged against, then every
+    ``every`` steps after step ``window_start`` and at the last step. The trail lives in
+    ``progress``, so a resumed run carries on with it. With a ``reference``, bounded ascent follows never-seen
     text: ascent damages the model for all text, so the level it aims at is the calibration
     non-members' NLL at the latest check, not only before the first step."""
     if selector is None:
@@ -398,7 +399,7 @@ def _selection(selector, model, progress: dict, every: int, total_steps: int,
 
     def check(step: int) -> bool:
         started = time.perf_counter()
-        stop = selector.check(model, step) and step > may_stop_from
+        stop = selector.check(model, step)
         entry = selector.trail[-1]
         follow_level()
         # what choosing costs; a full evaluation recorded beside it (select_audit) is apart
@@ -409,7 +410,8 @@ def _selection(selector, model, progress: dict, every: int, total_steps: int,
     follow_level()  # a resumed run aims where it was aiming
     if not selector.trail and selector.keeper is not None:
         check(0)
-    return lambda step: (step % every == 0 or step == total_steps) and check(step)
+    return lambda step: ((step > window_start and (step - window_start) % every == 0)
+                         or step == total_steps) and check(step)
 
 
 def _selection_record(selector, model, progress: dict, settings, every: int) -> dict | None:

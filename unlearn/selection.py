@@ -323,6 +323,7 @@ def make_rule(rule: str, settings, tokenizer, lume: LumeData,
                      audit_mia=rest if settings.select_audit else None)
 
 
-def check_every(settings, total_steps: int) -> int:
-    """Steps between checks: ``select_every``, or about ``SELECT_CHECKS`` over the run."""
-    return settings.select_every or max(1, round(total_steps / SELECT_CHECKS))
+def check_every(settings, window: int) -> int:
+    """Steps between checks: ``select_every``, or about ``SELECT_CHECKS`` over the ``window``
+    of steps that is checked (the whole run, or a staged method's last stage)."""
+    return settings.select_every or max(1, round(window / SELECT_CHECKS))

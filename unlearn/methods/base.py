@@ -55,8 +55,9 @@ class UnlearnConfig:
 
     ``select`` chooses the model a run keeps (:mod:`unlearn.selection`): ``score``, the
     default whenever the run is given an MIA set, keeps the model with the best estimated final
-    score, checked every ``select_every`` steps (0: about 16 checks over the run), and stops
-    once ``select_patience`` checks in a row found no better one; ``mia`` keeps the model whose
+    score, checked every ``select_every`` steps (0: about 12 checks over the run, or over a staged
+    method's last stage), and stops once ``select_patience`` checks in a row found no better
+    one (counted from the first model better than the start); ``mia`` keeps the model whose
     loss-MIA AUC is closest to 0.5; ``knowledge`` stops once no more than ``select_knowledge``
     of the forget questions are answered; ``none`` trains the fixed schedule. ``score`` and
     ``mia`` calibrate on a seeded ``select_split`` share of the MIA set (``run.json`` lists
@@ -90,7 +91,7 @@ class UnlearnConfig:
     gradient_checkpointing: bool = False
     validation: str = ""  # LUME directory for keeping the best epoch
     select: str = "auto"  # auto | score | mia | knowledge | none (auto: score with an MIA set)
-    select_every: int = 0  # steps between checks; 0: about SELECT_CHECKS over the run
+    select_every: int = 0  # steps between checks; 0: about SELECT_CHECKS (see above)
     select_patience: int = 4  # checks without a better model before stopping (0: never)
     select_split: float = 0.3  # share of the MIA set held out to calibrate on
     select_rows: int = 8  # score: rows sampled per split, task and kind (0: every row)
