@@ -385,9 +385,9 @@ def _selection(selector, model, progress: dict, every: int, total_steps: int,
     """The trainer's after-step hook for ``selector`` (None without one). A fresh run is checked
     once before its first step, the reference later checks are judged against, then every
     ``every`` steps after step ``window_start`` and at the last step. The trail lives in
-    ``progress``, so a resumed run carries on with it. With a ``reference``, bounded ascent follows never-seen
-    text: ascent damages the model for all text, so the level it aims at is the calibration
-    non-members' NLL at the latest check, not only before the first step."""
+    ``progress``, so a resumed run carries on with it. With a ``reference``, bounded ascent
+    follows never-seen text: ascent damages the model for all text, so the level it aims at is
+    the calibration non-members' NLL at the latest check, not only before the first step."""
     if selector is None:
         return None
     selector.trail = progress.setdefault("selection_trail", [])
