@@ -29,15 +29,13 @@ def sample_passages(model, tokenizer, count: int, seed: int, synced: bool = Fals
     """``count`` passages sampled (temperature 1) from ``model`` after an end-of-text token,
     each cut at its first end-of-text; seeded, so a resumed run and every process agree."""
     start = torch.full((count, 1), tokenizer.eos_token_id, device=model.device)
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    gpus = [model.device] if model.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpus):  # training's own randomness is untouched
+        torch.manual_seed(seed)
         out = model.generate(input_ids=start, attention_mask=torch.ones_like(start),
                              do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
                              max_new_tokens=ANCHOR_TOKENS, pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=tokenizer.eos_token_id, synced_gpus=synced)
-    finally:
-        torch.random.set_rng_state(generator_state)  # training's own randomness is untouched
     passages = []
     for row in out[:, 1:].tolist():
         ids = row[:row.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in row else row

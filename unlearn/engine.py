@@ -22,7 +22,7 @@ from .accel import make_accelerator, numel, prepare_frozen, zero3
 from .anchor import Anchor, sample_passages
 from .data import beside_data, load_lume, load_mia
 from .evaluate.lume import score_model
-from .io import RUN, atomic_directory, claim_output, fingerprint, staging_path, write_json
+from .io import RUN, atomic_directory, claim_output, fingerprint, staging_path
 from .methods import Method, get_method
 from .methods.base import Example
 from .methods.losses import Batch, Reference, forward
@@ -31,8 +31,8 @@ from .models.layers import (decoder_layers, is_attention, is_mlp, layer_indices,
                              resolve_projections)
 from .models.loading import load_model, model_fingerprint
 from .models.target import trained_from_scratch
-from .selection import (Keeper, calibration_split, check_every, make_rule, never_seen_level,
-                        resolve_rule)
+from .selection import (Keeper, calibration_split, check_every, evaluating, make_rule,
+                        never_seen_level, resolve_rule)
 from .settings import read_settings_file
 from .training import Epoch, NonFiniteLoss, Segment, Trainer, resume_progress, save_final
 
@@ -268,7 +268,7 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
         def after_epoch(index: int, record: dict) -> bool:
             progress["method_state"] = algorithm.state()
             if anchor is not None:  # a resumed run goes on with the passages it was at
-                progress["anchor"] = anchor.state()
+                progress["anchor"]["next"] = anchor.next
             if keeper is not None:
                 record["validation_loss"] = keeper.check(bare, {"epoch": index})
             last = index + 1 == len(plan)
@@ -355,11 +355,10 @@ def _anchor(settings, model, tokenizer, progress: dict, seed: int, accelerator
     if not settings.anchor_weight:
         return None
     if "anchor" not in progress:
-        model.eval()
-        passages = sample_passages(model, tokenizer, settings.anchor_samples, seed,
-                                   synced=zero3(accelerator) and accelerator.num_processes > 1)
-        progress["anchor"] = Anchor.measure(model, passages, tokenizer.pad_token_id).state()
-        model.train()
+        with evaluating(model):
+            passages = sample_passages(model, tokenizer, settings.anchor_samples, seed,
+                                       synced=zero3(accelerator) and accelerator.num_processes > 1)
+            progress["anchor"] = Anchor.measure(model, passages, tokenizer.pad_token_id).state()
     state = progress["anchor"]
     if not state["passages"]:  # every passage ended at once: nothing to hold
         return None
