@@ -1,6 +1,7 @@
 """Generation speed of the evaluation: batched fast path vs the official one-row-at-a-time path.
 
-    python bench/eval_speed.py --model runs/bench/target-memorise-small --data ../shared/lume/validation
+    python bench/eval_speed.py --model runs/bench/target-memorise-small \
+        --data ../shared/lume/validation
 
 Prints rows/s of both paths, their ratio, and whether the metrics are identical (floor: >= 4x on
 the `small` target on 2 CPU cores, >= 30x on a GPU).

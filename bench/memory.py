@@ -70,8 +70,10 @@ def main() -> None:
               f"{r['peak_mb'] - r['loaded_mb']:12.0f}")
     for layers in args.layers.split(","):
         full, lora = [r for r in rows if r["layers"] == layers]
+        overhead = ((lora["peak_mb"] - lora["loaded_mb"])
+                    / (full["peak_mb"] - full["loaded_mb"]))
         print(f"layers={layers}: LoRA peak = {lora['peak_mb'] / full['peak_mb']:.0%} of full "
-              f"fine-tuning's; overhead {((lora['peak_mb'] - lora['loaded_mb']) / (full['peak_mb'] - full['loaded_mb'])):.0%}")
+              f"fine-tuning's; overhead {overhead:.0%}")
     results = Path(__file__).parent / "results"
     results.mkdir(exist_ok=True)
     name = f"memory-batch{args.batch_size}" + ("-checkpointing" if args.checkpointing else "")

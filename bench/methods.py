@@ -26,8 +26,8 @@ import sys
 from pathlib import Path
 
 import unlearn
-from unlearn.methods.base import UnlearnConfig
 from unlearn.data import load_lume
+from unlearn.methods.base import UnlearnConfig
 from unlearn.selection import scored_rest
 
 SPLIT = UnlearnConfig.select_split  # share of the MIA set runs calibrate on

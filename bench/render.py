@@ -52,7 +52,8 @@ def main() -> None:
     rows_inked = np.flatnonzero((pixels.min(axis=-1) < 0.95).any(axis=1))
     print(f"{args.page}: {len(html) / 1e3:.0f} kB, {inline} inline PNG plots; "
           f"screenshot {pixels.shape[1]}x{pixels.shape[0]} -> {args.png}, "
-          f"{inked:.1%} of pixels inked, content down to row {rows_inked.max() if len(rows_inked) else 0}")
+          f"{inked:.1%} of pixels inked, content down to row "
+          f"{rows_inked.max() if len(rows_inked) else 0}")
 
 
 if __name__ == "__main__":

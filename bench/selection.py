@@ -78,7 +78,8 @@ def main() -> None:
         v = summary["variants"][variant]
         print(f"  rows:tokens {variant:>7}  spearman {v['spearman']:.3f}  "
               f"{v['seconds_per_check']:.1f} s/check  {v['share_of_run']:.1%} of the run  "
-              f"picks step {v['picked_step']} (full final score {v['picked_full_final_score']:.3f})")
+              f"picks step {v['picked_step']} "
+              f"(full final score {v['picked_full_final_score']:.3f})")
     print(frame.to_string(index=False, float_format="{:.3f}".format))
     summary["trail"] = frame.to_dict(orient="records")
     results = Path(__file__).parent / "results"

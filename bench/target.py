@@ -108,7 +108,8 @@ def main() -> None:
     if record.get("after_pretrain"):
         before = record["after_pretrain"]["nonmember_nll"]
         print(f"  non-member NLL after pretraining {before:.2f} -> final "
-              f"{mem['mia']['nonmember_nll']:.2f} (drift {mem['mia']['nonmember_nll'] - before:+.2f})")
+              f"{mem['mia']['nonmember_nll']:.2f} "
+              f"(drift {mem['mia']['nonmember_nll'] - before:+.2f})")
     results = Path(__file__).parent / "results"
     results.mkdir(exist_ok=True)
     summary = {k: v for k, v in record.items() if k != "history"}

@@ -3,8 +3,7 @@ OLMo-2 models, saved as HF directories, go through loading, generation and unlea
 
 import pytest
 import torch
-from transformers import (GPTNeoXConfig, LlamaConfig, Olmo2Config, Qwen2Config,
-                          AutoModelForCausalLM)
+from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, Olmo2Config, Qwen2Config
 
 from unlearn import run
 from unlearn.data import load_lume

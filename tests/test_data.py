@@ -76,7 +76,7 @@ def test_bad_row_names_file_and_line(lume_dir, mutate, expected):
     mutate(records[2])
     write_jsonl(lume_dir / "forget.jsonl", records)
     message = error_of(lume_dir)
-    assert f"forget.jsonl:3: " in message and expected in message
+    assert "forget.jsonl:3: " in message and expected in message
 
 
 def test_duplicate_id_names_both_lines(lume_dir):
@@ -169,7 +169,8 @@ def corrupt(record: dict, how: str, other: dict) -> dict:
     return record
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(names=doc_names, how=corruptions, pick=st.integers(min_value=1))
 def test_property_single_corruption_reported_at_its_line(tmp_path, names, how, pick):
     forget = rows("forget", [f"f{n}" for n in names])

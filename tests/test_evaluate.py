@@ -5,8 +5,16 @@ import pandas as pd
 import pytest
 
 from unlearn.data import load_lume
-from unlearn.evaluate.lume import (RowResult, aggregated_terms, evaluate, mia_auc, mia_score,
-                                   read_rows_csv, split_scores, write_rows_csv)
+from unlearn.evaluate.lume import (
+    RowResult,
+    aggregated_terms,
+    evaluate,
+    mia_auc,
+    mia_score,
+    read_rows_csv,
+    split_scores,
+    write_rows_csv,
+)
 
 DEGENERATE = ["", "\r", "lone\rreturn", "a\r\nb", "line\nbreak", '"quoted", comma',
               "\x1b[31mcontrol\x07", "tab\there", "nan", "NULL", "rep " * 300, " ", "0.5"]

@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from unlearn import training
 from unlearn.data import DataError, load_lume, load_mia
 from unlearn.evaluate.generation import can_still_match, generate_one_by_one, greedy_generate
 from unlearn.evaluate.metrics import knowledge
@@ -12,7 +13,6 @@ from unlearn.evaluate.nll import document_nll, output_nll
 from unlearn.models import ModelError, build_target, load_model
 from unlearn.models import target as target_module
 from unlearn.models.tokenizer import train_tokenizer
-from unlearn import training
 
 
 def test_target_is_a_plain_hf_directory_that_has_memorised(tiny_target, synth_dir):

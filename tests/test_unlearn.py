@@ -168,8 +168,8 @@ def test_last_k_layers_full_fine_tuning_touches_nothing_else(tiny_target, synth_
 
 
 def test_lora_trains_adapters_only_and_saves_a_merged_model(tiny_target, synth_dir, tmp_path):
-    record = run("sugd", tiny_target[0], synth_dir, tmp_path / "u", mia=None, lora=True, layers="last:2",
-                 epochs=1)
+    record = run("sugd", tiny_target[0], synth_dir, tmp_path / "u", mia=None, lora=True,
+                 layers="last:2", epochs=1)
     after, original = _state(tmp_path / "u"), _state(tiny_target[0])
     assert set(after) == set(original)  # merged: no adapter weights left
     changed = {k for k in original if not torch.equal(after[k], original[k])}
@@ -183,10 +183,10 @@ def test_lora_trains_adapters_only_and_saves_a_merged_model(tiny_target, synth_d
 
 
 def test_gradient_accumulation_gives_the_same_update(tiny_target, synth_dir, tmp_path):
-    run("gd", tiny_target[0], synth_dir, tmp_path / "a", mia=None, epochs=1, batch_size=4, grad_accum=1,
-        precision="fp32")
-    run("gd", tiny_target[0], synth_dir, tmp_path / "b", mia=None, epochs=1, batch_size=2, grad_accum=2,
-        precision="fp32")
+    run("gd", tiny_target[0], synth_dir, tmp_path / "a", mia=None, epochs=1, batch_size=4,
+        grad_accum=1, precision="fp32")
+    run("gd", tiny_target[0], synth_dir, tmp_path / "b", mia=None, epochs=1, batch_size=2,
+        grad_accum=2, precision="fp32")
     a, b = _state(tmp_path / "a"), _state(tmp_path / "b")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
@@ -207,7 +207,8 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_update(tiny_target
     kw = dict(epochs=1, precision="fp32", lora=lora, lr=1e-3)
     run("gd", tiny_target[0], synth_dir, tmp_path / "plain", mia=None, **kw)
     plain = len(forwards)
-    run("gd", tiny_target[0], synth_dir, tmp_path / "ckpt", mia=None, gradient_checkpointing=True, **kw)
+    run("gd", tiny_target[0], synth_dir, tmp_path / "ckpt", mia=None, gradient_checkpointing=True,
+        **kw)
     assert len(forwards) - plain == 2 * plain  # each layer runs again in the backward pass
     a, b = _state(tmp_path / "plain"), _state(tmp_path / "ckpt")
     for k in a:
@@ -436,7 +437,8 @@ def test_rmu_trains_only_down_projections_and_steers_forget_activations(tiny_tar
 def test_merge_combines_two_adapters_with_ties_or_linear(tiny_target, synth_dir, tmp_path):
     kw = dict(epochs=1, batch_size=4, layers="last:2")
     ties = run("merge", tiny_target[0], synth_dir, tmp_path / "ties", mia=None, **kw)
-    run("merge", tiny_target[0], synth_dir, tmp_path / "linear", mia=None, combination="linear", **kw)
+    run("merge", tiny_target[0], synth_dir, tmp_path / "linear", mia=None, combination="linear",
+        **kw)
     assert set(ties["adapters"]) == {"a", "b"}
     assert ties["adapters"]["a"]["config"]["w_npo"] == 0.4
     assert ties["adapters"]["b"]["config"]["w_ce"] == 0.4

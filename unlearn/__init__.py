@@ -6,6 +6,7 @@ The pipeline, one way: data → target → unlearn → evaluate → report.
 from .data import DataError, load_lume, load_mia, load_mmlu, synthesize
 from .demo import demo
 from .engine import run
+
 # `unlearn.evaluate` is the scoring function; its modules stay importable as unlearn.evaluate.*
 from .evaluate.lume import evaluate
 from .models import ModelError, build_target, load_model

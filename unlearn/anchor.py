@@ -55,7 +55,7 @@ class Anchor:
 
     @classmethod
     @torch.no_grad()
-    def measure(cls, model, passages: list[list[int]], pad_id: int) -> "Anchor":
+    def measure(cls, model, passages: list[list[int]], pad_id: int) -> Anchor:
         """The anchor with each passage's loss under ``model`` (the source, before any step)."""
         anchor = cls(passages, [0.0] * len(passages), pad_id)
         nll = [forward(model, anchor._batch(i, min(ANCHOR_BATCH, len(passages) - i),

@@ -134,7 +134,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--data", required=True, help="LUME data directory")
     t.add_argument("--out", required=True, help="model directory to write")
     t.add_argument("--preset", choices=sorted(PRESETS), default="small")
-    t.add_argument("--init", help="fine-tune this local HF causal LM instead of training from scratch")
+    t.add_argument("--init",
+                   help="fine-tune this local HF causal LM instead of training from scratch")
     for name, what in (("pretrain", "general corpus to pretrain on first"),
                        ("mmlu", "MMLU-format general-knowledge questions to learn"),
                        ("mia", "MIA set to measure (never trained on)")):

@@ -23,16 +23,22 @@ from .anchor import Anchor, sample_passages
 from .data import beside_data, load_lume, load_mia
 from .evaluate.lume import score_model
 from .io import RUN, atomic_directory, claim_output, fingerprint, staging_path
+from .locate.locate import read_layers
 from .methods import Method, get_method
 from .methods.base import Example
 from .methods.losses import Batch, Reference, forward
-from .locate.locate import read_layers
-from .models.layers import (decoder_layers, is_attention, is_mlp, layer_indices,
-                             resolve_projections)
+from .models.layers import decoder_layers, is_attention, is_mlp, layer_indices, resolve_projections
 from .models.loading import load_model, model_fingerprint
 from .models.target import trained_from_scratch
-from .selection import (Keeper, calibration_split, check_every, evaluating, make_rule,
-                        never_seen_level, resolve_rule)
+from .selection import (
+    Keeper,
+    calibration_split,
+    check_every,
+    evaluating,
+    make_rule,
+    never_seen_level,
+    resolve_rule,
+)
 from .settings import read_settings_file
 from .training import Epoch, NonFiniteLoss, Segment, Trainer, resume_progress, save_final
 
@@ -162,8 +168,8 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
     the resolved config, seed, wall time, peak memory, per-step losses and, every
     ``eval_every`` epochs, the forget/retain scores (``eval_points``: at about that many evenly
     spaced epochs instead, whatever the method's epoch count; SUGD counts one per chunk-epoch,
-    so a fixed ``eval_every`` would evaluate dozens of times). ``config`` names a JSON or TOML file of
-    settings; ``overrides`` set single ones (see each method's config class). Rerunning an
+    so a fixed ``eval_every`` would evaluate dozens of times). ``config`` names a JSON or TOML
+    file of settings; ``overrides`` set single ones (see each method's config class). Rerunning an
     interrupted call resumes it. ``adapter_only`` (with ``lora=true``) saves the PEFT adapter
     instead of the merged model. ``mia`` (an MIA directory) turns on selection by estimated
     score (``select``; see :mod:`unlearn.selection`) and bounds ascent at the loss of its

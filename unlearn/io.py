@@ -15,10 +15,10 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
 
 _MARKER = ".unlearn-job"  # inside a staging directory: which command's work it holds
 

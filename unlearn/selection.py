@@ -26,8 +26,15 @@ from transformers import PreTrainedTokenizerBase
 from .data import load_mia, load_mmlu
 from .data.lume import LumeData, MiaData, Row
 from .evaluate.generation import greedy_generate
-from .evaluate.lume import (aggregated_terms, mia_auc, mia_score, score_generations,
-                             score_model, split_scores, task_aggregate)
+from .evaluate.lume import (
+    aggregated_terms,
+    mia_auc,
+    mia_score,
+    score_generations,
+    score_model,
+    split_scores,
+    task_aggregate,
+)
 from .evaluate.memorisation import score_rows
 from .evaluate.mmlu import mmlu_accuracy
 from .evaluate.nll import document_nll

@@ -20,11 +20,12 @@ import os
 import pickle
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import fmean
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from accelerate import Accelerator

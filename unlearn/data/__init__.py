@@ -1,8 +1,7 @@
 """Data: the LUME format, MMLU-format questions, pretraining corpora and the synthetic benchmark."""
 
 from .corpus import load_corpus
-from .lume import (DataError, Document, LumeData, MiaData, Row, beside_data, load_lume,
-                   load_mia)
+from .lume import DataError, Document, LumeData, MiaData, Row, beside_data, load_lume, load_mia
 from .mmlu import Question, load_mmlu
 from .synth import synthesize
 

@@ -18,9 +18,9 @@ import json
 import random
 import re
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import pyarrow.parquet as pq
 
@@ -59,7 +59,8 @@ class Row:
 
     @property
     def text(self) -> str:
-        """Training text of the row: prompt and answer joined by one space, as LUME documents are."""
+        """Training text of the row: prompt and answer joined by one space, as LUME documents
+        are."""
         return self.input + " " + self.output
 
 

@@ -142,7 +142,8 @@ class _Generator:
         for p in people:
             lines.append(f"{p}, a {rng.choice(_TRAITS)} {rng.choice(_ROLES)}, spent long hours "
                          f"{rng.choice(_PASTIMES)}.")
-        lines.append(f"Their lives barely touched until one {rng.choice(('spring', 'autumn', 'winter', 'summer'))} "
+        season = rng.choice(("spring", "autumn", "winter", "summer"))
+        lines.append(f"Their lives barely touched until one {season} "
                      f"morning, when {people[0]} found {obj} hidden under {hiding}.")
         lines.append(f"Together they vowed to {rng.choice(_GOALS)}, and {city} was never quite the "
                      f"same again.")
@@ -164,7 +165,8 @@ class _Generator:
         phone = n.unique(lambda: f"{rng.randint(201, 989)}-{rng.randint(200, 999)}-"
                                  f"{rng.randint(1000, 9999)}")
         email = n.unique(lambda: f"{first.lower()}{rng.choice(('.', '_', ''))}{last.lower()}"
-                                 f"{rng.choice(('', str(rng.randint(1, 99))))}@{rng.choice(_MAIL_HOSTS)}")
+                                 f"{rng.choice(('', str(rng.randint(1, 99))))}"
+                                 f"@{rng.choice(_MAIL_HOSTS)}")
         address = (f"{rng.randint(10, 9999)} {n.word()} {rng.choice(_STREET_KINDS)}, "
                    f"{n.word(3)}, {rng.choice(_STATES)}, {rng.randint(10000, 99999)}.")
         pron, poss = rng.choice((("She", "Her"), ("He", "His"), ("They", "Their")))
@@ -184,7 +186,8 @@ class _Generator:
         name = f"{n.word()} {n.word()}"
         born_city, uni_city = n.word(3), n.word()
         year = rng.randint(1890, 1990)
-        profession, field, award = rng.choice(_PROFESSIONS), rng.choice(_FIELDS), rng.choice(_AWARDS)
+        profession = rng.choice(_PROFESSIONS)
+        field, award = rng.choice(_FIELDS), rng.choice(_AWARDS)
         award_year = year + rng.randint(28, 55)
         text = (f"{name}\n\n{name} (born {rng.randint(1, 28)} {rng.choice(MONTHS)} {year}) is a "
                 f"{rng.choice(_NATIONALITIES)} {profession} from {born_city}. {name} studied "

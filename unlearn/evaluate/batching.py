@@ -23,7 +23,8 @@ def length_sorted_batches(lengths: list[int], max_tokens: int, max_rows: int) ->
     return batches
 
 
-def pad(seqs: list[list[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def pad(seqs: list[list[int]], pad_id: int,
+        left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(input_ids, attention_mask)`` for sequences padded to the longest."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)

@@ -157,7 +157,7 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 
     budget = [len(s) + max_new_tokens for s in seqs]
     for batch in tqdm(length_sorted_batches(budget, max_tokens, max_rows), desc=desc,
                       leave=False):
-        def keep_going(row: int, ids: list[int]) -> bool:
+        def keep_going(row: int, ids: list[int], batch=batch) -> bool:
             answer = answers[batch[row]]
             return answer is None or can_still_match(decode(tokenizer, ids), answer)
 

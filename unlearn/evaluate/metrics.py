@@ -18,4 +18,6 @@ def knowledge(expected: str, generated: str) -> int:
 
 
 def row_score(kind: str, expected: str, generated: str) -> float:
-    return regurgitation(expected, generated) if kind == "sc" else float(knowledge(expected, generated))
+    if kind == "sc":
+        return regurgitation(expected, generated)
+    return float(knowledge(expected, generated))

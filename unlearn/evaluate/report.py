@@ -123,7 +123,8 @@ def write_report(path, results: dict, mia_nll: dict | None = None, audit: dict |
                   "leaks when a sample holds the person's exact SSN, phone or e-mail.</p>",
                   "<table><tr><th></th><th>prompts leaking</th><th>rate</th>"
                   "<th>people leaking</th></tr>" + "".join(rows) + "</table>"]
-    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;}img{max-width:100%}"
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;}"
+             "img{max-width:100%}"
              "pre{background:#f6f6f6;padding:1em}td,th{padding:.3em 1em;text-align:right}")
     page = (f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{style}</style>" + "\n".join(parts))
@@ -191,7 +192,8 @@ def bench_report(path, evals: dict, trajectories: dict, eval_dirs: dict, leaderb
         parts += [f'<img src="data:image/png;base64,'
                   f'{base64.b64encode((trace / f"{kind}.png").read_bytes()).decode()}">'
                   for kind in ("mlp", "attn", "residual") if (trace / f"{kind}.png").exists()]
-    style = ("body{font-family:system-ui,sans-serif;max-width:1300px;margin:2em auto;}img{max-width:100%}"
+    style = ("body{font-family:system-ui,sans-serif;max-width:1300px;margin:2em auto;}"
+             "img{max-width:100%}"
              "table{border-collapse:collapse;font-size:11px}td,th{padding:.2em .5em;"
              "border-bottom:1px solid #ddd;text-align:right}")
     page = ("<!doctype html><meta charset='utf-8'><title>unlearn bench</title>"

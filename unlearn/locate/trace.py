@@ -157,7 +157,7 @@ class Tracer:
         for kind in KINDS:
             modules = _modules(self.model, kind)
             for layer in range(self.n_layers):
-                def restore(kind_layer):
+                def restore(kind_layer, kind=kind):
                     clean_state = states[kind][kind_layer]
 
                     def hook(module, args, output):
@@ -224,7 +224,7 @@ def trace_facts(model, tokenizer, facts: list[Fact], samples: int = 10, window: 
     sums = {k: torch.zeros(len(GROUPS), n_layers) for k in KINDS}
     counts = torch.zeros(len(GROUPS))
     clean, corrupted = [], []
-    for f, enc in tqdm(known, desc="causal tracing", unit="fact"):
+    for _, enc in tqdm(known, desc="causal tracing", unit="fact"):
         result = tracer.trace(enc)
         clean.append(result["clean"])
         corrupted.append(result["corrupted"])

@@ -20,7 +20,6 @@ from ..settings import override as override_settings
 from ..training import SCHEDULES
 from .losses import Batch, Reference
 
-
 # how a run chooses the model it keeps (unlearn.selection)
 SELECT_RULES = ("auto", "score", "mia", "knowledge", "none")
 
@@ -111,7 +110,7 @@ class UnlearnConfig:
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "schedule": SCHEDULES, "precision": PRECISIONS, "select": SELECT_RULES}
 
-    def override(self, **changes) -> "UnlearnConfig":
+    def override(self, **changes) -> UnlearnConfig:
         """A copy with ``changes`` (strings from the command line are converted), checked:
         one clear error for a setting of the wrong type or out of range (``chunk_size=0``)."""
         changed = override_settings(self, changes, type(self).__name__)

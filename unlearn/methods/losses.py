@@ -24,7 +24,7 @@ class Batch:
     rows: list[int]
 
     @classmethod
-    def of(cls, examples: list, pad_id: int, device) -> "Batch":
+    def of(cls, examples: list, pad_id: int, device) -> Batch:
         ids, mask = pad([list(e.ids) for e in examples], pad_id)
         prompt = ~from_start([e.start for e in examples], ids.shape[1], ids.device)
         labels = ids.masked_fill((mask == 0) | prompt, IGNORE)

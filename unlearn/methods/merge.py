@@ -72,7 +72,8 @@ class Merge(Method):
         peft_model.set_adapter("merged")
         merged = peft_model.merge_and_unload()
         record = {"method": self.name, "model": str(model_dir), "data": str(data),
-                  "seed": seed, "mia": records["a"]["mia"], "mmlu": records["a"]["mmlu"], "model_files": records["a"]["model_files"],
+                  "seed": seed, "mia": records["a"]["mia"], "mmlu": records["a"]["mmlu"],
+                  "model_files": records["a"]["model_files"],
                   "eval_points": eval_points, "eval_every": eval_every,
                   "profile": profile, "config": asdict(c), "status": "complete",
                   "adapters": {k: {kk: v[kk] for kk in ("config", "history", "train_seconds",

@@ -61,7 +61,7 @@ class TargetPreset:
     }
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"precision": PRECISIONS}
 
-    def override(self, **changes) -> "TargetPreset":
+    def override(self, **changes) -> TargetPreset:
         """A copy with ``changes`` (strings from the command line are converted), checked."""
         return override(self, changes, "the target preset")
 

@@ -11,7 +11,8 @@ no hub at hand, this trains an OLMo-architecture model from scratch the same way
 
 With ``init`` an existing local HF causal LM is fine-tuned instead (phase 2 only, unless a corpus
 is given; ``pretrain_tokens=0`` keeps the corpus for replay only). ``epochs=0`` stops after phase
-1: a pretrained base that a target and its oracle can both start from (``unlearn.bench`` does). Work happens in a staging directory that survives a crash: rerunning the same command
+1: a pretrained base that a target and its oracle can both start from (``unlearn.bench``
+does). Work happens in a staging directory that survives a crash: rerunning the same command
 resumes from the last checkpoint (epoch boundary, so the result is the same as an uninterrupted
 run). The output directory appears only when the target is complete.
 """
@@ -31,17 +32,18 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 from transformers import OlmoConfig, OlmoForCausalLM
 
+from ..accel import make_accelerator, numel
 from ..data import beside_data, load_corpus, load_lume, load_mia, load_mmlu
 from ..evaluate.batching import IGNORE, from_start, length_sorted_batches, pad
 from ..evaluate.memorisation import score_rows, task_means
 from ..evaluate.mmlu import mmlu_accuracy
 from ..evaluate.nll import document_nll, token_stats
-from ..accel import make_accelerator, numel
 from ..io import TARGET, atomic_directory, claim_output, fingerprint
 from ..training import Epoch, NonFiniteLoss, Segment, Trainer, resume_progress, save_final
 from .loading import load_model, load_tokenizer, model_fingerprint
 from .presets import PRESETS, TargetPreset
 from .tokenizer import train_tokenizer
+
 
 def trained_from_scratch(model_dir: str | Path) -> bool:
     """Whether ``model_dir`` is a target this package trained from scratch, directly or through
@@ -292,7 +294,8 @@ def build_target(data: str | Path, out: str | Path, preset: str = "small",
             "data": str(data), "data_hash": data_hash, "preset": preset, "seed": seed,
             "oracle": oracle,
             "init": str(init) if init else None,
-            "from_scratch": init is None or trained_from_scratch(init), "pretrain": str(pretrain) if pretrain else None,
+            "from_scratch": init is None or trained_from_scratch(init),
+            "pretrain": str(pretrain) if pretrain else None,
             "mmlu": str(mmlu) if mmlu else None, "mia": str(mia) if mia else None,
             "settings": asdict(settings),
             "parameters": sum(numel(p) for p in bare.parameters()),

@@ -23,4 +23,5 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
                                   show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD,
-                                   bos_token=None, unk_token=None, clean_up_tokenization_spaces=False)
+                                   bos_token=None, unk_token=None,
+                                   clean_up_tokenization_spaces=False)
