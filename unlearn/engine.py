@@ -184,11 +184,11 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
     claim_output(out, RUN, {"--model": model_dir, "--data": data, "--config": config,
                             "--mia": mia, "--mmlu": mmlu, "trace": settings.trace or None,
                             "validation": settings.validation or None})
-    if method_cls.composite:  # a procedure over other runs (e.g. merge): it calls run itself
-        return method_cls(settings).run(model_dir, data, out, seed=seed, eval_every=eval_every,
-                                        eval_points=eval_points, profile=profile, mia=mia,
-                                        mmlu=mmlu)
     algorithm = method_cls(settings)
+    record = algorithm.procedure(run, model_dir, data, out, seed=seed, eval_every=eval_every,
+                                 eval_points=eval_points, profile=profile, mia=mia, mmlu=mmlu)
+    if record is not None:  # a procedure over other runs (merge) has done the work
+        return record
     lume = load_lume(data)
     set_seed(seed)
     accelerator = make_accelerator(settings.precision, settings.batch_size,

@@ -8,7 +8,9 @@ schedule, accumulation, checkpoints) is the engine's (:mod:`unlearn.engine`).
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -150,11 +152,19 @@ class Method:
     #: "logits": the frozen model's outputs on retain rows (KL); "forget_logprob": its summed
     #: output log-probability of each forget row, computed once (NPO)
     reference: ClassVar[tuple[str, ...]] = ()
-    #: a procedure over other runs (implements ``run``) rather than one loss
-    composite: ClassVar[bool] = False
 
     def __init__(self, config: UnlearnConfig):
         self.config = config
+
+    def procedure(self, run: Callable[..., dict], model_dir: Path, data, out: Path,
+                  **options) -> dict | None:
+        """The hook for a method that is a procedure over other runs rather than one loss
+        (merge: two adapters trained, then combined). ``run`` is :func:`unlearn.run`, handed
+        in by the engine so that no method imports the engine; ``options`` are the run's
+        (``seed``, ``eval_every``, ``eval_points``, ``profile``, ``mia``, ``mmlu``). Such a
+        method writes ``out`` itself and returns its ``run.json`` record; an ordinary method
+        returns None and the engine trains its :meth:`loss`."""
+        return None
 
     def stages(self, forget: list[Example], retain: list[Example],
                rng: random.Random) -> list[list[list[list[Example]]]]:

@@ -42,12 +42,9 @@ class Merge(Method):
     name = "merge"
     Config = MergeConfig
     small_target = NPOKL.small_target
-    composite = True
 
-    def run(self, model_dir: Path, data, out: Path, seed: int, eval_every: int,
-            eval_points: int, profile: str, mia=None, mmlu=None) -> dict:
-        from ..engine import run  # the engine runs the two halves
-
+    def procedure(self, run, model_dir: Path, data, out: Path, seed: int, eval_every: int,
+                  eval_points: int, profile: str, mia=None, mmlu=None) -> dict:
         c = self.config
         started = time.perf_counter()
         shared = {k: v for k, v in asdict(c).items()
