@@ -115,10 +115,8 @@ def cmd_demo(args) -> None:
     demo(args.out, preset=args.preset, seed=args.seed)
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="unlearn", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-
+def _add_data(sub) -> None:
+    """``unlearn data synth|check``."""
     data = sub.add_parser("data", help="create or check LUME-format data").add_subparsers(
         dest="data_command", required=True)
     s = data.add_parser("synth", help="write the synthetic LUME-style benchmark")
@@ -130,6 +128,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("dir")
     c.set_defaults(func=cmd_check)
 
+
+def _add_target(sub) -> None:
+    """``unlearn target``: build a memorising model."""
     t = sub.add_parser("target", help="train a model that has memorised a LUME dataset")
     t.add_argument("--data", required=True, help="LUME data directory")
     t.add_argument("--out", required=True, help="model directory to write")
@@ -146,6 +147,9 @@ def parser() -> argparse.ArgumentParser:
                    help="override preset fields, e.g. epochs=80 lr=1e-3")
     t.set_defaults(func=cmd_target)
 
+
+def _add_eval(sub) -> None:
+    """``unlearn eval``: the official LUME scores."""
     e = sub.add_parser("eval", help="score a model as SemEval-2025 Task 4 did (LUME)")
     e.add_argument("--model", required=True, help="HF model directory")
     e.add_argument("--data", required=True, help="LUME data directory")
@@ -165,6 +169,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.set_defaults(func=cmd_eval)
 
+
+def _add_run(sub) -> None:
+    """``unlearn run``: one method on one model."""
     r = sub.add_parser("run", help="unlearn the forget set from a model")
     r.add_argument("--method", required=True, choices=sorted(METHODS))
     r.add_argument("--model", required=True, help="HF model directory (only read)")
@@ -187,6 +194,9 @@ def parser() -> argparse.ArgumentParser:
                    help="override method settings, e.g. lr=1e-4 lora=true layers=last:2")
     r.set_defaults(func=cmd_run)
 
+
+def _add_locate(sub) -> None:
+    """``unlearn locate``: causal tracing."""
     lo = sub.add_parser("locate", help="causal tracing: which layers carry the Task2 facts")
     lo.add_argument("--model", required=True)
     lo.add_argument("--data", required=True)
@@ -199,6 +209,9 @@ def parser() -> argparse.ArgumentParser:
     lo.add_argument("--seed", type=int, default=0)
     lo.set_defaults(func=cmd_locate)
 
+
+def _add_bench(sub) -> None:
+    """``unlearn bench``: methods against the oracle."""
     b = sub.add_parser("bench", help="compare methods on one target against the oracle")
     b.add_argument("--data", required=True)
     for name, what in (("pretrain", "general corpus for the target and oracle"),
@@ -219,11 +232,26 @@ def parser() -> argparse.ArgumentParser:
                         "preset's, e.g. target.pretrain_tokens=600000")
     b.set_defaults(func=cmd_bench)
 
+
+def _add_demo(sub) -> None:
+    """``unlearn demo``: the main job on the synthetic benchmark."""
     d = sub.add_parser("demo", help="the main job on the embedded synthetic benchmark")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--preset", choices=sorted(PRESETS), default="small")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="unlearn", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    _add_data(sub)
+    _add_target(sub)
+    _add_eval(sub)
+    _add_run(sub)
+    _add_locate(sub)
+    _add_bench(sub)
+    _add_demo(sub)
     return p
 
 
