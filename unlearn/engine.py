@@ -189,145 +189,188 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
                                  eval_points=eval_points, profile=profile, mia=mia, mmlu=mmlu)
     if record is not None:  # a procedure over other runs (merge) has done the work
         return record
-    lume = load_lume(data)
-    set_seed(seed)
-    accelerator = make_accelerator(settings.precision, settings.batch_size,
-                                   settings.max_grad_norm)
-    rule = resolve_rule(settings, mia, sharded=zero3(accelerator))
-    mia_data = load_mia(mia) if mia else None
-    lm, tokenizer = load_model(model_dir, dtype=torch.float32)
-    model_files = model_fingerprint(model_dir)  # before training: it names the source model
-    forget = _examples(tokenizer, lume.forget, True, settings.max_len)
-    retain = _examples(tokenizer, lume.retain, False, settings.max_len)
-    plan, segments = _plan(algorithm, forget, retain, seed)
-    if eval_points:
-        eval_every = max(1, len(plan) // eval_points)
-    # a checkpoint resumes only the same job: method, settings, seed, these model files, data
-    run_id = fingerprint(method, asdict(settings), seed, model_files, _text(mia), _text(mmlu),
-                         [(e.ids, e.start) for e in forget + retain])
+    job = _Run(method, algorithm, model_dir, data, mia, mmlu, seed,
+               {"eval_points": eval_points, "eval_every": eval_every, "profile": profile})
+    return job.train(out, adapter_only)
 
-    if zero3(accelerator):
-        _check_zero3(settings, rule, eval_every)
-    # every input is read and checked before the staging directory is made
-    main = accelerator.is_main_process  # in a distributed run, the one that writes files
-    stage_dir = staging_path(out)
-    keeper = (Keeper(stage_dir, "validation", _validation_loss(settings, tokenizer, accelerator),
-                     writes=main) if settings.validation else None)
-    reference = Reference()
-    if {"logits", "hidden"} & set(algorithm.reference) and not settings.lora:
-        # a second load, not a deepcopy: under ZeRO-3 the model in hand is only this shard
-        reference.copy = prepare_frozen(accelerator, load_model(model_dir, torch.float32)[0])
-    if settings.gradient_checkpointing:
-        # non-reentrant: gradients reach LoRA adapters and later layers with the inputs frozen
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lm = _select_parameters(lm, settings)
-    lm.train()
-    if settings.lora:
-        reference.model = lm
 
-    started = time.perf_counter()
-    with atomic_directory(out, RUN, resumable=True, publish=main) as stage:
-        progress = resume_progress(accelerator, stage, run_id)
-        algorithm.load_state(progress.get("method_state", {}))
-        trainable = sum(numel(p) for p in lm.parameters() if p.requires_grad)
-        trainer = Trainer(accelerator, lm, plan, segments, stage,
-                          weight_decay=settings.weight_decay, max_grad_norm=settings.max_grad_norm,
-                          keep_last_good=not zero3(accelerator))
-        prepared = trainer.model
-        bare = accelerator.unwrap_model(prepared)  # parameter names without the DDP wrapper
-        # the calibration split and the level are measured on the source model: the trainer
-        # loads a resumed run's weights later
-        needs_split = rule in ("score", "mia") or (settings.forget_target == "auto"
-                                                   and "forget_level" not in progress)
-        split = (calibration_split(mia_data, settings.select_split, seed, lume, bare, tokenizer)
-                 if mia_data and needs_split else None)
-        selector = make_rule(rule, settings, tokenizer, lume, split, mmlu, stage_dir, seed, main)
+class _Run:
+    """One run of a method that trains a loss, in named steps: its inputs read and checked
+    (before any output exists), the model and its reference prepared, what the first step
+    needs measured on the source model, the loop's hooks, and the ``run.json`` record."""
+
+    def __init__(self, method: str, algorithm: Method, model_dir: Path, data, mia, mmlu,
+                 seed: int, options: dict):
+        settings = self.settings = algorithm.config
+        self.method, self.algorithm, self.model_dir, self.data = method, algorithm, model_dir, data
+        self.mia, self.mmlu, self.seed = mia, mmlu, seed
+        self.lume = load_lume(data)
+        set_seed(seed)
+        self.accelerator = make_accelerator(settings.precision, settings.batch_size,
+                                            settings.max_grad_norm)
+        self.rule = resolve_rule(settings, mia, sharded=zero3(self.accelerator))
+        self.mia_data = load_mia(mia) if mia else None
+        self.lm, self.tokenizer = load_model(model_dir, dtype=torch.float32)
+        self.model_files = model_fingerprint(model_dir)  # before training: the source model
+        self.forget = _examples(self.tokenizer, self.lume.forget, True, settings.max_len)
+        retain = _examples(self.tokenizer, self.lume.retain, False, settings.max_len)
+        self.plan, self.segments = _plan(algorithm, self.forget, retain, seed)
+        if options["eval_points"]:
+            options["eval_every"] = max(1, len(self.plan) // options["eval_points"])
+        self.options, self.eval_every = options, options["eval_every"]
+        # a checkpoint resumes only the same job: method, settings, seed, these model files, data
+        self.run_id = fingerprint(method, asdict(settings), seed, self.model_files, _text(mia),
+                                  _text(mmlu), [(e.ids, e.start) for e in self.forget + retain])
+        if zero3(self.accelerator):
+            _check_zero3(settings, self.rule, self.eval_every)
+        self.first_of_stage = {}
+        for i, epoch in enumerate(self.plan):
+            self.first_of_stage.setdefault(epoch.stage, i)
+
+    def _prepare_model(self, stage_dir: Path) -> None:
+        """The validation keeper, the frozen reference, and the parameters that train."""
+        settings, accelerator = self.settings, self.accelerator
+        self.keeper = (Keeper(stage_dir, "validation",
+                              _validation_loss(settings, self.tokenizer, accelerator),
+                              writes=accelerator.is_main_process)
+                       if settings.validation else None)
+        self.reference = Reference()
+        if {"logits", "hidden"} & set(self.algorithm.reference) and not settings.lora:
+            # a second load, not a deepcopy: under ZeRO-3 the model in hand is only this shard
+            self.reference.copy = prepare_frozen(
+                accelerator, load_model(self.model_dir, torch.float32)[0])
+        if settings.gradient_checkpointing:
+            # non-reentrant: gradients reach LoRA adapters and later layers with inputs frozen
+            self.lm.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.lm = _select_parameters(self.lm, settings)
+        self.lm.train()
+        if settings.lora:
+            self.reference.model = self.lm
+
+    def _before_first_step(self, progress: dict, stage_dir: Path):
+        """What is measured on the source model (the trainer loads a resumed run's weights
+        later): the calibration split, the level bounded ascent aims at, the anchor, NPO's
+        reference log-probabilities. Returns the selection hook for the trainer."""
+        settings, bare, tokenizer = self.settings, self.bare, self.tokenizer
+        needs_split = self.rule in ("score", "mia") or (settings.forget_target == "auto"
+                                                        and "forget_level" not in progress)
+        split = (calibration_split(self.mia_data, settings.select_split, self.seed, self.lume,
+                                   bare, tokenizer)
+                 if self.mia_data and needs_split else None)
+        self.selector = make_rule(self.rule, settings, tokenizer, self.lume, split, self.mmlu,
+                                  stage_dir, self.seed, self.accelerator.is_main_process)
         if "forget_level" not in progress:  # kept for resuming
             progress["forget_level"] = _forget_level(settings, bare, tokenizer, split)
-        reference.forget_level = progress["forget_level"]
-        anchor = _anchor(settings, bare, tokenizer, progress, seed, accelerator)
-        if "forget_logprob" in algorithm.reference:  # before any step (or resumed checkpoint)
-            _reference_log_probs(prepared, tokenizer, forget, reference, accelerator,
-                                 settings.batch_size)
-        total_steps = sum(len(e.steps) for e in plan)
+        self.reference.forget_level = progress["forget_level"]
+        self.anchor = _anchor(settings, bare, tokenizer, progress, self.seed, self.accelerator)
+        if "forget_logprob" in self.algorithm.reference:  # before any step (or resumed one)
+            _reference_log_probs(self.prepared, tokenizer, self.forget, self.reference,
+                                 self.accelerator, settings.batch_size)
+        total_steps = sum(len(e.steps) for e in self.plan)
         # a staged method (SUGD's chunks) has not met a later stage's forget rows before that
         # stage: a model from an earlier stage still holds them, so checks (and stopping)
         # belong to the last stage
-        last_stage = sum(len(e.steps) for e in plan if e.stage < plan[-1].stage)
-        every = check_every(settings, total_steps - last_stage)
-        select = _selection(selector, bare, progress, every, total_steps, last_stage,
-                            reference if settings.forget_target == "auto" else None)
-        first_of_stage = {}
-        for i, epoch in enumerate(plan):
-            first_of_stage.setdefault(epoch.stage, i)
+        last_stage = sum(len(e.steps) for e in self.plan if e.stage < self.plan[-1].stage)
+        self.every = check_every(settings, total_steps - last_stage)
+        return _selection(self.selector, bare, progress, self.every, total_steps, last_stage,
+                          self.reference if settings.forget_target == "auto" else None)
 
-        def loss_fn(micro: list[Example]):
-            batch = Batch.of(micro, tokenizer.pad_token_id, accelerator.device)
-            loss = algorithm.loss(prepared, batch, reference)
-            if anchor is not None:
-                loss = loss + settings.anchor_weight * anchor.term(prepared, accelerator.device)
-            return loss, int(batch.mask.sum())
+    def loss(self, micro: list[Example]):
+        batch = Batch.of(micro, self.tokenizer.pad_token_id, self.accelerator.device)
+        loss = self.algorithm.loss(self.prepared, batch, self.reference)
+        if self.anchor is not None:
+            loss = loss + self.settings.anchor_weight * self.anchor.term(
+                self.prepared, self.accelerator.device)
+        return loss, int(batch.mask.sum())
 
-        def before_epoch(index: int) -> None:
-            algorithm.start_epoch(index - first_of_stage[plan[index].stage])
+    def before_epoch(self, index: int) -> None:
+        self.algorithm.start_epoch(index - self.first_of_stage[self.plan[index].stage])
 
-        def after_epoch(index: int, record: dict) -> bool:
-            progress["method_state"] = algorithm.state()
-            if anchor is not None:  # a resumed run goes on with the passages it was at
-                progress["anchor"]["next"] = anchor.next
-            if keeper is not None:
-                record["validation_loss"] = keeper.check(bare, {"epoch": index})
-            last = index + 1 == len(plan)
-            if eval_every and ((index + 1) % eval_every == 0 or last):
-                prepared.eval()
-                with torch.no_grad():
-                    results = score_model(bare, tokenizer, lume).results
-                prepared.train()
-                record["eval"] = {k: results[k] for k in (
-                    "forget-set", "retain-set", "harmonic-mean-task-aggregate")}
-            return False
+    def after_epoch(self, index: int, record: dict) -> bool:
+        self.progress["method_state"] = self.algorithm.state()
+        if self.anchor is not None:  # a resumed run goes on with the passages it was at
+            self.progress["anchor"]["next"] = self.anchor.next
+        if self.keeper is not None:
+            record["validation_loss"] = self.keeper.check(self.bare, {"epoch": index})
+        last = index + 1 == len(self.plan)
+        if self.eval_every and ((index + 1) % self.eval_every == 0 or last):
+            with evaluating(self.prepared):
+                results = score_model(self.bare, self.tokenizer, self.lume).results
+            record["eval"] = {k: results[k] for k in (
+                "forget-set", "retain-set", "harmonic-mean-task-aggregate")}
+        return False
 
-        memory_at_start = _peak_memory_mb()
-        stopped = None
-        try:
-            progress = trainer.run(progress, loss_fn, after_epoch, before_epoch, select)
-        except NonFiniteLoss as e:
-            if not e.kept_last_good:  # ZeRO-3 keeps no copy: the weights in hand are bad
-                raise FloatingPointError(f"{method}: {e}; no model was saved; lower lr= and "
-                                         f"rerun") from None
-            # the weights are those of the last good step: keep them, say so, then fail
-            stopped = f"{e}; the model saved is the last one before that step"
-        final = accelerator.unwrap_model(prepared)
-        best = keeper.restore(final) if keeper is not None else None
-        selection = _selection_record(selector, final, progress, settings, every)
-        if settings.lora and not adapter_only:
-            final = final.merge_and_unload()
-        history = progress.get("history", [])
-        record = {
-            "method": method, "model": str(model_dir), "data": str(data), "seed": seed,
-            "mia": _text(mia), "mmlu": _text(mmlu),
-            "model_files": model_files, "eval_points": eval_points, "eval_every": eval_every,
-            "profile": profile, "config": asdict(settings),
+    def train(self, out: Path, adapter_only: bool) -> dict:
+        """The loop, in a staging directory a rerun resumes; the model and ``run.json``."""
+        stage_dir, main = staging_path(out), self.accelerator.is_main_process
+        self._prepare_model(stage_dir)
+        started = time.perf_counter()
+        with atomic_directory(out, RUN, resumable=True, publish=main) as stage:
+            progress = resume_progress(self.accelerator, stage, self.run_id)
+            self.algorithm.load_state(progress.get("method_state", {}))
+            trainable = sum(numel(p) for p in self.lm.parameters() if p.requires_grad)
+            trainer = Trainer(self.accelerator, self.lm, self.plan, self.segments, stage,
+                              weight_decay=self.settings.weight_decay,
+                              max_grad_norm=self.settings.max_grad_norm,
+                              keep_last_good=not zero3(self.accelerator))
+            self.prepared = trainer.model
+            # parameter names without the DDP wrapper
+            self.bare = self.accelerator.unwrap_model(self.prepared)
+            self.progress = progress
+            select = self._before_first_step(progress, stage_dir)
+            memory_at_start, stopped = _peak_memory_mb(), None
+            try:
+                self.progress = trainer.run(progress, self.loss, self.after_epoch,
+                                            self.before_epoch, select)
+            except NonFiniteLoss as e:
+                if not e.kept_last_good:  # ZeRO-3 keeps no copy: the weights in hand are bad
+                    raise FloatingPointError(f"{self.method}: {e}; no model was saved; lower "
+                                             f"lr= and rerun") from None
+                # the weights are those of the last good step: keep them, say so, then fail
+                stopped = f"{e}; the model saved is the last one before that step"
+            final = self.accelerator.unwrap_model(self.prepared)
+            best = self.keeper.restore(final) if self.keeper is not None else None
+            selection = _selection_record(self.selector, final, self.progress, self.settings,
+                                          self.every)
+            if self.settings.lora and not adapter_only:
+                final = final.merge_and_unload()
+            record = self._record(stopped, trainable, best, selection, {
+                "wall_seconds_this_run": time.perf_counter() - started,
+                "peak_memory_mb": _peak_memory_mb(),
+                "peak_memory_before_training_mb": memory_at_start})
+            save_final(self.accelerator, self.prepared, final, self.tokenizer, stage, "run.json",
+                       record)
+        if stopped:
+            raise FloatingPointError(f"{self.method}: {stopped}, in {out}; lower lr= and rerun")
+        return record
+
+    def _record(self, stopped: str | None, trainable: int, best: dict | None,
+                selection: dict | None, measured: dict) -> dict:
+        """``run.json``: what ran, on what, how it went and what it cost."""
+        history = self.progress.get("history", [])
+        return {
+            "method": self.method, "model": str(self.model_dir), "data": str(self.data),
+            "seed": self.seed, "mia": _text(self.mia), "mmlu": _text(self.mmlu),
+            "model_files": self.model_files, "eval_points": self.options["eval_points"],
+            "eval_every": self.eval_every, "profile": self.options["profile"],
+            "config": asdict(self.settings),
             "status": stopped or "complete",
-            "processes": accelerator.num_processes,
+            "processes": self.accelerator.num_processes,
             "trainable_parameters": trainable,  # counted before LoRA is merged away
-            "steps": total_steps,
+            "steps": sum(len(e.steps) for e in self.plan),
             "steps_trained": sum(len(r["step_losses"]) for r in history),
             # training and the checks made along the way, the one before it included
             "train_seconds": (sum(r["seconds"] for r in history)
                               + (selection or {}).get("seconds_before_training", 0.0)),
-            "wall_seconds_this_run": time.perf_counter() - started,
-            "peak_memory_mb": _peak_memory_mb(),
-            "peak_memory_before_training_mb": memory_at_start,
+            "wall_seconds_this_run": measured["wall_seconds_this_run"],
+            "peak_memory_mb": measured["peak_memory_mb"],
+            "peak_memory_before_training_mb": measured["peak_memory_before_training_mb"],
             "history": history,
             "best_epoch": best["epoch"] if best else None,
-            "forget_level": progress.get("forget_level"),  # before the first step
+            "forget_level": self.progress.get("forget_level"),  # before the first step
             "selection": selection,
         }
-        save_final(accelerator, prepared, final, tokenizer, stage, "run.json", record)
-    if stopped:
-        raise FloatingPointError(f"{method}: {stopped}, in {out}; lower lr= and rerun")
-    return record
 
 
 @torch.no_grad()
