@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check unlearn tests bench
+	$(BIN)/ruff check unlearn tests bench tools
+	$(BIN)/python tools/check_structure.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -5,7 +5,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars are for people, not 
 import pytest
 
 from unlearn.data import synthesize
-from unlearn.models import build_target
+from unlearn.target import build_target
 
 
 @pytest.fixture(scope="session")

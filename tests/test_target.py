@@ -5,14 +5,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from unlearn import target as target_module
 from unlearn import training
 from unlearn.data import DataError, load_lume, load_mia
 from unlearn.evaluate.generation import can_still_match, generate_one_by_one, greedy_generate
 from unlearn.evaluate.metrics import knowledge
 from unlearn.evaluate.nll import document_nll, output_nll
-from unlearn.models import ModelError, build_target, load_model
-from unlearn.models import target as target_module
+from unlearn.models import ModelError, load_model
 from unlearn.models.tokenizer import train_tokenizer
+from unlearn.target import build_target
 
 
 def test_target_is_a_plain_hf_directory_that_has_memorised(tiny_target, synth_dir):

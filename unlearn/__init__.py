@@ -9,7 +9,8 @@ from .engine import run
 
 # `unlearn.evaluate` is the scoring function; its modules stay importable as unlearn.evaluate.*
 from .evaluate.lume import evaluate
-from .models import ModelError, build_target, load_model
+from .models import ModelError, load_model
+from .target import build_target
 
 __all__ = ["DataError", "ModelError", "build_target", "demo", "evaluate", "load_lume", "load_mia",
            "load_mmlu", "load_model", "run", "synthesize"]

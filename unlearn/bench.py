@@ -25,9 +25,9 @@ from .evaluate.report import bench_report
 from .io import BENCH, EVAL, RUN, begin_in_place, claim_output, fingerprint, is_output, write_json
 from .methods import get_method
 from .methods.base import UnlearnConfig
-from .models import build_target
 from .models.loading import model_fingerprint
 from .selection import scored_rest
+from .target import build_target
 
 
 def _terms(results: dict) -> dict[str, float | None]:

@@ -12,7 +12,8 @@ import torch
 
 from .data import DataError, load_lume, synthesize
 from .methods import METHODS
-from .models import PRESETS, ModelError, build_target
+from .models import PRESETS, ModelError
+from .target import build_target
 
 
 def _settings(pairs: list[str]) -> dict[str, str]:

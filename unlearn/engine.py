@@ -28,8 +28,7 @@ from .methods import Method, get_method
 from .methods.base import Example
 from .methods.losses import Batch, Reference, forward
 from .models.layers import decoder_layers, is_attention, is_mlp, layer_indices, resolve_projections
-from .models.loading import load_model, model_fingerprint
-from .models.target import trained_from_scratch
+from .models.loading import load_model, model_fingerprint, trained_from_scratch
 from .selection import (
     Keeper,
     calibration_split,

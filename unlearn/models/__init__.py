@@ -1,7 +1,8 @@
-"""Models: the target builder and loading of local HF causal LMs."""
+"""Models: loading local HF causal LMs, the target presets and the tokenizer trainer (the
+target builder itself is :mod:`unlearn.target`)."""
 
-from .loading import ModelError, load_model, load_tokenizer
+from .loading import ModelError, load_model, load_tokenizer, trained_from_scratch
 from .presets import PRESETS, TargetPreset
-from .target import build_target
 
-__all__ = ["PRESETS", "ModelError", "TargetPreset", "build_target", "load_model", "load_tokenizer"]
+__all__ = ["PRESETS", "ModelError", "TargetPreset", "load_model", "load_tokenizer",
+           "trained_from_scratch"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -82,3 +83,12 @@ def model_fingerprint(path: str | Path) -> str:
     return fingerprint(str(path.resolve()),
                        [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files])
 
+
+def trained_from_scratch(model_dir: str | Path) -> bool:
+    """Whether ``model_dir`` is a target this package trained from scratch, directly or through
+    a base it built (``init``): such small models need the ``small`` method profile."""
+    record = Path(model_dir) / "target.json"
+    if not record.is_file():
+        return False
+    made = json.loads(record.read_text())
+    return made.get("from_scratch", made.get("init") is None)

@@ -19,7 +19,6 @@ run). The output directory appears only when the target is complete.
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from collections import Counter
@@ -32,27 +31,17 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 from transformers import OlmoConfig, OlmoForCausalLM
 
-from ..accel import make_accelerator, numel
-from ..data import beside_data, load_corpus, load_lume, load_mia, load_mmlu
-from ..evaluate.batching import IGNORE, from_start, length_sorted_batches, pad
-from ..evaluate.memorisation import score_rows, task_means
-from ..evaluate.mmlu import mmlu_accuracy
-from ..evaluate.nll import document_nll, token_stats
-from ..io import TARGET, atomic_directory, claim_output, fingerprint
-from ..training import Epoch, NonFiniteLoss, Segment, Trainer, resume_progress, save_final
-from .loading import load_model, load_tokenizer, model_fingerprint
-from .presets import PRESETS, TargetPreset
-from .tokenizer import train_tokenizer
-
-
-def trained_from_scratch(model_dir: str | Path) -> bool:
-    """Whether ``model_dir`` is a target this package trained from scratch, directly or through
-    a base it built (``init``): such small models need the ``small`` method profile."""
-    record = Path(model_dir) / "target.json"
-    if not record.is_file():
-        return False
-    made = json.loads(record.read_text())
-    return made.get("from_scratch", made.get("init") is None)
+from .accel import make_accelerator, numel
+from .data import beside_data, load_corpus, load_lume, load_mia, load_mmlu
+from .evaluate.batching import IGNORE, from_start, length_sorted_batches, pad
+from .evaluate.memorisation import score_rows, task_means
+from .evaluate.mmlu import mmlu_accuracy
+from .evaluate.nll import document_nll, token_stats
+from .io import TARGET, atomic_directory, claim_output, fingerprint
+from .models.loading import load_model, load_tokenizer, model_fingerprint, trained_from_scratch
+from .models.presets import PRESETS, TargetPreset
+from .models.tokenizer import train_tokenizer
+from .training import Epoch, NonFiniteLoss, Segment, Trainer, resume_progress, save_final
 
 
 class _Examples:
@@ -216,77 +205,24 @@ def build_target(data: str | Path, out: str | Path, preset: str = "small",
         progress = resume_progress(accelerator, stage, run_id)
         memorised = lume.retain if oracle else lume.rows
         pairs = [(r.input, r.output) for r in memorised] + [(q.prompt, q.answer) for q in questions]
-        if init is not None:
-            model, tokenizer = load_model(init)
-        else:
-            if main and not (stage / "tokenizer.json").exists():
-                train_tokenizer(_tokenizer_text(corpus, pairs, mia_docs),
-                                settings.vocab_size).save_pretrained(stage)
-            accelerator.wait_for_everyone()  # one tokenizer, trained once, for every process
-            tokenizer = load_tokenizer(stage)
-            model = _new_model(tokenizer, settings)
+        model, tokenizer = _model_and_tokenizer(
+            init, stage, accelerator, settings, lambda: _tokenizer_text(corpus, pairs, mia_docs))
         model.train()
         examples = _Examples(tokenizer, pairs, corpus, settings.max_len)
         plan = _plan(examples, settings, seed)
         trainer = Trainer(accelerator, model, plan, _segments(plan, settings), stage,
                           weight_decay=settings.weight_decay, betas=(0.9, 0.95))
-        model = trainer.model
-        bare = accelerator.unwrap_model(model)  # the module itself, for measuring and saving
-        names = [e.name for e in plan]
-        first_memorise = names.index("memorise") if "memorise" in names else len(plan)
-        if "pretrain" not in names and mia_docs is not None and "after_pretrain" not in progress:
-            # fine-tuning a pretrained model (init): its own non-member loss is the baseline
-            progress["after_pretrain"] = _mia_means(bare, tokenizer, mia_docs)
-
-        def after_epoch(index: int, record: dict) -> bool:
-            """Measure non-members once pretraining ends; stop once every row is memorised."""
-            phase = record["name"]
-            last_pretrain = phase == "pretrain" and (index + 1 == len(plan)
-                                                     or plan[index + 1].name != "pretrain")
-            model.eval()
-            try:
-                if last_pretrain and mia_docs is not None:
-                    progress["after_pretrain"] = _mia_means(bare, tokenizer, mia_docs)
-                memorise_epoch = index - first_memorise
-                if phase != "memorise" or (memorise_epoch + 1) % settings.check_every:
-                    return False
-                seqs, starts = zip(*examples.rows)
-                losses, exact = token_stats(bare, list(seqs), list(starts),
-                                            tokenizer.pad_token_id, desc="check")
-                if mia_docs is not None:  # how far unseen text has drifted so far
-                    record["nonmember_nll"] = _mean_nll(bare, tokenizer, mia_docs.nonmember,
-                                                        "non-members")
-            finally:
-                model.train()
-            record["memorised"] = fmean(exact)
-            record["answer_loss"] = fmean(losses)
-            return all(exact)
-
-        loss_fn = _LmLoss(model, tokenizer.pad_token_id, accelerator.device,
-                          settings.answer_weight)
-
-        def before_epoch(index: int) -> None:
-            memorising = plan[index].name == "memorise"
-            loss_fn.smoothing = settings.label_smoothing if memorising else 0.0
-
+        hooks = _Hooks(trainer.model, accelerator, tokenizer, examples, plan, settings, mia_docs,
+                       progress)
         try:
-            progress = trainer.run(progress, loss_fn, after_epoch, before_epoch)
+            progress = trainer.run(progress, hooks.loss, hooks.after_epoch, hooks.before_epoch)
         except NonFiniteLoss as e:
             raise FloatingPointError(
                 f"{e}; lower the learning rate (lr= or pretrain_lr=) and rerun: training "
                 f"resumes from the last checkpoint in {stage}") from e
         trainer.save(progress)  # the finished weights, should evaluation below be interrupted
-
-        bare.eval()
-        bare.generation_config.pad_token_id = tokenizer.pad_token_id
-        bare.generation_config.eos_token_id = tokenizer.eos_token_id
-        summary = {split: task_means(rows, score_rows(bare, tokenizer, rows))
-                   for split, rows in (("forget", lume.forget), ("retain", lume.retain))
-                   if "memorise" in names}  # a base has memorised nothing: no need to look
-        if questions:
-            summary["mmlu_accuracy"] = mmlu_accuracy(bare, tokenizer, questions)
-        if mia_docs is not None:
-            summary["mia"] = _mia_means(bare, tokenizer, mia_docs)
+        bare = hooks.bare
+        memorisation = _memorisation(bare, tokenizer, lume, hooks.memorises, questions, mia_docs)
         history = progress["history"]
         tokens = sum(r["tokens"] for r in history)
         seconds = sum(r["seconds"] for r in history)
@@ -303,7 +239,82 @@ def build_target(data: str | Path, out: str | Path, preset: str = "small",
             "train_seconds": seconds, "tokens": tokens, "tokens_per_second": tokens / seconds,
             "wall_seconds_this_run": time.perf_counter() - started,
             "after_pretrain": progress.get("after_pretrain"),
-            "memorisation": summary, "history": history,
+            "memorisation": memorisation, "history": history,
         }
-        save_final(accelerator, model, bare, tokenizer, stage, "target.json", record)
+        save_final(accelerator, trainer.model, bare, tokenizer, stage, "target.json", record)
     return record
+
+
+def _model_and_tokenizer(init, stage: Path, accelerator, settings, tokenizer_text):
+    """The model to train: ``init`` as it is, or a new one with a tokenizer trained on
+    ``tokenizer_text()`` (once, by the main process; a resumed run finds it in ``stage``)."""
+    if init is not None:
+        return load_model(init)
+    if accelerator.is_main_process and not (stage / "tokenizer.json").exists():
+        train_tokenizer(tokenizer_text(), settings.vocab_size).save_pretrained(stage)
+    accelerator.wait_for_everyone()  # one tokenizer, trained once, for every process
+    tokenizer = load_tokenizer(stage)
+    return _new_model(tokenizer, settings), tokenizer
+
+
+class _Hooks:
+    """The trainer's hooks for a target: the loss (label smoothing while memorising only),
+    non-members measured once pretraining ends, and a stop once every row is memorised."""
+
+    def __init__(self, model, accelerator, tokenizer, examples, plan, settings, mia_docs,
+                 progress: dict):
+        self.model, self.tokenizer, self.examples, self.plan = model, tokenizer, examples, plan
+        self.settings, self.mia_docs, self.progress = settings, mia_docs, progress
+        self.bare = accelerator.unwrap_model(model)  # the module itself, to measure and save
+        names = [e.name for e in plan]
+        self.memorises = "memorise" in names
+        self.first_memorise = names.index("memorise") if self.memorises else len(plan)
+        self.loss = _LmLoss(model, tokenizer.pad_token_id, accelerator.device,
+                            settings.answer_weight)
+        if "pretrain" not in names and mia_docs is not None and "after_pretrain" not in progress:
+            # fine-tuning a pretrained model (init): its own non-member loss is the baseline
+            progress["after_pretrain"] = _mia_means(self.bare, tokenizer, mia_docs)
+
+    def before_epoch(self, index: int) -> None:
+        memorising = self.plan[index].name == "memorise"
+        self.loss.smoothing = self.settings.label_smoothing if memorising else 0.0
+
+    def after_epoch(self, index: int, record: dict) -> bool:
+        phase, plan = record["name"], self.plan
+        last_pretrain = phase == "pretrain" and (index + 1 == len(plan)
+                                                 or plan[index + 1].name != "pretrain")
+        self.model.eval()
+        try:
+            if last_pretrain and self.mia_docs is not None:
+                self.progress["after_pretrain"] = _mia_means(self.bare, self.tokenizer,
+                                                             self.mia_docs)
+            memorise_epoch = index - self.first_memorise
+            if phase != "memorise" or (memorise_epoch + 1) % self.settings.check_every:
+                return False
+            seqs, starts = zip(*self.examples.rows)
+            losses, exact = token_stats(self.bare, list(seqs), list(starts),
+                                        self.tokenizer.pad_token_id, desc="check")
+            if self.mia_docs is not None:  # how far unseen text has drifted so far
+                record["nonmember_nll"] = _mean_nll(self.bare, self.tokenizer,
+                                                    self.mia_docs.nonmember, "non-members")
+        finally:
+            self.model.train()
+        record["memorised"] = fmean(exact)
+        record["answer_loss"] = fmean(losses)
+        return all(exact)
+
+
+def _memorisation(bare, tokenizer, lume, memorises: bool, questions, mia_docs) -> dict:
+    """What the finished model knows: each split's scores per task (a base, which has
+    memorised nothing, skips them), MMLU accuracy, non-member and member losses."""
+    bare.eval()
+    bare.generation_config.pad_token_id = tokenizer.pad_token_id
+    bare.generation_config.eos_token_id = tokenizer.eos_token_id
+    summary = {split: task_means(rows, score_rows(bare, tokenizer, rows))
+               for split, rows in (("forget", lume.forget), ("retain", lume.retain))
+               if memorises}
+    if questions:
+        summary["mmlu_accuracy"] = mmlu_accuracy(bare, tokenizer, questions)
+    if mia_docs is not None:
+        summary["mia"] = _mia_means(bare, tokenizer, mia_docs)
+    return summary
