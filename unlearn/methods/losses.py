@@ -80,6 +80,14 @@ def forget_term(out: Outputs, level: float | None) -> torch.Tensor:
     return (out.nll - level).abs() + (out.text_nll - level).abs()
 
 
+def npo_term(out: Outputs, batch: Batch, ref: Reference, beta: float) -> torch.Tensor:
+    """NPO's term per row, ``−(2/β)·log σ(−β·(log π_θ(y|x) − log π_ref(y|x)))`` with the
+    log-probabilities summed over output tokens: GA's gradient, weighted down for rows already
+    pushed below the reference (meaningful on forget rows; the caller selects them)."""
+    log_ratio = ref.nll_sum_of(batch) - out.nll_sum  # log π_θ − log π_ref
+    return -(2 / beta) * F.logsigmoid(-beta * log_ratio)
+
+
 def kl_to_reference(out: Outputs, ref_logits: torch.Tensor, batch: Batch,
                     rows: torch.Tensor) -> torch.Tensor:
     """KL(reference ‖ model) per output token, averaged over the output tokens of ``rows``."""

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.nn.functional as F
-
 from ..settings import POSITIVE
 from .base import Method, UnlearnConfig, register
-from .losses import forward, mean_over
+from .losses import forward, mean_over, npo_term
 
 
 @dataclass(frozen=True)
@@ -36,8 +34,6 @@ class NPO(Method):
 
     def loss(self, model, batch, ref):
         out = forward(model, batch)
-        beta = self.config.beta
-        log_ratio = ref.nll_sum_of(batch) - out.nll_sum  # log π_θ - log π_ref
-        forget = -(2 / beta) * F.logsigmoid(-beta * log_ratio)
+        forget = npo_term(out, batch, ref, self.config.beta)
         return (mean_over(forget, batch.forget)
                 + self.config.retain_weight * mean_over(out.nll, batch.retain))

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.nn.functional as F
-
 from ..settings import NON_NEGATIVE, POSITIVE
 from .base import Method, UnlearnConfig, register
-from .losses import forward, kl_to_reference, mean_over
+from .losses import forward, kl_to_reference, mean_over, npo_term
 
 
 @dataclass(frozen=True)
@@ -37,7 +35,6 @@ class NPOKL(Method):
     def loss(self, model, batch, ref):
         c = self.config
         out = forward(model, batch)
-        log_ratio = ref.nll_sum_of(batch) - out.nll_sum
-        npo = mean_over(-(2 / c.beta) * F.logsigmoid(-c.beta * log_ratio), batch.forget)
+        npo = mean_over(npo_term(out, batch, ref, c.beta), batch.forget)
         kl = kl_to_reference(out, ref.logits(batch), batch, batch.retain)
         return c.w_npo * npo + c.w_kl * kl + c.w_ce * mean_over(out.nll, batch.retain)
