@@ -122,20 +122,21 @@ def read_rows_csv(path: Path) -> pd.DataFrame:
     return pd.read_csv(path, keep_default_na=False, dtype={c: str for c in CSV_COLUMNS[:5]})
 
 
-def final_scores(results: dict) -> None:
-    """Add the official ``aggregate-score`` (-1 without MMLU or MIA) and ours, ``final-score``:
-    the mean of whatever of task aggregate, MMLU and MIA score was measured, named by
-    ``final-score-terms``."""
-    terms = {"task-aggregate": results["harmonic-mean-task-aggregate"]}
+def final_scores(results: dict) -> dict:
+    """The scores computed from ``results`` (left as it is): ``mia_final_score`` when an MIA was
+    measured, the official ``aggregate-score`` (-1 without MMLU or MIA) and ours,
+    ``final-score``: the mean of whatever of task aggregate, MMLU and MIA score was measured,
+    named by ``final-score-terms``."""
+    terms, scores = {"task-aggregate": results["harmonic-mean-task-aggregate"]}, {}
     if "mmlu_average" in results:
         terms["mmlu"] = results["mmlu_average"]
     if "mia_loss_acc" in results:
-        results["mia_final_score"] = mia_score(results["mia_loss_acc"])
-        terms["mia"] = results["mia_final_score"]
+        terms["mia"] = scores["mia_final_score"] = mia_score(results["mia_loss_acc"])
     official = "mmlu" in terms and "mia" in terms
-    results["aggregate-score"] = statistics.mean(terms.values()) if official else -1
-    results["final-score"] = statistics.mean(terms.values())
-    results["final-score-terms"] = list(terms)
+    scores["aggregate-score"] = statistics.mean(terms.values()) if official else -1
+    scores["final-score"] = statistics.mean(terms.values())
+    scores["final-score-terms"] = list(terms)
+    return scores
 
 
 @dataclass
@@ -217,7 +218,7 @@ def score_model(lm, tokenizer, lume: LumeData, mia: MiaData | None = None,
     results["aggregated-terms"] = terms
     results["aggregated-term-names"] = names
     results["harmonic-mean-task-aggregate"] = task_aggregate(terms)
-    final_scores(results)
+    results.update(final_scores(results))
     results["seconds"] = time.perf_counter() - started
     return Scores(results, scored, mia_nll)
 
