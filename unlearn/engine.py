@@ -188,8 +188,8 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
                                  eval_points=eval_points, profile=profile, mia=mia, mmlu=mmlu)
     if record is not None:  # a procedure over other runs (merge) has done the work
         return record
-    job = _Run(method, algorithm, model_dir, data, mia, mmlu, seed,
-               {"eval_points": eval_points, "eval_every": eval_every, "profile": profile})
+    job = _Run(method, algorithm, model_dir, data, mia, mmlu, seed, eval_every, eval_points,
+               profile)
     return job.train(out, adapter_only)
 
 
@@ -199,10 +199,10 @@ class _Run:
     needs measured on the source model, the loop's hooks, and the ``run.json`` record."""
 
     def __init__(self, method: str, algorithm: Method, model_dir: Path, data, mia, mmlu,
-                 seed: int, options: dict):
+                 seed: int, eval_every: int, eval_points: int, profile: str):
         settings = self.settings = algorithm.config
         self.method, self.algorithm, self.model_dir, self.data = method, algorithm, model_dir, data
-        self.mia, self.mmlu, self.seed = mia, mmlu, seed
+        self.mia, self.mmlu, self.seed, self.profile = mia, mmlu, seed, profile
         self.lume = load_lume(data)
         set_seed(seed)
         self.accelerator = make_accelerator(settings.precision, settings.batch_size,
@@ -214,9 +214,9 @@ class _Run:
         self.forget = _examples(self.tokenizer, self.lume.forget, True, settings.max_len)
         retain = _examples(self.tokenizer, self.lume.retain, False, settings.max_len)
         self.plan, self.segments = _plan(algorithm, self.forget, retain, seed)
-        if options["eval_points"]:
-            options["eval_every"] = max(1, len(self.plan) // options["eval_points"])
-        self.options, self.eval_every = options, options["eval_every"]
+        self.eval_points = eval_points
+        self.eval_every = max(1, len(self.plan) // eval_points) if eval_points else eval_every
+        self.total_steps = sum(len(e.steps) for e in self.plan)
         # a checkpoint resumes only the same job: method, settings, seed, these model files, data
         self.run_id = fingerprint(method, asdict(settings), seed, self.model_files, _text(mia),
                                   _text(mmlu), [(e.ids, e.start) for e in self.forget + retain])
@@ -266,7 +266,7 @@ class _Run:
         if "forget_logprob" in self.algorithm.reference:  # before any step (or resumed one)
             _reference_log_probs(self.prepared, tokenizer, self.forget, self.reference,
                                  self.accelerator, settings.batch_size)
-        total_steps = sum(len(e.steps) for e in self.plan)
+        total_steps = self.total_steps
         # a staged method (SUGD's chunks) has not met a later stage's forget rows before that
         # stage: a model from an earlier stage still holds them, so checks (and stopping)
         # belong to the last stage
@@ -334,10 +334,10 @@ class _Run:
                                           self.every)
             if self.settings.lora and not adapter_only:
                 final = final.merge_and_unload()
-            record = self._record(stopped, trainable, best, selection, {
-                "wall_seconds_this_run": time.perf_counter() - started,
-                "peak_memory_mb": _peak_memory_mb(),
-                "peak_memory_before_training_mb": memory_at_start})
+            record = self._record(stopped, trainable, best, selection,
+                                  wall_seconds_this_run=time.perf_counter() - started,
+                                  peak_memory_mb=_peak_memory_mb(),
+                                  peak_memory_before_training_mb=memory_at_start)
             save_final(self.accelerator, self.prepared, final, self.tokenizer, stage, "run.json",
                        record)
         if stopped:
@@ -345,26 +345,24 @@ class _Run:
         return record
 
     def _record(self, stopped: str | None, trainable: int, best: dict | None,
-                selection: dict | None, measured: dict) -> dict:
+                selection: dict | None, **measured: float) -> dict:
         """``run.json``: what ran, on what, how it went and what it cost."""
         history = self.progress.get("history", [])
         return {
             "method": self.method, "model": str(self.model_dir), "data": str(self.data),
             "seed": self.seed, "mia": _text(self.mia), "mmlu": _text(self.mmlu),
-            "model_files": self.model_files, "eval_points": self.options["eval_points"],
-            "eval_every": self.eval_every, "profile": self.options["profile"],
+            "model_files": self.model_files, "eval_points": self.eval_points,
+            "eval_every": self.eval_every, "profile": self.profile,
             "config": asdict(self.settings),
             "status": stopped or "complete",
             "processes": self.accelerator.num_processes,
             "trainable_parameters": trainable,  # counted before LoRA is merged away
-            "steps": sum(len(e.steps) for e in self.plan),
+            "steps": self.total_steps,
             "steps_trained": sum(len(r["step_losses"]) for r in history),
             # training and the checks made along the way, the one before it included
             "train_seconds": (sum(r["seconds"] for r in history)
                               + (selection or {}).get("seconds_before_training", 0.0)),
-            "wall_seconds_this_run": measured["wall_seconds_this_run"],
-            "peak_memory_mb": measured["peak_memory_mb"],
-            "peak_memory_before_training_mb": measured["peak_memory_before_training_mb"],
+            **measured,  # wall time of this call, peak memory before training and at the end
             "history": history,
             "best_epoch": best["epoch"] if best else None,
             "forget_level": self.progress.get("forget_level"),  # before the first step
