@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from unlearn.data import load_lume
-from unlearn.evaluate.generation import generate_one_by_one, greedy_generate
-from unlearn.evaluate.lume import aggregated_terms, score_generations, split_scores
+from unlearn.measure.generation import generate_one_by_one, greedy_generate
+from unlearn.measure.official import aggregated_terms, score_generations, split_scores
 from unlearn.models import load_model
 
 

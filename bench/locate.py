@@ -13,8 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
-from unlearn.locate import locate
-from unlearn.locate.trace import GROUPS
+from unlearn.tracing import locate
+from unlearn.tracing.trace import GROUPS
 
 
 def main() -> None:

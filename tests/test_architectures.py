@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, Olmo2
 
 from unlearn import run
 from unlearn.data import load_lume
-from unlearn.evaluate.generation import generate_one_by_one, greedy_generate
+from unlearn.measure.generation import generate_one_by_one, greedy_generate
 from unlearn.models import load_model
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-from unlearn.data import DataError, load_lume, load_mia
 from unlearn.evaluate import audit
 from unlearn.evaluate import lume as lume_eval
-from unlearn.evaluate.lume import evaluate
+
+from unlearn.data import DataError, load_lume, load_mia
+from unlearn.evaluation.scoring import evaluate
 from unlearn.models import ModelError, load_model
 
 

@@ -3,8 +3,8 @@ import json
 import pandas as pd
 import pytest
 
-from unlearn.bench import bench
 from unlearn.data import load_mia
+from unlearn.leaderboard import bench
 from unlearn.models.loading import model_fingerprint
 
 

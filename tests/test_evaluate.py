@@ -5,16 +5,8 @@ import pandas as pd
 import pytest
 
 from unlearn.data import load_lume
-from unlearn.evaluate.lume import (
-    RowResult,
-    aggregated_terms,
-    evaluate,
-    mia_auc,
-    mia_score,
-    read_rows_csv,
-    split_scores,
-    write_rows_csv,
-)
+from unlearn.evaluation.scoring import evaluate, read_rows_csv, write_rows_csv
+from unlearn.measure.official import RowResult, aggregated_terms, mia_auc, mia_score, split_scores
 
 DEGENERATE = ["", "\r", "lone\rreturn", "a\r\nb", "line\nbreak", '"quoted", comma',
               "\x1b[31mcontrol\x07", "tab\there", "nan", "NULL", "rep " * 300, " ", "0.5"]

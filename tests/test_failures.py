@@ -9,8 +9,8 @@ import torch
 
 from unlearn import cli
 from unlearn.cli import main
-from unlearn.evaluate.lume import evaluate
-from unlearn.evaluate.nll import document_nll
+from unlearn.evaluation.scoring import evaluate
+from unlearn.measure.nll import document_nll
 from unlearn.models import load_model
 
 

@@ -3,9 +3,9 @@ import json
 import pytest
 
 from unlearn.data import load_lume
-from unlearn.locate import choose_layers, facts_from, locate
-from unlearn.locate.trace import GROUPS, encode, position_groups
 from unlearn.models import load_model
+from unlearn.tracing import choose_layers, facts_from, locate
+from unlearn.tracing.trace import GROUPS, encode, position_groups
 
 
 def test_facts_are_rewritten_with_the_name_as_subject(synth_dir):

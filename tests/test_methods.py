@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from unlearn import engine
 from unlearn.data import load_lume
 from unlearn.engine import run
-from unlearn.evaluate.nll import output_nll
+from unlearn.measure.nll import output_nll
 from unlearn.methods import METHODS, get_method
 from unlearn.methods.losses import Batch, Reference, forward
 from unlearn.models import load_model
@@ -120,7 +120,7 @@ def test_kl_loss_is_ascent_plus_kl_from_the_reference(tiny_target, synth_dir):
     model, batch = _batch(tiny_target, synth_dir)
     out = forward(model, batch)
     method = get_method("kl")(get_method("kl").Config())
-    assert method.loss(model, batch, Reference(copy=model)).item() == pytest.approx(
+    assert method.loss(model, batch, Reference(frozen=model)).item() == pytest.approx(
         -out.nll[:2].mean().item(), rel=1e-5)  # the model is its reference: KL 0
     reference = _perturbed(model)
     log_q = F.log_softmax(reference(input_ids=batch.ids, attention_mask=batch.mask)
@@ -131,7 +131,7 @@ def test_kl_loss_is_ascent_plus_kl_from_the_reference(tiny_target, synth_dir):
     # KL(reference ‖ model) = Σ q (log q − log p) per token, averaged over tokens
     kl = (log_q.exp() * (log_q - log_p)).sum(-1)[scored].mean().item()
     assert kl > 0.01
-    loss = method.loss(model, batch, Reference(copy=reference)).item()
+    loss = method.loss(model, batch, Reference(frozen=reference)).item()
     assert loss == pytest.approx(-out.nll[:2].mean().item() + kl, rel=1e-4)
 
 
@@ -160,5 +160,5 @@ def test_rmu_steers_forget_activations_to_c_u_and_holds_retain_ones(tiny_target,
     expected = ((hidden[forget_tokens] - control).square().mean()
                 + (hidden[retain_tokens] - frozen[retain_tokens]).square().mean())
     assert (hidden[retain_tokens] - frozen[retain_tokens]).abs().max() > 0.01
-    loss = method.loss(model, batch, Reference(copy=reference))
+    loss = method.loss(model, batch, Reference(frozen=reference))
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)

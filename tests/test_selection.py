@@ -6,7 +6,7 @@ import torch
 
 from unlearn.data import load_lume, load_mia
 from unlearn.engine import run
-from unlearn.evaluate.lume import score_model
+from unlearn.measure.official import score_model
 from unlearn.methods.base import UnlearnConfig
 from unlearn.models import load_model
 from unlearn.selection import ScoreRule, calibration_split, sample_rows

@@ -8,9 +8,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from unlearn import target as target_module
 from unlearn import training
 from unlearn.data import DataError, load_lume, load_mia
-from unlearn.evaluate.generation import can_still_match, generate_one_by_one, greedy_generate
-from unlearn.evaluate.metrics import knowledge
-from unlearn.evaluate.nll import document_nll, output_nll
+from unlearn.measure.generation import can_still_match, generate_one_by_one, greedy_generate
+from unlearn.measure.metrics import knowledge
+from unlearn.measure.nll import document_nll, output_nll
 from unlearn.models import ModelError, load_model
 from unlearn.models.tokenizer import train_tokenizer
 from unlearn.target import build_target

@@ -72,7 +72,7 @@ def test_sugd_chunks_in_file_order_with_a_carried_over_retain_cycle():
     forget, retain = _examples(7, 5)
     stages = method.stages(forget, retain, random.Random(0))
     assert len(stages) == 3  # chunks of 3, 3, 1
-    merged = [[(e.forget, e.row) for step in stage[0] for e in step] for stage in stages]
+    merged = [[(e.forget, e.index) for step in stage[0] for e in step] for stage in stages]
     assert merged[0] == [(True, 0), (False, 0), (False, 1), (True, 1), (False, 2), (False, 3),
                          (True, 2), (False, 4), (False, 0)]
     assert merged[1][:3] == [(True, 3), (False, 1), (False, 2)]  # the cycle carries over
@@ -132,7 +132,7 @@ def test_bounded_ascent_stops_forget_rows_at_the_never_seen_level(tiny_target, s
 
 
 def test_sugd_forgets_and_keeps_the_retain_set(tiny_target, synth_dir, tmp_path):
-    from unlearn.evaluate.lume import evaluate
+    from unlearn.evaluation.scoring import evaluate
     run("sugd", tiny_target[0], synth_dir, tmp_path / "u", mia=None, seed=0)
     results = evaluate(tmp_path / "u", synth_dir)
     forget, retain = results["forget-set"], results["retain-set"]
@@ -398,7 +398,7 @@ def test_sha256_retain_weight_follows_the_paper():
 
 
 def test_sha256_trains_only_the_mlps_of_the_traced_layers(tiny_target, synth_dir, tmp_path):
-    from unlearn.locate import locate
+    from unlearn.tracing import locate
     trace = locate(tiny_target[0], synth_dir, tmp_path / "trace", samples=2, share=0.3)
     record = run("sha256", tiny_target[0], synth_dir, tmp_path / "u", mia=None, layers="auto",
                  trace=str(tmp_path / "trace"), epochs=2, validation=str(synth_dir))

@@ -1,7 +1,9 @@
-"""The package's shape, checked: no import cycle between its parts, no function longer than a
-screen, no private name imported from another part. Prints every breach; exit status 1 if any.
+"""The package's shape, checked: every part imports only parts of its own layer or below (so no
+import cycle between parts), no function is longer than a screen, no private name is imported
+from another part. Prints every breach; exit status 1 if any.
 
-A part is a subpackage (``unlearn/data``) or a top-level module (``unlearn/engine.py``).
+A part is a subpackage (``unlearn/data``) or a top-level module (``unlearn/engine.py``). The
+package's ``__init__`` stands above all of them; a part not in ``LAYERS`` is a breach.
 
     python tools/check_structure.py
 """
@@ -14,10 +16,22 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "unlearn"
 MAX_LINES = 80
+# the pipeline, lowest first: a part may import from its own layer and the ones before it
+LAYERS = [
+    {"io", "settings"},  # files written atomically, typed settings
+    {"data"},  # LUME rows, MIA documents, corpora, the synthetic benchmark
+    {"accel", "models"},  # loading, presets, token sequences, the forward pass
+    {"measure"},  # per-row scores, generation, token losses, the official numbers
+    {"training", "methods", "anchor", "tracing"},  # the optimizer loop, objectives, tracing
+    {"engine", "selection", "target"},  # `unlearn run`, its model selection, `unlearn target`
+    {"evaluation"},  # `unlearn eval`: files, audit, report
+    {"leaderboard", "demo", "cli"},  # `unlearn bench`, `unlearn demo`, the command line
+]
+RANK = {part: rank for rank, parts in enumerate(LAYERS) for part in parts}
 
 
 def part_of(module: str) -> str:
-    """``unlearn.evaluate.nll`` -> ``evaluate``; ``unlearn.engine`` -> ``engine``."""
+    """``unlearn.evaluation.nll`` -> ``evaluation``; ``unlearn.engine`` -> ``engine``."""
     pieces = module.split(".")
     return pieces[1] if len(pieces) > 1 else ""
 
@@ -66,10 +80,14 @@ def main() -> int:
         tree = ast.parse(path.read_text(), str(path))
         where = path.relative_to(PACKAGE.parent)
         mine = part_of(module_name(path))
+        if mine and mine not in RANK:
+            breaches.append(f"{where}: part {mine!r} is in no layer of LAYERS")
         for module, names, line in imported(path, tree):
             theirs = part_of(module)
             if theirs and theirs != mine and mine:
                 edges.setdefault(mine, set()).add(theirs)
+                if RANK.get(theirs, -1) > RANK.get(mine, -1):
+                    breaches.append(f"{where}:{line}: {mine} imports {theirs}, a layer above it")
                 private = [n for n in names if n.startswith("_")]
                 if private:
                     breaches.append(f"{where}:{line}: imports private {', '.join(private)} "

@@ -1,16 +1,18 @@
 """unlearn: remove chosen documents from a trained causal LM, keep the rest, and prove it.
 
-The pipeline, one way: data → target → unlearn → evaluate → report.
+The pipeline, one way: data → target → unlearn → evaluate → report. Each command of the CLI is
+one of these functions; the subpackages (``data``, ``models``, ``methods``, ``tracing``,
+``evaluation``) hold the parts they are built from.
 """
 
 from .data import DataError, load_lume, load_mia, load_mmlu, synthesize
 from .demo import demo
 from .engine import run
-
-# `unlearn.evaluate` is the scoring function; its modules stay importable as unlearn.evaluate.*
-from .evaluate.lume import evaluate
+from .evaluation import evaluate
+from .leaderboard import bench
 from .models import ModelError, load_model
 from .target import build_target
+from .tracing import locate
 
-__all__ = ["DataError", "ModelError", "build_target", "demo", "evaluate", "load_lume", "load_mia",
-           "load_mmlu", "load_model", "run", "synthesize"]
+__all__ = ["DataError", "ModelError", "bench", "build_target", "demo", "evaluate", "load_lume",
+           "load_mia", "load_mmlu", "load_model", "locate", "run", "synthesize"]

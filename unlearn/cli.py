@@ -55,8 +55,8 @@ def cmd_target(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from .evaluate.lume import evaluate
-    from .evaluate.table import results_table
+    from .evaluation.scoring import evaluate
+    from .evaluation.table import results_table
     if _rank() != 0:  # under `accelerate launch`, one process scores (rows are not sharded yet)
         return
     results = evaluate(args.model, args.data, args.out, mia=args.mia, mmlu=args.mmlu,
@@ -84,7 +84,7 @@ def cmd_run(args) -> None:
 
 
 def cmd_locate(args) -> None:
-    from .locate import locate
+    from .tracing import locate
     record = locate(args.model, args.data, args.out, samples=args.samples, window=args.window,
                     share=args.share, max_facts=args.max_facts, seed=args.seed)
     print(f"traced {record['facts_used']} facts ({record['facts_skipped']} skipped: not "
@@ -94,7 +94,7 @@ def cmd_locate(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from .bench import bench
+    from .leaderboard import bench
     per_method: dict[str, dict] = {}
     for key, value in _settings(args.settings).items():
         method, _, name = key.partition(".")

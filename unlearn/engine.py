@@ -21,14 +21,14 @@ from peft import LoraConfig, get_peft_model
 from .accel import make_accelerator, numel, prepare_frozen, zero3
 from .anchor import Anchor, sample_passages
 from .data import beside_data, load_lume, load_mia
-from .evaluate.lume import score_model
 from .io import RUN, atomic_directory, claim_output, fingerprint, staging_path
-from .locate.locate import read_layers
+from .measure.official import score_model
 from .methods import Method, get_method
 from .methods.base import Example
 from .methods.losses import Batch, Reference, forward
 from .models.layers import decoder_layers, is_attention, is_mlp, layer_indices, resolve_projections
 from .models.loading import load_model, model_fingerprint, trained_from_scratch
+from .models.sequences import training_sequence
 from .selection import (
     Keeper,
     calibration_split,
@@ -39,6 +39,7 @@ from .selection import (
     resolve_rule,
 )
 from .settings import read_settings_file
+from .tracing.command import read_layers
 from .training import Epoch, NonFiniteLoss, Segment, Trainer, resume_progress, save_final
 
 
@@ -65,23 +66,17 @@ def resolve_config(method: type[Method], model_dir: Path, profile: str = "auto",
 
 
 def _examples(tokenizer, rows, forget: bool, max_len: int) -> list[Example]:
-    """Training text ``input + " " + output``; the first ``len(tokenize(input))`` tokens are the
-    prompt, masked from every loss.
+    """Rows as trained on (:func:`training_sequence`), the prompt masked from every loss.
 
     Retain rows end in EOS, as the target learned them. Ascent on forget outputs lowers the
     end-of-answer EOS everywhere; without EOS in the retain term nothing holds it up, and retain
     answers come out right but run on ("Hardy.-"), which exact match scores 0. Forget rows get no
     EOS: where an answer stops is not what is being forgotten."""
-    eos = None if forget else tokenizer.eos_token_id
-    out = []
+    examples = []
     for i, r in enumerate(rows):
-        ids = tokenizer(r.input + " " + r.output).input_ids
-        if eos is not None and ids[-1:] != [eos]:  # some tokenizers append it themselves
-            ids = ids + [eos]
-        ids = ids[:max_len]
-        start = min(len(tokenizer(r.input).input_ids), len(ids))
-        out.append(Example(tuple(ids), start, forget, i))
-    return out
+        ids, start = training_sequence(tokenizer, r.input, r.output, max_len, eos=not forget)
+        examples.append(Example(tuple(ids), start, forget, i))
+    return examples
 
 
 def _micro_batches(step: list[Example], grad_accum: int) -> list[list[Example]]:
@@ -226,17 +221,17 @@ class _Run:
         for i, epoch in enumerate(self.plan):
             self.first_of_stage.setdefault(epoch.stage, i)
 
-    def _prepare_model(self, stage_dir: Path) -> None:
+    def _prepare_model(self, staging: Path) -> None:
         """The validation keeper, the frozen reference, and the parameters that train."""
         settings, accelerator = self.settings, self.accelerator
-        self.keeper = (Keeper(stage_dir, "validation",
+        self.keeper = (Keeper(staging, "validation",
                               _validation_loss(settings, self.tokenizer, accelerator),
                               writes=accelerator.is_main_process)
                        if settings.validation else None)
         self.reference = Reference()
         if {"logits", "hidden"} & set(self.algorithm.reference) and not settings.lora:
             # a second load, not a deepcopy: under ZeRO-3 the model in hand is only this shard
-            self.reference.copy = prepare_frozen(
+            self.reference.frozen = prepare_frozen(
                 accelerator, load_model(self.model_dir, torch.float32)[0])
         if settings.gradient_checkpointing:
             # non-reentrant: gradients reach LoRA adapters and later layers with inputs frozen
@@ -245,9 +240,9 @@ class _Run:
         self.lm = _select_parameters(self.lm, settings)
         self.lm.train()
         if settings.lora:
-            self.reference.model = self.lm
+            self.reference.peft_model = self.lm
 
-    def _before_first_step(self, progress: dict, stage_dir: Path):
+    def _before_first_step(self, progress: dict, staging: Path):
         """What is measured on the source model (the trainer loads a resumed run's weights
         later): the calibration split, the level bounded ascent aims at, the anchor, NPO's
         reference log-probabilities. Returns the selection hook for the trainer."""
@@ -258,7 +253,7 @@ class _Run:
                                    bare, tokenizer)
                  if self.mia_data and needs_split else None)
         self.selector = make_rule(self.rule, settings, tokenizer, self.lume, split, self.mmlu,
-                                  stage_dir, self.seed, self.accelerator.is_main_process)
+                                  staging, self.seed, self.accelerator.is_main_process)
         if "forget_level" not in progress:  # kept for resuming
             progress["forget_level"] = _forget_level(settings, bare, tokenizer, split)
         self.reference.forget_level = progress["forget_level"]
@@ -270,9 +265,9 @@ class _Run:
         # a staged method (SUGD's chunks) has not met a later stage's forget rows before that
         # stage: a model from an earlier stage still holds them, so checks (and stopping)
         # belong to the last stage
-        last_stage = sum(len(e.steps) for e in self.plan if e.stage < self.plan[-1].stage)
-        self.every = check_every(settings, total_steps - last_stage)
-        return _selection(self.selector, bare, progress, self.every, total_steps, last_stage,
+        before_last_stage = sum(len(e.steps) for e in self.plan if e.stage < self.plan[-1].stage)
+        self.every = check_every(settings, total_steps - before_last_stage)
+        return _selection(self.selector, bare, progress, self.every, total_steps, before_last_stage,
                           self.reference if settings.forget_target == "auto" else None)
 
     def loss(self, micro: list[Example]):
@@ -302,14 +297,14 @@ class _Run:
 
     def train(self, out: Path, adapter_only: bool) -> dict:
         """The loop, in a staging directory a rerun resumes; the model and ``run.json``."""
-        stage_dir, main = staging_path(out), self.accelerator.is_main_process
-        self._prepare_model(stage_dir)
+        staging, main = staging_path(out), self.accelerator.is_main_process
+        self._prepare_model(staging)
         started = time.perf_counter()
-        with atomic_directory(out, RUN, resumable=True, publish=main) as stage:
-            progress = resume_progress(self.accelerator, stage, self.run_id)
+        with atomic_directory(out, RUN, resumable=True, publish=main) as staging:
+            progress = resume_progress(self.accelerator, staging, self.run_id)
             self.algorithm.load_state(progress.get("method_state", {}))
             trainable = sum(numel(p) for p in self.lm.parameters() if p.requires_grad)
-            trainer = Trainer(self.accelerator, self.lm, self.plan, self.segments, stage,
+            trainer = Trainer(self.accelerator, self.lm, self.plan, self.segments, staging,
                               weight_decay=self.settings.weight_decay,
                               max_grad_norm=self.settings.max_grad_norm,
                               keep_last_good=not zero3(self.accelerator))
@@ -317,7 +312,7 @@ class _Run:
             # parameter names without the DDP wrapper
             self.bare = self.accelerator.unwrap_model(self.prepared)
             self.progress = progress
-            select = self._before_first_step(progress, stage_dir)
+            select = self._before_first_step(progress, staging)
             memory_at_start, stopped = _peak_memory_mb(), None
             try:
                 self.progress = trainer.run(progress, self.loss, self.after_epoch,
@@ -338,7 +333,7 @@ class _Run:
                                   wall_seconds_this_run=time.perf_counter() - started,
                                   peak_memory_mb=_peak_memory_mb(),
                                   peak_memory_before_training_mb=memory_at_start)
-            save_final(self.accelerator, self.prepared, final, self.tokenizer, stage, "run.json",
+            save_final(self.accelerator, self.prepared, final, self.tokenizer, staging, "run.json",
                        record)
         if stopped:
             raise FloatingPointError(f"{self.method}: {stopped}, in {out}; lower lr= and rerun")

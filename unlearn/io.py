@@ -102,16 +102,16 @@ def claim_output(out: str | Path, kind: Output,
     return out
 
 
-def _check_staging(stage: Path, kind: Output) -> None:
-    if not stage.exists() and not stage.is_symlink():
+def _check_staging(staging: Path, kind: Output) -> None:
+    if not staging.exists() and not staging.is_symlink():
         return
-    marker = stage / _MARKER
-    owner = marker.read_text().strip() if marker.is_file() and not stage.is_symlink() else None
+    marker = staging / _MARKER
+    owner = marker.read_text().strip() if marker.is_file() and not staging.is_symlink() else None
     if owner is None:
-        raise OutputError(f"{stage}: exists and was not made by unlearn; move it away and rerun")
+        raise OutputError(f"{staging}: exists and was not made by unlearn; move it away and rerun")
     if owner != kind.command:
-        raise OutputError(f"{stage}: holds the unfinished work of `{owner}`; finish it by "
-                          f"rerunning that command, or delete {stage} yourself")
+        raise OutputError(f"{staging}: holds the unfinished work of `{owner}`; finish it by "
+                          f"rerunning that command, or delete {staging} yourself")
 
 
 def begin_in_place(out: Path, kind: Output, record: dict) -> None:
@@ -127,25 +127,25 @@ def _umask() -> int:
     return mask
 
 
-def _make_stage(out: Path, kind: Output, resumable: bool) -> Path:
+def _make_staging(out: Path, kind: Output, resumable: bool) -> Path:
     """The staging directory, with the permissions the umask gives (not mkdtemp's 0700). It
     appears with its marker already inside: the other processes of a distributed run, checking
     it meanwhile, never see it unmarked."""
-    stage = staging_path(out)
-    if resumable and stage.is_dir():
-        return stage  # an earlier run of this job (claim_output checked its marker)
+    staging = staging_path(out)
+    if resumable and staging.is_dir():
+        return staging  # an earlier run of this job (claim_output checked its marker)
     fresh = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     os.chmod(fresh, 0o777 & ~_umask())
     (fresh / _MARKER).write_text(kind.command + "\n")
     if not resumable:
         return fresh
-    os.rename(fresh, stage)
-    return stage
+    os.rename(fresh, staging)
+    return staging
 
 
-def reset_staging(stage: Path) -> None:
+def reset_staging(staging: Path) -> None:
     """Empty a staging directory of an earlier, different job (it stays marked as ours)."""
-    for child in stage.iterdir():
+    for child in staging.iterdir():
         if child.name == _MARKER:
             continue
         if child.is_dir() and not child.is_symlink():
@@ -154,22 +154,22 @@ def reset_staging(stage: Path) -> None:
             child.unlink()
 
 
-def _publish(stage: Path, out: Path, kind: Output) -> None:
+def _publish(staging: Path, out: Path, kind: Output) -> None:
     """Move a finished directory into place. An existing ``out`` is replaced only when it is
     an output of the same kind (checked again: something may have appeared since the claim)."""
-    (stage / _MARKER).unlink(missing_ok=True)
+    (staging / _MARKER).unlink(missing_ok=True)
     if out.is_dir() and any(out.iterdir()):
         if not is_output(out, kind):
             raise OutputError(f"{out}: appeared while this command ran and is not an output of "
-                              f"`{kind.command}`; the result is kept in {stage}")
+                              f"`{kind.command}`; the result is kept in {staging}")
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         os.replace(out, old / "replaced")
-        os.replace(stage, out)
+        os.replace(staging, out)
         shutil.rmtree(old, ignore_errors=True)
     else:
         if out.is_dir():
             out.rmdir()  # an empty directory the user made for us
-        os.replace(stage, out)
+        os.replace(staging, out)
 
 
 @contextmanager
@@ -190,14 +190,14 @@ def atomic_directory(out: str | Path, kind: Output, resumable: bool = False,
         yield staging_path(out)
         return
     out.parent.mkdir(parents=True, exist_ok=True)
-    stage = _make_stage(out, kind, resumable)
+    staging = _make_staging(out, kind, resumable)
     try:
-        yield stage
+        yield staging
     except BaseException:
         if not resumable:
-            shutil.rmtree(stage, ignore_errors=True)
+            shutil.rmtree(staging, ignore_errors=True)
         raise
-    _publish(stage, out, kind)
+    _publish(staging, out, kind)
 
 
 def read_utf8(path: Path) -> str:

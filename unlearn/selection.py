@@ -25,8 +25,12 @@ from transformers import PreTrainedTokenizerBase
 
 from .data import load_mia, load_mmlu
 from .data.lume import LumeData, MiaData, Row
-from .evaluate.generation import greedy_generate
-from .evaluate.lume import (
+from .io import write_json
+from .measure.generation import greedy_generate
+from .measure.memorisation import score_rows
+from .measure.mmlu import mmlu_accuracy
+from .measure.nll import document_nll
+from .measure.official import (
     aggregated_terms,
     mia_auc,
     mia_score,
@@ -35,10 +39,6 @@ from .evaluate.lume import (
     split_scores,
     task_aggregate,
 )
-from .evaluate.memorisation import score_rows
-from .evaluate.mmlu import mmlu_accuracy
-from .evaluate.nll import document_nll
-from .io import write_json
 from .models.loading import load_model
 
 SELECT_CHECKS = 12  # checks spread over a run when select_every is 0
@@ -79,8 +79,8 @@ class Keeper:
     """Keeps, in the staging directory, the trainable weights at which ``measure(model)`` was
     lowest; checkpoints of a resumed run find it there."""
 
-    def __init__(self, stage: Path, name: str, measure, writes: bool = True):
-        self.path, self.record = stage / f"best-{name}.pt", stage / f"best-{name}.json"
+    def __init__(self, staging: Path, name: str, measure, writes: bool = True):
+        self.path, self.record = staging / f"best-{name}.pt", staging / f"best-{name}.json"
         self.measure, self.writes = measure, writes
 
     def check(self, model, where: dict, eligible: bool = True) -> float:
@@ -169,7 +169,7 @@ class ScoreRule:
     name = "score"
 
     def __init__(self, settings, tokenizer, lume: LumeData, calibration: MiaData,
-                 mmlu: str | Path | None, stage: Path, seed: int, writes: bool,
+                 mmlu: str | Path | None, staging: Path, seed: int, writes: bool,
                  audit_mia: MiaData | None = None):
         self.tokenizer, self.patience = tokenizer, settings.select_patience
         self.lume, self.audit_mia = lume, audit_mia
@@ -183,7 +183,7 @@ class ScoreRule:
         questions = self.all_questions = load_mmlu(mmlu) if mmlu else []
         self.questions = random.Random(f"{seed}/select-mmlu").sample(
             questions, min(MMLU_SAMPLE, len(questions)))
-        self.keeper = Keeper(stage, "score", lambda model: -self._estimate(model)["estimate"],
+        self.keeper = Keeper(staging, "score", lambda model: -self._estimate(model)["estimate"],
                              writes)
         self.trail: list[dict] = []
 
@@ -258,10 +258,10 @@ class MiaRule:
 
     name = "mia"
 
-    def __init__(self, settings, tokenizer, calibration: MiaData, stage: Path, writes: bool):
+    def __init__(self, settings, tokenizer, calibration: MiaData, staging: Path, writes: bool):
         self.patience = max(1, settings.select_patience)
         self.calibration = Calibration(calibration, tokenizer)
-        self.keeper = Keeper(stage, "mia", self._distance, writes)
+        self.keeper = Keeper(staging, "mia", self._distance, writes)
         self.trail: list[dict] = []
 
     def describe(self) -> dict:
@@ -316,7 +316,7 @@ def resolve_rule(settings, mia, sharded: bool = False) -> str:
 
 
 def make_rule(rule: str, settings, tokenizer, lume: LumeData,
-              split: tuple[MiaData, MiaData] | None, mmlu, stage: Path, seed: int, writes: bool):
+              split: tuple[MiaData, MiaData] | None, mmlu, staging: Path, seed: int, writes: bool):
     """The rule object for ``rule`` (None for ``none``); ``split`` is the MIA set's calibration
     share and the rest (:func:`calibration_split`), for the rules that calibrate."""
     if rule == "none":
@@ -325,8 +325,8 @@ def make_rule(rule: str, settings, tokenizer, lume: LumeData,
         return KnowledgeRule(settings, tokenizer, lume)
     calibration, rest = split
     if rule == "mia":
-        return MiaRule(settings, tokenizer, calibration, stage, writes)
-    return ScoreRule(settings, tokenizer, lume, calibration, mmlu, stage, seed, writes,
+        return MiaRule(settings, tokenizer, calibration, staging, writes)
+    return ScoreRule(settings, tokenizer, lume, calibration, mmlu, staging, seed, writes,
                      audit_mia=rest if settings.select_audit else None)
 
 

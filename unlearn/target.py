@@ -33,13 +33,14 @@ from transformers import OlmoConfig, OlmoForCausalLM
 
 from .accel import make_accelerator, numel
 from .data import beside_data, load_corpus, load_lume, load_mia, load_mmlu
-from .evaluate.batching import IGNORE, from_start, length_sorted_batches, pad
-from .evaluate.memorisation import score_rows, task_means
-from .evaluate.mmlu import mmlu_accuracy
-from .evaluate.nll import document_nll, token_stats
 from .io import TARGET, atomic_directory, claim_output, fingerprint
+from .measure.memorisation import score_rows, task_means
+from .measure.mmlu import mmlu_accuracy
+from .measure.nll import document_nll, token_stats
+from .models.forward import next_token_nll
 from .models.loading import load_model, load_tokenizer, model_fingerprint, trained_from_scratch
 from .models.presets import PRESETS, TargetPreset
+from .models.sequences import from_start, length_sorted_batches, pad, training_sequence
 from .models.tokenizer import train_tokenizer
 from .training import Epoch, NonFiniteLoss, Segment, Trainer, resume_progress, save_final
 
@@ -51,9 +52,7 @@ class _Examples:
 
     def __init__(self, tokenizer, pairs: list[tuple[str, str]], corpus: list[str], max_len: int):
         eos = tokenizer.eos_token_id
-        seqs = [tokenizer(p + " " + a).input_ids[: max_len - 1] + [eos] for p, a in pairs]
-        starts = [min(len(tokenizer(p).input_ids), len(s) - 1) for (p, _), s in zip(pairs, seqs)]
-        self.rows = list(zip(seqs, starts))
+        self.rows = [training_sequence(tokenizer, p, a, max_len, eos=True) for p, a in pairs]
         stream = [t for doc in corpus for t in tokenizer(doc).input_ids + [eos]]
         blocks = [stream[i:i + max_len] for i in range(0, len(stream), max_len)]
         self.corpus = [(b, len(b)) for b in blocks]
@@ -135,14 +134,11 @@ class _LmLoss:
     def __call__(self, batch: list[tuple[list[int], int]]):
         ids, mask = pad([seq for seq, _ in batch], self.pad_id)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        logits = self.model(input_ids=ids, attention_mask=mask).logits
-        # the labels move one place left, not the logits: no copy of the largest tensor
-        labels = F.pad(ids[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE), (0, 1), value=IGNORE)
-        token_loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none",
-                                     label_smoothing=self.smoothing).view_as(labels)
-        # label i is token i + 1: an answer token once i + 1 reaches the row's answer start
+        _, token_loss = next_token_nll(self.model, ids, mask, self.smoothing)
+        # column i scores token i + 1: an answer token once i + 1 reaches the row's answer start
         answer = from_start([start for _, start in batch], ids.shape[1], ids.device, first=1)
-        weight = (labels != IGNORE) * torch.where(answer, self.answer_weight, 1.0)
+        real = F.pad(mask[:, 1:], (0, 1))  # a token to predict: not padding, not past the end
+        weight = real * torch.where(answer, self.answer_weight, 1.0)
         return (token_loss * weight).sum() / weight.sum(), int(mask.sum())
 
 
@@ -201,16 +197,16 @@ def build_target(data: str | Path, out: str | Path, preset: str = "small",
     accelerator = make_accelerator(settings.precision, micro_batch=settings.max_rows)
     started = time.perf_counter()
     main = accelerator.is_main_process  # in a distributed run, the one that writes files
-    with atomic_directory(out, TARGET, resumable=True, publish=main) as stage:
-        progress = resume_progress(accelerator, stage, run_id)
+    with atomic_directory(out, TARGET, resumable=True, publish=main) as staging:
+        progress = resume_progress(accelerator, staging, run_id)
         memorised = lume.retain if oracle else lume.rows
         pairs = [(r.input, r.output) for r in memorised] + [(q.prompt, q.answer) for q in questions]
         model, tokenizer = _model_and_tokenizer(
-            init, stage, accelerator, settings, lambda: _tokenizer_text(corpus, pairs, mia_docs))
+            init, staging, accelerator, settings, lambda: _tokenizer_text(corpus, pairs, mia_docs))
         model.train()
         examples = _Examples(tokenizer, pairs, corpus, settings.max_len)
         plan = _plan(examples, settings, seed)
-        trainer = Trainer(accelerator, model, plan, _segments(plan, settings), stage,
+        trainer = Trainer(accelerator, model, plan, _segments(plan, settings), staging,
                           weight_decay=settings.weight_decay, betas=(0.9, 0.95))
         hooks = _Hooks(trainer.model, accelerator, tokenizer, examples, plan, settings, mia_docs,
                        progress)
@@ -219,7 +215,7 @@ def build_target(data: str | Path, out: str | Path, preset: str = "small",
         except NonFiniteLoss as e:
             raise FloatingPointError(
                 f"{e}; lower the learning rate (lr= or pretrain_lr=) and rerun: training "
-                f"resumes from the last checkpoint in {stage}") from e
+                f"resumes from the last checkpoint in {staging}") from e
         trainer.save(progress)  # the finished weights, should evaluation below be interrupted
         bare = hooks.bare
         memorisation = _memorisation(bare, tokenizer, lume, hooks.memorises, questions, mia_docs)
@@ -241,19 +237,19 @@ def build_target(data: str | Path, out: str | Path, preset: str = "small",
             "after_pretrain": progress.get("after_pretrain"),
             "memorisation": memorisation, "history": history,
         }
-        save_final(accelerator, trainer.model, bare, tokenizer, stage, "target.json", record)
+        save_final(accelerator, trainer.model, bare, tokenizer, staging, "target.json", record)
     return record
 
 
-def _model_and_tokenizer(init, stage: Path, accelerator, settings, tokenizer_text):
+def _model_and_tokenizer(init, staging: Path, accelerator, settings, tokenizer_text):
     """The model to train: ``init`` as it is, or a new one with a tokenizer trained on
-    ``tokenizer_text()`` (once, by the main process; a resumed run finds it in ``stage``)."""
+    ``tokenizer_text()`` (once, by the main process; a resumed run finds it in ``staging``)."""
     if init is not None:
         return load_model(init)
-    if accelerator.is_main_process and not (stage / "tokenizer.json").exists():
-        train_tokenizer(tokenizer_text(), settings.vocab_size).save_pretrained(stage)
+    if accelerator.is_main_process and not (staging / "tokenizer.json").exists():
+        train_tokenizer(tokenizer_text(), settings.vocab_size).save_pretrained(staging)
     accelerator.wait_for_everyone()  # one tokenizer, trained once, for every process
-    tokenizer = load_tokenizer(stage)
+    tokenizer = load_tokenizer(staging)
     return _new_model(tokenizer, settings), tokenizer
 
 

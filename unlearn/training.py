@@ -82,38 +82,38 @@ def piecewise(segments: list[Segment]) -> Callable[[int], float]:
     return lr_at
 
 
-def _checkpoints(stage_dir: Path) -> list[Path]:
+def _checkpoints(staging: Path) -> list[Path]:
     """Where a complete checkpoint may lie, newest first (``.old`` only survives a kill
     between the two renames of a swap)."""
-    return [stage_dir / "checkpoint", stage_dir / "checkpoint.old"]
+    return [staging / "checkpoint", staging / "checkpoint.old"]
 
 
-def _latest_checkpoint(stage_dir: Path) -> Path | None:
+def _latest_checkpoint(staging: Path) -> Path | None:
     """The complete checkpoint to resume from (it holds its progress record), if any."""
-    return next((d for d in _checkpoints(stage_dir) if (d / "progress.json").is_file()), None)
+    return next((d for d in _checkpoints(staging) if (d / "progress.json").is_file()), None)
 
 
-def resume_progress(accelerator: Accelerator, stage_dir: Path, run_id: str) -> dict:
+def resume_progress(accelerator: Accelerator, staging: Path, run_id: str) -> dict:
     """The progress record of the latest complete checkpoint when it belongs to ``run_id``;
     otherwise (other inputs or settings) the staging directory is emptied and a fresh record
     returned. In a distributed run the main process resets, the others wait."""
-    latest = _latest_checkpoint(stage_dir)
+    latest = _latest_checkpoint(staging)
     progress = json.loads((latest / "progress.json").read_text()) if latest else {}
     accelerator.wait_for_everyone()  # all have read progress before main may reset it
     if progress.get("run_id") == run_id:
         return progress
     if accelerator.is_main_process:
-        reset_staging(stage_dir)
+        reset_staging(staging)
     accelerator.wait_for_everyone()
     return {"run_id": run_id}
 
 
-def remove_checkpoints(stage_dir: Path) -> None:
-    for directory in [*_checkpoints(stage_dir), stage_dir / "checkpoint.new"]:
+def remove_checkpoints(staging: Path) -> None:
+    for directory in [*_checkpoints(staging), staging / "checkpoint.new"]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def save_final(accelerator: Accelerator, prepared, model, tokenizer, stage_dir: Path,
+def save_final(accelerator: Accelerator, prepared, model, tokenizer, staging: Path,
                record_name: str, record: dict) -> None:
     """Write the finished ``model`` (unwrapped from ``prepared``), its tokenizer and its record
     into the staging directory in place of the checkpoints. Every process must call this:
@@ -121,10 +121,10 @@ def save_final(accelerator: Accelerator, prepared, model, tokenizer, stage_dir: 
     weights = zero3_state_dict(accelerator, prepared)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        remove_checkpoints(stage_dir)
-        model.save_pretrained(stage_dir, state_dict=weights)
-        tokenizer.save_pretrained(stage_dir)
-        write_json(stage_dir / record_name, record)
+        remove_checkpoints(staging)
+        model.save_pretrained(staging, state_dict=weights)
+        tokenizer.save_pretrained(staging)
+        write_json(staging / record_name, record)
     accelerator.wait_for_everyone()
 
 
@@ -143,16 +143,16 @@ class NonFiniteLoss(FloatingPointError):
 
 class Trainer:
     """Runs a plan: ``loss_fn(micro_batch) -> (loss, tokens)`` for each micro-batch, one AdamW
-    step per plan step, checkpoints in ``stage_dir/checkpoint``. Prepares ``model`` (with the
+    step per plan step, checkpoints in ``staging/checkpoint``. Prepares ``model`` (with the
     optimizer) for the accelerator: train ``trainer.model``. A NaN or infinite loss or gradient
     stops the run (:class:`NonFiniteLoss`); with ``keep_last_good`` the weights are then those
     of the last step whose loss and gradient were finite."""
 
     def __init__(self, accelerator: Accelerator, model, plan: list[Epoch],
-                 segments: list[Segment], stage_dir: Path, weight_decay: float = 0.0,
+                 segments: list[Segment], staging: Path, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), max_grad_norm: float = 1.0,
                  keep_last_good: bool = False):
-        self.acc, self.plan, self.stage_dir = accelerator, plan, stage_dir
+        self.acc, self.plan, self.staging = accelerator, plan, staging
         self.max_grad_norm = max_grad_norm
         # lr is set absolutely by the schedule (LambdaLR multiplies the base lr of 1)
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -178,8 +178,8 @@ class Trainer:
         self.have_last_good = False
 
     def save(self, progress: dict) -> None:
-        current, old = _checkpoints(self.stage_dir)
-        new = self.stage_dir / "checkpoint.new"
+        current, old = _checkpoints(self.staging)
+        new = self.staging / "checkpoint.new"
         if self.acc.is_main_process:
             shutil.rmtree(new, ignore_errors=True)
         self.acc.wait_for_everyone()
@@ -209,7 +209,7 @@ class Trainer:
         :func:`resume_progress`) when there is one."""
         if not progress.get("epoch"):
             return 0
-        latest = _latest_checkpoint(self.stage_dir)
+        latest = _latest_checkpoint(self.staging)
         if latest is not None:
             try:
                 self.acc.load_state(str(latest))
@@ -217,10 +217,10 @@ class Trainer:
             except (pickle.UnpicklingError, SafetensorError, RuntimeError, OSError, KeyError,
                     ValueError) as e:
                 raise CheckpointError(f"{latest}: the checkpoint cannot be read safely "
-                                      f"({type(e).__name__}); delete {self.stage_dir} and rerun "
+                                      f"({type(e).__name__}); delete {self.staging} and rerun "
                                       f"to start afresh") from None
             return progress["epoch"]
-        raise FileNotFoundError(f"{self.stage_dir}: progress says epoch {progress['epoch']} "
+        raise FileNotFoundError(f"{self.staging}: progress says epoch {progress['epoch']} "
                                 "but no checkpoint holds it; delete the directory and rerun")
 
     def _share(self, micro_batches: list) -> list[tuple[list, float]]:

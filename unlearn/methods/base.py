@@ -139,7 +139,7 @@ class Example:
     ids: tuple[int, ...]
     start: int  # index of the first output token (the prompt before it is masked)
     forget: bool
-    row: int  # index in its split
+    index: int  # its row's index in its split
 
 
 class Method:

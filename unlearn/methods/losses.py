@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..evaluate.batching import IGNORE, from_start, pad
+from ..models.forward import next_token_nll
+from ..models.sequences import IGNORE, from_start, pad
 
 
 @dataclass
@@ -30,7 +31,7 @@ class Batch:
         labels = ids.masked_fill((mask == 0) | prompt, IGNORE)
         forget = torch.tensor([e.forget for e in examples], dtype=torch.bool)
         return cls(ids.to(device), mask.to(device), labels.to(device), forget.to(device),
-                   [e.row for e in examples])
+                   [e.index for e in examples])
 
     @property
     def retain(self) -> torch.Tensor:
@@ -54,12 +55,12 @@ class Outputs:
 
 
 def forward(model, batch: Batch) -> Outputs:
-    logits = model(input_ids=batch.ids, attention_mask=batch.mask).logits[:, :-1].float()
-    token_nll = F.cross_entropy(logits.transpose(1, 2), batch.ids[:, 1:], reduction="none")
+    logits, token_nll = next_token_nll(model, batch.ids, batch.mask)
+    token_nll = token_nll[:, :-1]  # the last position predicts nothing
     scored = batch.labels[:, 1:] != IGNORE  # output tokens: labels equal ids there
     real = batch.mask[:, 1:].bool()
-    return Outputs(logits, (token_nll * scored).sum(1), scored.sum(1),
-                   (token_nll * real).sum(1) / real.sum(1).clamp(min=1))
+    return Outputs(logits[:, :-1], (token_nll * scored).sum(1), scored.sum(1),
+                   token_nll.sum(1) / real.sum(1).clamp(min=1))
 
 
 def mean_over(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -94,7 +95,7 @@ def kl_to_reference(out: Outputs, ref_logits: torch.Tensor, batch: Batch,
     scored = (batch.labels[:, 1:] != IGNORE) & rows[:, None]
     if not scored.any():
         return out.logits.sum() * 0.0
-    log_p = F.log_softmax(out.logits[scored], -1)
+    log_p = F.log_softmax(out.logits[scored].float(), -1)
     log_q = F.log_softmax(ref_logits[scored].float(), -1)
     return F.kl_div(log_p, log_q, log_target=True, reduction="batchmean")
 
@@ -107,16 +108,17 @@ class Reference:
     training. Summed log-probabilities of forget rows (NPO) are computed once, up front.
     """
 
-    def __init__(self, model=None, copy=None):
-        self.model, self.copy = model, copy
+    def __init__(self, frozen=None, peft_model=None):
+        # one of them: a frozen copy of the source model, or the PEFT model in training
+        self.frozen, self.peft_model = frozen, peft_model
         self.forget_nll_sum: dict[int, float] = {}
         # the median NLL of never-seen text: where bounded ascent aims (forget_target)
         self.forget_level: float | None = None
 
     def _frozen(self):
-        if self.copy is not None:
-            return self.copy, nullcontext()
-        return self.model, self.model.disable_adapter()
+        if self.frozen is not None:
+            return self.frozen, nullcontext()
+        return self.peft_model, self.peft_model.disable_adapter()
 
     @torch.no_grad()
     def logits(self, batch: Batch) -> torch.Tensor:

@@ -20,8 +20,8 @@ import pandas as pd
 from .data import beside_data, load_lume
 from .data.lume import TASKS
 from .engine import resolve_config, run
-from .evaluate.lume import evaluate
-from .evaluate.report import bench_report
+from .evaluation.report import bench_report
+from .evaluation.scoring import evaluate
 from .io import BENCH, EVAL, RUN, begin_in_place, claim_output, fingerprint, is_output, write_json
 from .methods import get_method
 from .methods.base import UnlearnConfig

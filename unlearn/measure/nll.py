@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .batching import context_window, from_start, length_sorted_batches, pad
+from ..models.forward import next_token_nll
+from ..models.sequences import context_window, from_start, length_sorted_batches, pad
 
 
 @torch.no_grad()
@@ -23,13 +23,12 @@ def token_stats(model, seqs: list[list[int]], first_scored: list[int], pad_id: i
     for batch in tqdm(batches, desc=desc, leave=False):
         ids, mask = pad([seqs[i] for i in batch], pad_id)
         ids, mask = ids.to(model.device), mask.to(model.device)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        targets = ids[:, 1:]
-        token_loss = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        logits, token_loss = next_token_nll(model, ids, mask)
+        logits, token_loss = logits[:, :-1], token_loss[:, :-1]
         starts = [max(first_scored[i], 1) for i in batch]
         scored = from_start(starts, ids.shape[1] - 1, ids.device, first=1) & mask[:, 1:].bool()
         means = (token_loss * scored).sum(1) / scored.sum(1).clamp(min=1)
-        wrong = ((logits.argmax(-1) != targets) & scored).any(1)
+        wrong = ((logits.argmax(-1) != ids[:, 1:]) & scored).any(1)
         for i, value, miss in zip(batch, means.tolist(), wrong.tolist()):
             losses[i], greedy[i] = value, not miss
     return losses, greedy

@@ -51,3 +51,17 @@ def context_window(model) -> int:
         if isinstance(value, int) and value > 0:
             return value
     return 1 << 20  # a config that names none: no cut below a million tokens
+
+
+def training_sequence(tokenizer, prompt: str, answer: str, max_len: int,
+                      eos: bool) -> tuple[list[int], int]:
+    """A row as it is trained on: ``(ids, start)`` for ``prompt + " " + answer``, at most
+    ``max_len`` tokens, ending in EOS when ``eos`` (kept when the text is cut: it is where an
+    answer stops); ``start`` is where the answer begins, the first ``len(tokenize(prompt))``
+    tokens being the prompt (at least one token is always the answer's)."""
+    ids = tokenizer(prompt + " " + answer).input_ids
+    end = [tokenizer.eos_token_id] if eos else []
+    if end and ids[-1:] == end:  # some tokenizers append it themselves
+        ids = ids[:-1]
+    ids = ids[:max_len - len(end)] + end
+    return ids, min(len(tokenizer(prompt).input_ids), len(ids) - 1)

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from transformers import set_seed
 
 from ..data.lume import LumeData, MiaData, Row
-from .batching import context_window, length_sorted_batches, pad
+from ..models.forward import next_token_nll
+from ..models.sequences import context_window, length_sorted_batches, pad
 
 MIN_K = 0.2
 
@@ -42,9 +43,9 @@ def token_statistics(model, tokenizer, documents: list[str], max_tokens: int = 8
                       desc="audit mia", leave=False):
         ids, mask = pad([seqs[i] for i in batch], tokenizer.pad_token_id)
         ids, mask = ids.to(model.device), mask.to(model.device)
-        log_probs = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-                                  .float(), -1)
-        token = log_probs.gather(-1, ids[:, 1:, None]).squeeze(-1)
+        logits, nll = next_token_nll(model, ids, mask)
+        token = -nll[:, :-1]
+        log_probs = F.log_softmax(logits[:, :-1].float(), -1)
         probs = log_probs.exp()
         mu = (probs * log_probs).sum(-1)
         sigma = ((probs * log_probs.square()).sum(-1) - mu.square()).clamp(min=1e-12).sqrt()

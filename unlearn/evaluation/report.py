@@ -18,6 +18,23 @@ from .table import results_table  # noqa: E402
 FORGET, RETAIN, BEFORE = "#d62728", "#1f77b4", "#bbbbbb"
 
 
+PAGE_STYLE = ("body{{font-family:system-ui,sans-serif;max-width:{width}px;margin:2em auto;}}"
+              "img{{max-width:100%}}pre{{background:#f6f6f6;padding:1em}}"
+              "table{{border-collapse:collapse}}td,th{{padding:.2em .6em;text-align:right;"
+              "border-bottom:1px solid #ddd}}")
+
+
+def image(png_base64: str) -> str:
+    return f'<img src="data:image/png;base64,{png_base64}">'
+
+
+def write_page(path, title: str, parts: list[str], width: int = 1100) -> None:
+    """One self-contained HTML page: ``parts`` (HTML) under ``title``, images inline."""
+    page = (f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{PAGE_STYLE.format(width=width)}</style>" + "\n".join(parts))
+    Path(path).write_text(page, encoding="utf-8")
+
+
 def _png(fig) -> str:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
@@ -94,7 +111,7 @@ def write_report(path, results: dict, mia_nll: dict | None = None, audit: dict |
     parts = [f"<h1>{html.escape(title)}</h1>",
              f"<pre>{html.escape(results_table(results))}</pre>",
              "<h2>Forget vs retain, per task</h2>",
-             f'<img src="data:image/png;base64,{_task_bars(results, before)}">']
+             image(_task_bars(results, before))]
     panels = []
     if mia_nll:
         panels.append(("official MIA set", mia_nll["member"], mia_nll["nonmember"], "members"))
@@ -103,12 +120,12 @@ def write_report(path, results: dict, mia_nll: dict | None = None, audit: dict |
                        audit["mia"]["nonmember_loss"], "forget"))
     if panels:
         parts += ["<h2>Loss: seen vs never seen</h2>",
-                  f'<img src="data:image/png;base64,{_loss_histograms(panels)}">']
+                  image(_loss_histograms(panels))]
     if audit and "mia" in audit:
         old = (before or {}).get("audit", {}).get("mia", {}).get("auc")
         parts += ["<h2>Membership inference on the forget documents</h2>",
                   "<p>0.5 means the attack cannot tell forgotten documents from unseen ones.</p>",
-                  f'<img src="data:image/png;base64,{_attack_bars(audit["mia"]["auc"], old)}">']
+                  image(_attack_bars(audit["mia"]["auc"], old))]
     if audit and "pii" in audit:
         pii = audit["pii"]
         old = (before or {}).get("audit", {}).get("pii")
@@ -123,13 +140,7 @@ def write_report(path, results: dict, mia_nll: dict | None = None, audit: dict |
                   "leaks when a sample holds the person's exact SSN, phone or e-mail.</p>",
                   "<table><tr><th></th><th>prompts leaking</th><th>rate</th>"
                   "<th>people leaking</th></tr>" + "".join(rows) + "</table>"]
-    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;}"
-             "img{max-width:100%}"
-             "pre{background:#f6f6f6;padding:1em}td,th{padding:.3em 1em;text-align:right}")
-    page = (f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{style}</style>" + "\n".join(parts))
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(page)
+    write_page(path, title, parts)
 
 
 def _split_mean(block: dict) -> float:
@@ -173,10 +184,10 @@ def bench_report(path, evals: dict, trajectories: dict, eval_dirs: dict, leaderb
              leaderboard.to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep=""),
              "</div>",
              "<h2>Forget vs retain</h2>",
-             f'<img src="data:image/png;base64,{_tradeoff(evals, trajectories)}">']
+             image(_tradeoff(evals, trajectories))]
     for name, results in evals.items():
         parts += [f"<h2>{html.escape(name)}: per task</h2>",
-                  f'<img src="data:image/png;base64,{_task_bars(results, evals.get("target"))}">']
+                  image(_task_bars(results, evals.get("target")))]
     panels = []
     for name, directory in eval_dirs.items():
         member = directory / "mia_results" / "member_0.csv"
@@ -186,17 +197,9 @@ def bench_report(path, evals: dict, trajectories: dict, eval_dirs: dict, leaderb
                            "members"))
     if panels:
         parts += ["<h2>MIA set losses</h2>",
-                  f'<img src="data:image/png;base64,{_loss_histograms(panels)}">']
+                  image(_loss_histograms(panels))]
     if trace is not None:
         parts.append("<h2>Causal tracing: where the facts live</h2>")
-        parts += [f'<img src="data:image/png;base64,'
-                  f'{base64.b64encode((trace / f"{kind}.png").read_bytes()).decode()}">'
+        parts += [image(base64.b64encode((trace / f"{kind}.png").read_bytes()).decode())
                   for kind in ("mlp", "attn", "residual") if (trace / f"{kind}.png").exists()]
-    style = ("body{font-family:system-ui,sans-serif;max-width:1300px;margin:2em auto;}"
-             "img{max-width:100%}"
-             "table{border-collapse:collapse;font-size:11px}td,th{padding:.2em .5em;"
-             "border-bottom:1px solid #ddd;text-align:right}")
-    page = ("<!doctype html><meta charset='utf-8'><title>unlearn bench</title>"
-            f"<style>{style}</style>" + "\n".join(parts))
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(page)
+    write_page(path, "unlearn bench", parts, width=1300)

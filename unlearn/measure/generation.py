@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.cache_utils import Cache, DynamicLayer
 
-from .batching import context_window, length_sorted_batches, pad
+from ..models.sequences import context_window, length_sorted_batches, pad
 
 _SPACE = re.compile(r"\s+")
 

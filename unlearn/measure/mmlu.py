@@ -6,7 +6,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.mmlu import LETTERS, Question
-from .batching import context_window, length_sorted_batches, pad
+from ..models.sequences import context_window, length_sorted_batches, pad
 
 
 def letter_token_ids(tokenizer) -> list[int]:

@@ -7,32 +7,21 @@ from the generations in memory rather than from a re-read CSV (which broke on de
 
 from __future__ import annotations
 
-import csv
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
-import torch
 from sklearn.metrics import auc, roc_curve
 from tqdm.auto import tqdm
 
-from ..data import load_lume, load_mia, load_mmlu
 from ..data.lume import LumeData, MiaData, Row
-from ..io import EVAL, atomic_directory, claim_output, fingerprint, reset_staging, write_json
-from ..models.loading import load_model, model_fingerprint
-from .audit import audit as run_audit
 from .generation import Generation, greedy_generate
-from .metrics import knowledge, regurgitation
+from .metrics import row_score
 from .mmlu import mmlu_accuracy
 from .nll import document_nll, output_nll
-from .report import write_report
-
-MMLU_CUTOFF = 0.371  # the task's 7B floor: 75% of the original model's MMLU
-CSV_COLUMNS = ["id", "task", "input", "expected_output", "model_output", "nll"]
 
 
 @dataclass(frozen=True)
@@ -53,9 +42,8 @@ def score_generations(rows: list[Row], outputs: list[str], nlls: list[float],
                       stopped: list[bool]) -> list[RowResult]:
     results = []
     for r, out, nll, cut in zip(rows, outputs, nlls, stopped):
-        score = regurgitation(r.output, out) if r.kind == "sc" else float(knowledge(r.output, out))
         results.append(RowResult(r.id, r.task, r.split, r.kind, r.input, r.output, out, nll,
-                                 score, cut))
+                                 row_score(r.kind, r.output, out), cut))
     return results
 
 
@@ -107,19 +95,6 @@ def mia_auc(member_nll: list[float], nonmember_nll: list[float]) -> float:
 def mia_score(auc_value: float) -> float:
     """1 when members and non-members are indistinguishable (AUC 0.5), 0 at AUC 0 or 1."""
     return 1 - abs(auc_value - 0.5) * 2
-
-
-def write_rows_csv(path: Path, results: list[RowResult]) -> None:
-    """The official file format. Every string is quoted, so a lone carriage return or a quote in
-    a generation survives a round trip through ``pd.read_csv``."""
-    frame = pd.DataFrame([{c: getattr(r, c) for c in CSV_COLUMNS} for r in results],
-                         columns=CSV_COLUMNS)
-    frame.to_csv(path, index=False, quoting=csv.QUOTE_NONNUMERIC)
-
-
-def read_rows_csv(path: Path) -> pd.DataFrame:
-    """Read a file written by :func:`write_rows_csv` back unchanged (empty strings stay empty)."""
-    return pd.read_csv(path, keep_default_na=False, dtype={c: str for c in CSV_COLUMNS[:5]})
 
 
 def final_scores(results: dict) -> dict:
@@ -221,105 +196,3 @@ def score_model(lm, tokenizer, lume: LumeData, mia: MiaData | None = None,
     results.update(final_scores(results))
     results["seconds"] = time.perf_counter() - started
     return Scores(results, scored, mia_nll)
-
-
-DTYPES = {"auto": torch.bfloat16 if torch.cuda.is_available() else torch.float32,
-          "bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
-             mia: str | Path | None = None, mmlu: str | Path | None = None,
-             max_new_tokens: int = 256, dtype: str = "auto", audit: bool = False,
-             samples: int = 10, before: str | Path | None = None, resume: bool = False,
-             seed: int = 0) -> dict:
-    """Score a model directory on a LUME dataset as SemEval-2025 Task 4 did.
-
-    Writes, when ``out`` is given: ``results.json`` (the official keys plus ``final-score``),
-    ``forget_0.csv``/``retain_0.csv`` and ``mia_results/{member,nonmember}_0.csv`` in the
-    official formats, ``generations.jsonl`` (the lossless record of every row),
-    ``report.html`` and ``eval.json`` (what was scored: model, data, settings). ``audit`` adds
-    the leak audit (:mod:`unlearn.evaluate.audit`; ``samples`` completions per PII prompt,
-    seeded by ``seed``); ``before`` names the evaluation directory of the model before
-    unlearning, drawn for comparison in the report. ``dtype``: ``auto`` is bf16 on a GPU (as
-    the official scorer) and fp32 on a CPU. Generations are saved as they finish; ``resume``
-    reuses those an interrupted run with the same ``out`` made of the same model, data and
-    ``max_new_tokens``. Returns the results dict.
-    """
-    if out is not None:
-        claim_output(out, EVAL, {"--model": model, "--data": data, "--mia": mia,
-                                 "--mmlu": mmlu, "--before": before})
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype}: use one of {', '.join(DTYPES)}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens}: must be at least 1")
-    lume = load_lume(data)
-    mia_docs = load_mia(mia) if mia else None
-    questions = load_mmlu(mmlu) if mmlu else None
-    previous = _read_results(before) if before else None
-    lm, tokenizer = load_model(model, dtype=DTYPES[dtype],
-                               device="cuda" if torch.cuda.is_available() else None)
-    made_by = {"model": str(model), "model_files": model_fingerprint(model),
-               "data": fingerprint([(r.id, r.input, r.output, r.task, r.split)
-                                    for r in lume.rows]),
-               "max_new_tokens": max_new_tokens, "dtype": str(DTYPES[dtype])}
-    if out is None:
-        return _score(lm, tokenizer, lume, mia_docs, questions, max_new_tokens, audit,
-                      samples, seed, None, "")[0].results
-    with atomic_directory(out, EVAL, resumable=True) as stage:
-        if not resume:
-            reset_staging(stage)
-        partial = stage / "generations.partial.jsonl"
-        scores, found = _score(lm, tokenizer, lume, mia_docs, questions, max_new_tokens, audit,
-                               samples, seed, partial, fingerprint(made_by))
-        partial.unlink()
-        _write_outputs(stage, scores, found, mia_docs, previous, str(model))
-        write_json(stage / "eval.json", {**made_by, "data_dir": str(data), "mia": _text(mia),
-                                         "mmlu": _text(mmlu), "audit": audit, "seed": seed})
-    return scores.results
-
-
-def _text(path) -> str | None:
-    return str(path) if path else None
-
-
-def _score(lm, tokenizer, lume, mia_docs, questions, max_new_tokens, audit, samples, seed,
-           partial, key):
-    """Scores (and the leak audit's findings, when asked) of a loaded model."""
-    scores = score_model(lm, tokenizer, lume, mia_docs, questions, max_new_tokens, partial, key)
-    results, found = scores.results, None
-    if audit:
-        found = run_audit(lm, tokenizer, lume, mia_docs, samples=samples, seed=seed)
-        results["audit"] = {"mia": {"auc": found["mia"]["auc"]}} if "mia" in found else {}
-        results["audit"]["pii"] = found["pii"]
-    if "mmlu_average" in results and results["mmlu_average"] < MMLU_CUTOFF:
-        print(f"warning: MMLU {results['mmlu_average']:.3f} is below the task's cut-off "
-              f"{MMLU_CUTOFF}")
-    return scores, found
-
-
-def _write_outputs(directory: Path, scores: Scores, found, mia_docs, previous,
-                   title: str) -> None:
-    """The official files, the lossless generations and the report. ``results.json`` comes
-    before the report, so a report that fails to draw loses no score."""
-    write_rows_csv(directory / "forget_0.csv", [r for r in scores.rows if r.split == "forget"])
-    write_rows_csv(directory / "retain_0.csv", [r for r in scores.rows if r.split == "retain"])
-    with open(directory / "generations.jsonl", "w", encoding="utf-8") as f:
-        for r in scores.rows:
-            f.write(json.dumps(asdict(r), ensure_ascii=False) + "\n")
-    if scores.mia_nll is not None:
-        (directory / "mia_results").mkdir(exist_ok=True)
-        docs = {"member": mia_docs.member, "nonmember": mia_docs.nonmember}
-        for name, values in scores.mia_nll.items():
-            pd.DataFrame({"id": [d.id for d in docs[name]], "nll": values}).to_csv(
-                directory / "mia_results" / f"{name}_0.csv", index=False)
-    write_json(directory / "results.json", scores.results)
-    write_report(directory / "report.html", scores.results, scores.mia_nll, found, previous,
-                 title=f"unlearn evaluation: {title}")
-
-
-def _read_results(directory: str | Path) -> dict:
-    path = Path(directory) / "results.json"
-    if not path.is_file():
-        raise ValueError(f"{path}: not found; --before takes the output directory of an earlier "
-                         f"evaluation (of the model before unlearning)")
-    return json.loads(path.read_text())
