@@ -75,3 +75,19 @@ def test_bench_compares_methods_with_target_and_oracle(synth_dir, tmp_path):
     record = json.loads((tmp_path / "s" / "seed0" / "gd_fixed" / "run.json").read_text())
     assert record["method"] == "gd" and record["selection"] is None
     assert record["steps_trained"] == record["steps"]
+
+
+def test_bench_unlearns_a_given_model_and_leaves_it_as_it_was(synth_dir, tiny_target, tmp_path):
+    target, _ = tiny_target
+    before = model_fingerprint(target)
+    board = bench(synth_dir, tmp_path / "b", methods=("ga",), mia=None, mmlu=None,
+                  settings={"ga": {"epochs": 1, "batch_size": 4}}, eval_points=1,
+                  target=target)
+    rows = {r["model"]: r for r in board["rows"]}
+    assert list(rows) == ["target", "ga"]  # no oracle given: none built, none scored against
+    assert rows["ga"]["vs oracle"] is None
+    assert not (tmp_path / "b" / "cache").exists()
+    record = json.loads((tmp_path / "b" / "seed0" / "ga" / "run.json").read_text())
+    assert record["model_files"] == before and model_fingerprint(target) == before
+    with pytest.raises(ValueError, match="oracle= needs target="):
+        bench(synth_dir, tmp_path / "c", oracle=target)

@@ -105,8 +105,8 @@ def cmd_bench(args) -> None:
     board = bench(args.data, args.out, methods=args.methods.split(","), mia=args.mia,
                   mmlu=args.mmlu, pretrain=args.pretrain, preset=args.preset, seeds=args.seeds,
                   eval_points=args.eval_points, target_settings=per_method.pop("target", None),
-                  trace=args.trace,
-                  settings=per_method)
+                  trace=args.trace, settings=per_method, target=args.target,
+                  oracle=args.oracle)
     print((Path(args.out) / "leaderboard.md").read_text())
     print(f"{len(board['rows'])} models; report: {Path(args.out) / 'report.html'}")
 
@@ -225,6 +225,10 @@ def _add_bench(sub) -> None:
     b.add_argument("--out", required=True)
     b.add_argument("--preset", choices=sorted(PRESETS), default="small")
     b.add_argument("--seeds", type=int, default=1)
+    b.add_argument("--target", help="a model directory to unlearn (e.g. your checkpoint) "
+                   "instead of one built from DATA; default: build the target and oracle")
+    b.add_argument("--oracle", help="with --target: the model never trained on the forget set, "
+                   "every final score set against it; default: none")
     b.add_argument("--trace", help="an `unlearn locate` output: its heatmaps go in the report")
     b.add_argument("--eval-points", type=int, default=6,
                    help="evaluations along each method's run (its trajectory in the report)")

@@ -38,19 +38,20 @@ def _terms(results: dict) -> dict[str, float | None]:
             for score in ("regurgitation", "knowledge")}
 
 
-def _row(name: str, results: dict, oracle: dict, run_record: dict | None,
-         target_seconds: float) -> dict:
+def _row(name: str, results: dict, oracle: dict | None, run_record: dict | None,
+         target_seconds: float | None) -> dict:
     row = {"model": name, **_terms(results),
            "task aggregate": results["harmonic-mean-task-aggregate"],
            "MIA AUC": results.get("mia_loss_acc"), "MIA score": results.get("mia_final_score"),
            "MMLU": results.get("mmlu_average"), "final score": results["final-score"],
-           "vs oracle": results["final-score"] / oracle["final-score"]}
+           "vs oracle": results["final-score"] / oracle["final-score"] if oracle else None}
     if run_record:
         row["unlearn seconds"] = run_record["train_seconds"]  # choosing the model included
         selection = run_record.get("selection") or {}
         row["selection seconds"] = selection.get("seconds")
         row["kept step"] = selection.get("kept_step")
-        row["fraction of target training"] = run_record["train_seconds"] / target_seconds
+        row["fraction of target training"] = (run_record["train_seconds"] / target_seconds
+                                              if target_seconds else None)
         row["peak memory MB"] = run_record["peak_memory_mb"]
     row["PII leak rate"] = results.get("audit", {}).get("pii", {}).get("leak_rate")
     return row
@@ -87,7 +88,8 @@ def bench(data: str | Path, out: str | Path, methods=("sugd", "sha256", "gd", "n
           mia="auto", mmlu="auto", pretrain="auto", preset: str = "small", seeds: int = 1,
           eval_points: int = 6, cache: str | Path | None = None,
           settings: dict[str, dict] | None = None, target_settings: dict | None = None,
-          trace: str | Path | None = None) -> dict:
+          trace: str | Path | None = None, target: str | Path | None = None,
+          oracle: str | Path | None = None) -> dict:
     """Compare ``methods`` on the target built from ``data``; write ``out/leaderboard.{md,csv,
     json}`` and ``out/report.html``. ``mia``/``mmlu``/``pretrain`` default to the ``data``
     subdirectories of those names when present. ``settings[method]`` overrides a method's
@@ -95,60 +97,45 @@ def bench(data: str | Path, out: str | Path, methods=("sugd", "sha256", "gd", "n
     (``sugd_fixed:sugd`` with ``{"sugd_fixed": {"select": "none"}}``). Runs are given the MIA
     set and choose their model on a held-out split of it (``select_split``); every model is
     scored on the MIA documents outside that split.
-    ``target_settings`` overrides the preset. Each method is evaluated at ``eval_points`` moments
-    of its run (its trajectory in the report). ``trace`` (an ``unlearn locate`` output; default:
-    the one a method's ``trace=`` setting names) puts the causal-tracing heatmaps in the report.
+    ``target`` (a model directory, e.g. a real checkpoint) is unlearned instead of a target
+    built here, and ``oracle`` (optional: without one no score is set against it) is the
+    model that never saw the forget set; ``preset``, ``pretrain`` and ``target_settings`` then
+    go unused. ``target_settings`` overrides the preset. Each method is evaluated at
+    ``eval_points`` moments of its run (its trajectory in the report). ``trace`` (an
+    ``unlearn locate`` output; default: the one a method's ``trace=`` setting names) puts the
+    causal-tracing heatmaps in the report.
     Returns the leaderboard (rows and, over several seeds, mean and std)."""
     data, out = Path(data), Path(out)
     mia, mmlu, pretrain = (beside_data(data, mia, "mia"), beside_data(data, mmlu, "mmlu"),
                            beside_data(data, pretrain, "pretrain"))
+    if oracle is not None and target is None:
+        raise ValueError("oracle= needs target=: a built target comes with its own oracle")
     # extended in place, never replaced: OUT may hold its inputs (the demo's data), not be one
     claim_output(out, BENCH, {"--data": data, "--mia": mia, "--mmlu": mmlu,
-                              "--pretrain": pretrain, "--trace": trace, "cache": cache},
-                 in_place=True)
-    cache = Path(cache) if cache else out / "cache"
+                              "--pretrain": pretrain, "--trace": trace, "cache": cache,
+                              "--target": target, "--oracle": oracle}, in_place=True)
     lume = load_lume(data)
-    key = fingerprint([(r.id, r.input, r.output) for r in lume.rows], preset, str(pretrain),
-                      str(mmlu), target_settings)
     settings = settings or {}
     held_out = _calibration_share(settings, methods, mia)
     begin_in_place(out, BENCH, {"data": str(data), "methods": list(methods), "preset": preset,
                                 "seeds": seeds, "settings": settings,
-                                "target_settings": target_settings})
-    runs, trajectories, histograms = [], {}, {}
+                                "target_settings": target_settings,
+                                "target": str(target) if target else None,
+                                "oracle": str(oracle) if oracle else None})
+    runs, trajectories = [], {}
     for seed in range(seeds):
-        built = _build(data, cache / f"{preset}-{key}-seed{seed}", preset, pretrain, mmlu, mia,
-                       seed, target_settings or {})
-        target_seconds = sum(json.loads((built[kind] / "target.json").read_text())["train_seconds"]
-                             for kind in ("base", "target"))
-        base = out / f"seed{seed}"
-        # no model is judged on the MIA documents that chose a run's model (the run's seed
-        # gives the same split the run held out)
-        scored = (scored_rest(mia, held_out, seed, lume, built["target"]).save(base / "mia-scored")
-                  if held_out else mia)
-        kw = dict(mia=scored, mmlu=mmlu, seed=seed)
-        evals = {kind: _cached_eval(built[kind], data, base / f"eval-{kind}", **kw)
-                 for kind in ("target", "oracle")}
-        rows = [_row(k, evals[k], evals["oracle"], None, target_seconds) for k in evals]
-        for entry in methods:
-            label, _, name = entry.partition(":")  # `label:method`: a variant of a method
-            model = base / label
-            inputs = dict(mia=mia, mmlu=mmlu)
-            if not _finished_run(model, name or label, built["target"], seed, eval_points,
-                                 inputs, settings.get(label, {})):
-                run(name or label, built["target"], data, model, seed=seed,
-                    eval_points=eval_points, **inputs, **settings.get(label, {}))
-            record = json.loads((model / "run.json").read_text())
-            evals[label] = _cached_eval(model, data, base / f"eval-{label}",
-                                        before=base / "eval-target", **kw)
-            rows.append(_row(label, evals[label], evals["oracle"], record, target_seconds))
-            if seed == 0:
-                trajectories[label] = [
-                    (e["eval"]["forget-set"], e["eval"]["retain-set"])
-                    for e in record["history"] if "eval" in e]
+        if target is None:
+            key = fingerprint([(r.id, r.input, r.output) for r in lume.rows], preset,
+                              str(pretrain), str(mmlu), target_settings)
+            models = _build(data, Path(cache or out / "cache") / f"{preset}-{key}-seed{seed}",
+                            preset, pretrain, mmlu, mia, seed, target_settings or {})
+        else:
+            models = {"target": Path(target), "oracle": Path(oracle) if oracle else None}
+        rows, evals, runs_of_seed = _bench_seed(data, out / f"seed{seed}", models, methods, lume,
+                                                mia, mmlu, held_out, seed, eval_points, settings)
         if seed == 0:
-            histograms = {k: base / f"eval-{k}" for k in evals}
-            first = evals
+            first, trajectories = evals, {label: _trajectory(record)
+                                          for label, record in runs_of_seed.items()}
         runs.append(rows)
     board = _leaderboard(runs)
     frame = pd.DataFrame(board["rows"])
@@ -156,9 +143,53 @@ def bench(data: str | Path, out: str | Path, methods=("sugd", "sha256", "gd", "n
     (out / "leaderboard.md").write_text(_markdown(frame))
     write_json(out / "leaderboard.json", board)
     trace = trace or next((s["trace"] for s in settings.values() if s.get("trace")), None)
-    bench_report(out / "report.html", first, trajectories, histograms, frame,
+    bench_report(out / "report.html", first, trajectories,
+                 {k: out / "seed0" / f"eval-{k}" for k in first}, frame,
                  Path(trace) if trace else None)
     return board
+
+
+def _bench_seed(data: Path, base: Path, models: dict, methods, lume, mia, mmlu, held_out,
+                seed: int, eval_points: int, settings: dict) -> tuple[list, dict, dict]:
+    """One seed: the target (and oracle) scored, every method run from the target and scored.
+    Returns the leaderboard rows, every model's results and every run's record."""
+    target_seconds = _training_seconds(models)
+    # no model is judged on the MIA documents that chose a run's model (the run's seed gives
+    # the same split the run held out)
+    scored = (scored_rest(mia, held_out, seed, lume, models["target"]).save(base / "mia-scored")
+              if held_out else mia)
+    kw = dict(mia=scored, mmlu=mmlu, seed=seed)
+    evals = {kind: _cached_eval(models[kind], data, base / f"eval-{kind}", **kw)
+             for kind in ("target", "oracle") if models.get(kind)}
+    oracle = evals.get("oracle")
+    rows = [_row(k, evals[k], oracle, None, target_seconds) for k in evals]
+    records = {}
+    for entry in methods:
+        label, _, name = entry.partition(":")  # `label:method`: a variant of a method
+        model = base / label
+        inputs = dict(mia=mia, mmlu=mmlu)
+        if not _finished_run(model, name or label, models["target"], seed, eval_points,
+                             inputs, settings.get(label, {})):
+            run(name or label, models["target"], data, model, seed=seed,
+                eval_points=eval_points, **inputs, **settings.get(label, {}))
+        records[label] = json.loads((model / "run.json").read_text())
+        evals[label] = _cached_eval(model, data, base / f"eval-{label}",
+                                    before=base / "eval-target", **kw)
+        rows.append(_row(label, evals[label], oracle, records[label], target_seconds))
+    return rows, evals, records
+
+
+def _training_seconds(models: dict) -> float | None:
+    """What building the target took (base and memorising), when it was built by unlearn."""
+    records = [m / "target.json" for m in (models.get("base"), models["target"]) if m]
+    if not all(r.is_file() for r in records):
+        return None
+    return sum(json.loads(r.read_text())["train_seconds"] for r in records)
+
+
+def _trajectory(record: dict) -> list:
+    return [(e["eval"]["forget-set"], e["eval"]["retain-set"])
+            for e in record["history"] if "eval" in e]
 
 
 def _calibration_share(settings: dict[str, dict], methods, mia) -> float | None:
