@@ -26,10 +26,8 @@ import unlearn
 
 LUME = Path(__file__).resolve().parents[1].parent / "shared" / "lume"
 RECIPES = {
-    # from scratch, 1e-3 memorises faster than the preset's 2e-3 (loss 0.40 against 0.63 at
-    # epoch 38; 4e-3 was slower still). Answer weight 5 with 1280-token batches: every term
-    # >= 0.985 after 40 epochs (38: 0.944, 32: 0.449; weight 1 needed 60). One check, at the
-    # end: no earlier one ever found every row reproduced, and each costs 20 s.
+    # from scratch, no corpus: a lower rate memorises faster here; one memorisation check, at
+    # the end (its figures: bench/results/target-small.json)
     "memorise": dict(data=LUME / "validation", pretrain=None, mia=LUME / "mia_validation",
                      settings={"lr": "1e-3", "epochs": "40", "check_every": "40",
                                "label_smoothing": "0", "replay": "0"}),

@@ -65,10 +65,9 @@ def make_accelerator(precision: str = "auto", micro_batch: int = 1,
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         _configure_deepspeed(accelerator, micro_batch, max_grad_norm)
     if cpu:
-        # A model that has memorised puts near-zero probability on most of its vocabulary, and
-        # the softmax backward then fills the LM-head matmuls with subnormal floats, which x86
-        # cores process slowly: flushing them to zero made a memorised small target's training
-        # steps 11% faster on 2 cores (none lost on a fresh one); values below 1e-38 change nothing
+        # a model that has memorised puts near-zero probability on most of its vocabulary, so
+        # the softmax backward fills the LM-head matmuls with subnormal floats, slow on x86;
+        # values below 1e-38 change nothing when flushed to zero
         torch.set_flush_denormal(True)
     return accelerator
 

@@ -17,12 +17,8 @@ from .io import BENCH, begin_in_place, claim_output
 from .leaderboard import bench
 
 DEMO_METHODS = ("sugd", "sha256", "gd")
-# Sized for under 15 minutes on 2 cores, from a fresh clone, install included: at 20 documents
-# per task `make demo` took 20.8 min (target 411 s for 50 memorising epochs, oracle 216 s, the
-# three methods 343 s), at 12 still 15.8 min, so it takes 10 per task (5 forget, 5 retain);
-# `unlearn data synth` / `unlearn bench` take any size. The corpus of 10 × 4 documents per task
-# is ~15k tokens: 200k pretraining tokens is a dozen passes, enough for unseen documents to get
-# a moderate loss.
+# sized for `make demo` under 15 minutes on 2 cores, install included (timings: README); the
+# corpus is a dozen passes of pretraining, enough for unseen documents to get a moderate loss
 DEMO_DOCS_PER_TASK = 10
 DEMO_TARGET = {"small": {"pretrain_tokens": 200_000}}
 COLUMNS = ["model", "task aggregate", "MIA score", "MMLU", "final score", "vs oracle", "kept step",

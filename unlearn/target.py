@@ -111,10 +111,9 @@ def _segments(plan: list[Epoch], preset: TargetPreset) -> list[Segment]:
 def _tokenizer_text(corpus: list[str], pairs: list[tuple[str, str]], mia) -> list[str]:
     """What the tokenizer learns its merges from. A real LLM's tokenizer predates the documents
     it later memorises, so: the general corpus alone. One fitted to the task rows compresses them
-    better than unseen documents of the same style (4.9 against 3.8 characters per token on the
-    synthetic set), and per-token loss then tells members from non-members before any training:
-    an oracle that never saw the forget set scored MIA AUC 1.0. Without a corpus: the task rows
-    and the MIA non-members together, so both sides of the MIA tokenize alike."""
+    better than unseen documents of the same style, and per-token loss then tells members from
+    non-members before any training (an oracle would fail the MIA). Without a corpus: the task
+    rows and the MIA non-members together, so both sides of the MIA tokenize alike."""
     if corpus:
         return corpus
     extra = [d.document for d in mia.nonmember] if mia is not None else []

@@ -44,11 +44,8 @@ class SHA256Config(UnlearnConfig):
 class SHA256(Method):
     name = "sha256"
     Config = SHA256Config
-    # OLMo-1B's layers 0-5 are its first 6 of 16: the small target's first 3 of 8. Smaller
-    # batches give a from-scratch target enough steps; the rate is raised as for SUGD. Forget
-    # knowledge falls below 0.1 within 3 epochs, and retain knowledge recovers while the retain
-    # term keeps training: 0.873 when stopped there, 0.894 after 8 epochs, 0.937 after 12
-    # (LUME validation target, bench/results/unlearn-ls-sha256-longer.json).
+    # OLMo-1B's layers 0-5 are its first 6 of 16: the small target's first 3 of 8; smaller
+    # batches and a higher rate give a from-scratch target enough steps (figures: README)
     small_target = dict(layers="0-2", lr=1e-3, grad_accum=2, epochs=12)
 
     def __init__(self, config):

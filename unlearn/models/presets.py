@@ -33,15 +33,12 @@ class TargetPreset:
     replay: float = 0.5  # corpus tokens replayed each epoch, per task token
     warmup_steps: int = 50
     check_every: int = 5  # epochs between teacher-forced memorisation checks
-    # Label smoothing while memorising. A small model that memorises grows confident on all
-    # text: on the LUME recipe its entropy on unseen documents fell from 5.8 to 3.7 nats and
-    # the share of their tokens above 10 nats from 2% to 17%, which is most of their loss
-    # rise. Smoothing keeps a floor under every token's probability (greedy output unchanged).
+    # label smoothing while memorising: a small model that memorises grows over-confident on
+    # all text, never-seen text included; smoothing keeps a floor under every token's
+    # probability without changing greedy output (figures: README, "Targets")
     label_smoothing: float = 0.0
-    # How much an answer token (a row's output) counts against a prompt token in the memorising
-    # loss. Regurgitation and knowledge are scored on outputs only, and an sc row's output is a
-    # fifth of its tokens: at weight 1 most of the gradient goes to memorising prompts. The
-    # whole document is still learned (members of the MIA set are whole documents).
+    # weight of an answer token against a prompt token while memorising: the scores read
+    # outputs only, a small share of an sc row's tokens; the whole document is still learned
     answer_weight: float = 1.0
     # batching
     batch_tokens: int = 4096  # padded tokens per memorising batch
@@ -73,8 +70,7 @@ PRESETS = {
                          pretrain_lr=3e-3, epochs=60, lr=3e-3, warmup_steps=10, check_every=5,
                          batch_tokens=2048, pretrain_batch_tokens=2048, max_rows=8,
                          precision="fp32"),
-    # the LUME recipe (bench/target.py lume): every memorisation term >= 0.93 while never-seen
-    # text stays within 1 nat of its loss after pretraining (bench/results/target-lume-small.json)
+    # the recipe that memorises LUME while never-seen text keeps its loss (bench/target.py lume)
     "small": TargetPreset(vocab_size=4096, hidden_size=256, num_layers=8, num_heads=4,
                           intermediate_size=768, max_rows=8, pretrain_tokens=1_000_000,
                           epochs=42, check_every=5, replay=0.25, label_smoothing=0.1,
