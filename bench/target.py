@@ -27,7 +27,7 @@ import unlearn
 LUME = Path(__file__).resolve().parents[1].parent / "shared" / "lume"
 RECIPES = {
     # from scratch, no corpus: a lower rate memorises faster here; one memorisation check, at
-    # the end (its figures: bench/results/target-small.json)
+    # the end (figures: bench/results/target-memorise-small-*.json)
     "memorise": dict(data=LUME / "validation", pretrain=None, mia=LUME / "mia_validation",
                      settings={"lr": "1e-3", "epochs": "40", "check_every": "40",
                                "label_smoothing": "0", "replay": "0"}),
