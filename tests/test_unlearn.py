@@ -432,6 +432,20 @@ def test_rmu_trains_only_down_projections_and_steers_forget_activations(tiny_tar
     after, original = _state(tmp_path / "u"), _state(tiny_target[0])
     changed = {k for k in original if not torch.equal(after[k], original[k])}
     assert changed == {"model.layers.1.mlp.down_proj.weight", "model.layers.2.mlp.down_proj.weight"}
+    # the forget rows' hidden state after layer 2 has moved toward the steering target c·u
+    rmu = get_method("rmu")(get_method("rmu").Config(layer=2))
+
+    def distance_to_control(directory):
+        model, tokenizer = load_model(directory)
+        batch = Batch.of(engine._examples(tokenizer, load_lume(synth_dir).forget, True, 256),
+                         tokenizer.pad_token_id, "cpu")
+        with torch.no_grad():
+            hidden = model(input_ids=batch.ids, attention_mask=batch.mask,
+                           output_hidden_states=True).hidden_states[3]
+        output = batch.labels != -100
+        return (hidden[output] - rmu.control(hidden.shape[-1], "cpu")).norm(dim=-1).mean()
+
+    assert distance_to_control(tmp_path / "u") < 0.97 * distance_to_control(tiny_target[0])
 
 
 def test_merge_combines_two_adapters_with_ties_or_linear(tiny_target, synth_dir, tmp_path):
