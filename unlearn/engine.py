@@ -18,7 +18,7 @@ import torch
 from accelerate.utils import set_seed
 from peft import LoraConfig, get_peft_model
 
-from .accel import make_accelerator, numel, prepare_frozen, zero3
+from .accel import make_accelerator, numel, zero3
 from .anchor import Anchor, sample_passages
 from .data import beside_data, load_lume, load_mia
 from .io import RUN, atomic_directory, claim_output, fingerprint, staging_path
@@ -228,11 +228,8 @@ class _Run:
                               _validation_loss(settings, self.tokenizer, accelerator),
                               writes=accelerator.is_main_process)
                        if settings.validation else None)
-        self.reference = Reference()
-        if {"logits", "hidden"} & set(self.algorithm.reference) and not settings.lora:
-            # a second load, not a deepcopy: under ZeRO-3 the model in hand is only this shard
-            self.reference.frozen = prepare_frozen(
-                accelerator, load_model(self.model_dir, torch.float32)[0])
+        self.reference = Reference(self.algorithm.reference)
+        self.reference.load_frozen_copy(accelerator, self.model_dir, settings.lora)
         if settings.gradient_checkpointing:
             # non-reentrant: gradients reach LoRA adapters and later layers with inputs frozen
             self.lm.gradient_checkpointing_enable(
@@ -258,9 +255,11 @@ class _Run:
             progress["forget_level"] = _forget_level(settings, bare, tokenizer, split)
         self.reference.forget_level = progress["forget_level"]
         self.anchor = _anchor(settings, bare, tokenizer, progress, self.seed, self.accelerator)
-        if "forget_logprob" in self.algorithm.reference:  # before any step (or resumed one)
-            _reference_log_probs(self.prepared, tokenizer, self.forget, self.reference,
-                                 self.accelerator, settings.batch_size)
+        size = settings.batch_size  # before any step (or the resumed one)
+        self.reference.measure_forget_rows(
+            self.prepared, (Batch.of(self.forget[i:i + size], tokenizer.pad_token_id,
+                                     self.accelerator.device)
+                            for i in range(0, len(self.forget), size)), self.accelerator)
         total_steps = self.total_steps
         # a staged method (SUGD's chunks) has not met a later stage's forget rows before that
         # stage: a model from an earlier stage still holds them, so checks (and stopping)
@@ -363,21 +362,6 @@ class _Run:
             "forget_level": self.progress.get("forget_level"),  # before the first step
             "selection": selection,
         }
-
-
-@torch.no_grad()
-def _reference_log_probs(model, tokenizer, forget: list[Example], reference: Reference,
-                         accelerator, batch_size: int) -> None:
-    """Summed output-token NLL of each forget row under the original model, computed once by
-    every process (under ZeRO-3 each forward pass needs all of them)."""
-    model.eval()
-    for i in range(0, len(forget), batch_size):
-        chunk = forget[i:i + batch_size]
-        batch = Batch.of(chunk, tokenizer.pad_token_id, accelerator.device)
-        with accelerator.autocast():
-            sums = forward(model, batch).nll_sum.tolist()
-        reference.forget_nll_sum.update(zip(batch.rows, sums))
-    model.train()
 
 
 def _forget_level(settings, model, tokenizer, split) -> float | None:

@@ -149,8 +149,8 @@ class Method:
     Config: ClassVar[type[UnlearnConfig]] = UnlearnConfig
     #: adjustments to the paper's defaults for small from-scratch targets (see README)
     small_target: ClassVar[dict] = {}
-    #: "logits": the frozen model's outputs on retain rows (KL); "forget_logprob": its summed
-    #: output log-probability of each forget row, computed once (NPO)
+    #: what the method reads of the frozen source model (:data:`losses.NEEDS`): "logits"
+    #: (KL), "hidden" (RMU), "forget_logprob" (NPO)
     reference: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: UnlearnConfig):

@@ -3,13 +3,17 @@ output tokens per row, and the frozen reference model."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from ..accel import prepare_frozen
 from ..models.forward import next_token_nll
+from ..models.loading import load_model
 from ..models.sequences import IGNORE, from_start, pad
 
 
@@ -100,20 +104,50 @@ def kl_to_reference(out: Outputs, ref_logits: torch.Tensor, batch: Batch,
     return F.kl_div(log_p, log_q, log_target=True, reduction="batchmean")
 
 
+#: what a method may ask of the reference (its ``Method.reference``): the frozen model's
+#: "logits" or "hidden" states during training, or each forget row's summed output NLL under it,
+#: measured once before the first step ("forget_logprob")
+NEEDS = ("logits", "hidden", "forget_logprob")
+
+
 class Reference:
-    """The model as it was before unlearning, frozen.
+    """The model as it was before unlearning, frozen, prepared for what a method ``needs``.
 
     With LoRA it is the same network with the adapters switched off (no second copy in
-    memory); otherwise a frozen copy is kept only when a method needs its logits during
-    training. Summed log-probabilities of forget rows (NPO) are computed once, up front.
+    memory); otherwise a frozen copy is kept only when a method reads the reference's logits or
+    hidden states during training. Forget rows' log-probabilities (NPO) are measured up front.
     """
 
-    def __init__(self, frozen=None, peft_model=None):
+    def __init__(self, needs: tuple[str, ...] = (), frozen=None, peft_model=None):
+        unknown = set(needs) - set(NEEDS)
+        if unknown:
+            raise ValueError(f"reference needs {sorted(unknown)}: known are {', '.join(NEEDS)}")
+        self.needs = frozenset(needs)
         # one of them: a frozen copy of the source model, or the PEFT model in training
         self.frozen, self.peft_model = frozen, peft_model
         self.forget_nll_sum: dict[int, float] = {}
         # the median NLL of never-seen text: where bounded ascent aims (forget_target)
         self.forget_level: float | None = None
+
+    def load_frozen_copy(self, accelerator, model_dir: Path, lora: bool) -> None:
+        """Keep a frozen copy of the source model when the method reads it during training and
+        LoRA cannot give it. A second load, not a deepcopy: under ZeRO-3 the model in hand is
+        only this process's shard."""
+        if self.needs & {"logits", "hidden"} and not lora:
+            self.frozen = prepare_frozen(accelerator, load_model(model_dir, torch.float32)[0])
+
+    @torch.no_grad()
+    def measure_forget_rows(self, model, batches: Iterable[Batch], accelerator) -> None:
+        """Each forget row's summed output NLL under ``model`` (the source model, before any
+        step), when the method needs it; every process computes all of them (under ZeRO-3 each
+        forward pass needs every process)."""
+        if "forget_logprob" not in self.needs:
+            return
+        model.eval()
+        for batch in batches:
+            with accelerator.autocast():
+                self.forget_nll_sum.update(zip(batch.rows, forward(model, batch).nll_sum.tolist()))
+        model.train()
 
     def _frozen(self):
         if self.frozen is not None:
