@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from unlearn.evaluate import audit
-from unlearn.evaluate import lume as lume_eval
 
 from unlearn.data import DataError, load_lume, load_mia
+from unlearn.evaluation import audit
 from unlearn.evaluation.scoring import evaluate
+from unlearn.measure import official
 from unlearn.models import ModelError, load_model
 
 
@@ -74,8 +74,8 @@ def test_eval_with_audit_writes_a_report_and_compares_with_before(tiny_target, s
 def _interrupt_after_first_chunk(monkeypatch, model, data, out, **kw):
     """Run an evaluation that is interrupted once its first 4 generations are recorded, and
     mark those records (their text becomes "\rreused\r") so that reuse shows."""
-    monkeypatch.setattr(lume_eval, "GENERATION_CHUNK", 4)
-    real, calls = lume_eval.greedy_generate, []
+    monkeypatch.setattr(official, "GENERATION_CHUNK", 4)
+    real, calls = official.greedy_generate, []
 
     def interrupted(*args, **kwargs):
         calls.append(1)
@@ -83,10 +83,10 @@ def _interrupt_after_first_chunk(monkeypatch, model, data, out, **kw):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(lume_eval, "greedy_generate", interrupted)
+    monkeypatch.setattr(official, "greedy_generate", interrupted)
     with pytest.raises(KeyboardInterrupt):
         evaluate(model, data, out, **kw)
-    monkeypatch.setattr(lume_eval, "greedy_generate", real)
+    monkeypatch.setattr(official, "greedy_generate", real)
     partial = out.parent / f".{out.name}.partial" / "generations.partial.jsonl"
     header, *records = partial.read_text().splitlines()
     records = [json.loads(line) for line in records]
