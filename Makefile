@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install lint test demo clean
+.PHONY: install lint test test-min demo clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -24,8 +24,23 @@ lint: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# the suite's fast part on the lowest versions pyproject.toml allows (constraints/minimum.txt)
+MIN_VENV := .venv-min
+MIN_TESTS := tests/test_data.py tests/test_methods.py tests/test_evaluate.py \
+	tests/test_architectures.py tests/test_locate.py
+
+$(MIN_VENV)/.installed: pyproject.toml constraints/minimum.txt
+	$(PY) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/pip install --quiet --upgrade pip
+	$(MIN_VENV)/bin/pip install --quiet torch==2.13.0
+	$(MIN_VENV)/bin/pip install --quiet -c constraints/minimum.txt -e '.[test]'
+	touch $@
+
+test-min: $(MIN_VENV)/.installed
+	$(MIN_VENV)/bin/python -m pytest $(MIN_TESTS)
+
 demo: $(STAMP)
 	$(BIN)/unlearn demo --out runs/demo
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(MIN_VENV) runs

@@ -47,6 +47,22 @@ def test_parquet_form_loads_the_same(lume_dir, tmp_path_factory):
     assert load_lume(pq_dir) == load_lume(lume_dir)
 
 
+def test_the_official_snapshot_folder_holds_both_splits_and_split_chooses(lume_dir, synth_dir,
+                                                                          tmp_path):
+    # as published: forget_train-*, forget_validation-*, retain_train-*, ... in one folder
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    for split, source in (("train", synth_dir), ("validation", lume_dir)):
+        for name in ("forget", "retain"):
+            pd.read_json(source / f"{name}.jsonl", lines=True).to_parquet(
+                snapshot / f"{name}_{split}-00000-of-00001.parquet")
+    assert load_lume(snapshot, split="validation") == load_lume(lume_dir)
+    assert load_lume(snapshot, split="train") == load_lume(synth_dir)
+    message = error_of(snapshot)
+    assert "holds the splits train, validation" in message and "--split" in message
+    assert message.count("holds the splits") == 1  # said once, not once per set
+
+
 def error_of(directory) -> str:
     with pytest.raises(DataError) as e:
         load_lume(directory)

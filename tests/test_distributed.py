@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -138,3 +139,54 @@ def test_settings_out_of_range_fail_before_any_work(tiny_target, synth_dir, tmp_
     with pytest.raises(ValueError, match=r"chunk_size=0: must be greater than 0"):
         run("sugd", tiny_target[0], synth_dir, tmp_path / "u", chunk_size=0)
     assert not list(tmp_path.iterdir())
+
+
+def test_zero3_optimizer_offload_steps_at_the_schedules_learning_rate(tiny_target, synth_dir,
+                                                                      tmp_path):
+    """With optimizer offload accelerate swaps the torch AdamW for DeepSpeedCPUAdam built from
+    its settings (lr: the placeholder 1.0); the schedule must drive the optimizer that steps.
+    At lr 1.0 the weights would land far from the one-process run's."""
+    pytest.importorskip("deepspeed")
+    config = tmp_path / "offload.yaml"
+    config.write_text((ROOT / "configs" / "accelerate" / "zero3-cpu-2proc.yaml").read_text()
+                      .replace("zero_stage: 3", "zero_stage: 3\n  offload_optimizer_device: cpu"))
+    settings = ["precision=fp32", "epochs=1", "batch_size=2", "grad_accum=2", "lr=1e-4",
+                "select=none", "report_to=none", "lora=false"]
+    run("gd", tiny_target[0], synth_dir, tmp_path / "one", seed=0, mia=None,
+        **dict(s.split("=") for s in settings))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                    str(config), "--main_process_port", str(_free_port()),
+                    "-m", "unlearn.cli", "run", "--method", "gd", "--model", str(tiny_target[0]),
+                    "--data", str(synth_dir), "--out", str(tmp_path / "offload"), "--mia", "none",
+                    *settings],
+                   check=True, env=env, cwd=ROOT, timeout=900)
+    one, offload, source = (_state(tmp_path / "one"), _state(tmp_path / "offload"),
+                            _state(tiny_target[0]))
+    assert any(not torch.equal(one[k], source[k]) for k in one)
+    for k in one:
+        torch.testing.assert_close(offload[k], one[k], rtol=1e-3, atol=1e-5, msg=k)
+
+
+def test_evaluation_shares_rows_between_processes_and_gives_the_one_process_results(
+        tiny_target, synth_dir, tmp_path):
+    from unlearn import evaluate
+    one = evaluate(tiny_target[0], synth_dir, tmp_path / "one", mia=synth_dir / "mia",
+                   mmlu=synth_dir / "mmlu")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                    str(ROOT / "configs" / "accelerate" / "cpu-2proc.yaml"),
+                    "--main_process_port", str(_free_port()), "-m", "unlearn.cli", "eval",
+                    "--model", str(tiny_target[0]), "--data", str(synth_dir),
+                    "--mia", str(synth_dir / "mia"), "--mmlu", str(synth_dir / "mmlu"),
+                    "--out", str(tmp_path / "two")],
+                   check=True, env=env, cwd=ROOT, timeout=600)
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    # a row's loss comes from another batch there, so equal up to float rounding
+    assert two["aggregated-terms"] == pytest.approx(one["aggregated-terms"], abs=1e-9)
+    for key in ("mia_loss_acc", "mmlu_average", "final-score"):
+        assert two[key] == pytest.approx(one[key], abs=1e-9), key
+    for name in ("forget_0.csv", "retain_0.csv"):  # every row, its generation, in one order
+        a, b = (pd.read_csv(tmp_path / d / name, keep_default_na=False) for d in ("one", "two"))
+        assert a.drop(columns="nll").equals(b.drop(columns="nll"))
+        assert b["nll"].to_numpy() == pytest.approx(a["nll"].to_numpy(), rel=1e-5)

@@ -535,3 +535,21 @@ def test_the_anchor_holds_general_text_against_ascent(tiny_target, synth_dir, tm
     free, held = rise(0), rise(5)
     assert free > 0.5  # unbounded ascent makes all text less likely
     assert held < free / 2
+
+
+def test_training_curves_go_to_tensorboard_in_the_output(tiny_target, synth_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    # with the synthetic MIA set: selection checks, logged too
+    record = run("gd", tiny_target[0], synth_dir, tmp_path / "u", epochs=2, batch_size=4)
+    logs = [p.parent for p in (tmp_path / "u" / "logs").rglob("events.out.tfevents.*")]
+    assert logs, "no TensorBoard event file in OUT/logs"
+    events = EventAccumulator(str(logs[0]))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/tokens_per_second", "epoch/loss"} <= tags
+    losses = [e.value for e in events.Scalars("train/loss")]
+    assert losses == pytest.approx([x for e in record["history"] for x in e["step_losses"]])
+    assert any(t.startswith("selection/") for t in tags)  # every selection check
+    run("gd", tiny_target[0], synth_dir, tmp_path / "quiet", report_to="none",
+        **dict(FAST, epochs=1))
+    assert not (tmp_path / "quiet" / "logs").exists()

@@ -5,6 +5,8 @@ one of these functions; the subpackages (``data``, ``models``, ``methods``, ``tr
 ``evaluation``) hold the parts they are built from.
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
 from .data import DataError, load_lume, load_mia, load_mmlu, synthesize
 from .demo import demo
 from .engine import run
@@ -13,6 +15,11 @@ from .leaderboard import bench
 from .models import ModelError, load_model
 from .target import build_target
 from .tracing import locate
+
+try:
+    __version__ = version("unlearn-lume")
+except PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = ["DataError", "ModelError", "bench", "build_target", "demo", "evaluate", "load_lume",
            "load_mia", "load_mmlu", "load_model", "locate", "run", "synthesize"]

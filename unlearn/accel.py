@@ -5,13 +5,15 @@ from __future__ import annotations
 import os
 from copy import deepcopy
 from functools import lru_cache
+from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedType, InitProcessGroupKwargs
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, gather_object
 
 PRECISIONS = ("auto", "bf16", "fp32")
+TRACKERS = ("tensorboard", "wandb", "none")  # where training curves go (accelerate's trackers)
 
 
 @lru_cache(maxsize=1)
@@ -42,16 +44,44 @@ def launched_with_deepspeed() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
+_precision_in_use: list[str] = []  # the mixed precision this process's accelerate state holds
+
+
+def _switch_precision(mixed: str) -> None:
+    """Accelerate keeps one process-wide state and refuses a second mixed precision in the same
+    process (a notebook that builds a fp32 target, then unlearns in bf16). It offers no public
+    way to change it, so only on such a change is that state cleared; the distributed process
+    group (``PartialState``) is kept."""
+    if _precision_in_use and _precision_in_use[-1] != mixed:
+        reset = getattr(AcceleratorState, "_reset_state", None)
+        if reset is None:
+            raise RuntimeError(f"this accelerate version cannot switch from "
+                               f"{_precision_in_use[-1]} to {mixed} mixed precision within one "
+                               f"process: give the same precision= to every step, or run each "
+                               f"in its own process")
+        reset()
+    _precision_in_use[:] = [mixed]
+
+
+def process_state() -> PartialState:
+    """This process's place among those ``accelerate launch`` started, on the devices
+    :func:`make_accelerator` uses (without a GPU, the processes form one gloo group)."""
+    if torch.cuda.is_available():
+        return PartialState()
+    if launched_with_deepspeed():  # DeepSpeed's CPU accelerator (see make_accelerator)
+        return PartialState(backend="gloo")
+    return PartialState(cpu=True)
+
+
 def make_accelerator(precision: str = "auto", micro_batch: int = 1,
-                     max_grad_norm: float = 1.0) -> Accelerator:
+                     max_grad_norm: float = 1.0, report_to: str = "none",
+                     logging_dir: Path | None = None) -> Accelerator:
     """An Accelerator with mixed precision resolved (weights stay fp32; matmuls run in bf16).
     Under DeepSpeed, ``micro_batch`` (rows per micro-batch) and ``max_grad_norm`` fill its
-    config (see :func:`_configure_deepspeed`)."""
-    mode = resolve_precision(precision)
-    # Accelerate keeps one process-wide state and refuses a second precision in the same process
-    # (a notebook that builds a target, then unlearns). Reset that part only; the distributed
-    # process group (PartialState) is kept.
-    AcceleratorState._reset_state()
+    config (see :func:`_configure_deepspeed`). ``report_to`` names accelerate's tracker for
+    the training curves, written under ``logging_dir`` once :func:`start_logging` is called."""
+    mixed = "bf16" if resolve_precision(precision) == "bf16" else "no"
+    _switch_precision(mixed)
     handlers = []
     cpu = not torch.cuda.is_available()
     if cpu and launched_with_deepspeed():
@@ -60,8 +90,10 @@ def make_accelerator(precision: str = "auto", micro_batch: int = 1,
         cpu, handlers = False, [InitProcessGroupKwargs(backend="gloo")]
     # cpu=True without a GPU: under `accelerate launch`/torchrun that makes the processes one
     # gloo group (MULTI_CPU) instead of independent runs
-    accelerator = Accelerator(mixed_precision="bf16" if mode == "bf16" else "no", cpu=cpu,
-                              kwargs_handlers=handlers)
+    trackers = ({} if report_to == "none"
+                else {"log_with": report_to, "project_dir": logging_dir})
+    accelerator = Accelerator(mixed_precision=mixed, cpu=cpu, kwargs_handlers=handlers,
+                              **trackers)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         _configure_deepspeed(accelerator, micro_batch, max_grad_norm)
     if cpu:
@@ -70,6 +102,35 @@ def make_accelerator(precision: str = "auto", micro_batch: int = 1,
         # values below 1e-38 change nothing when flushed to zero
         torch.set_flush_denormal(True)
     return accelerator
+
+
+def start_logging(accelerator: Accelerator, name: str, settings: dict) -> None:
+    """Open the trackers (when the accelerator has any), with ``settings`` as the run's
+    hyperparameters (those a tracker can store: numbers, text, booleans)."""
+    if accelerator.log_with:
+        accelerator.init_trackers(name, config={k: v for k, v in settings.items()
+                                                if isinstance(v, (int, float, str, bool))})
+
+
+def across_processes(items: list, compute) -> list:
+    """``compute(items)`` (one result per item), the items dealt out to the processes of an
+    ``accelerate launch`` and the results gathered back, in order, on every process (the
+    official scorer writes one file per rank for the same reason); ``compute(items)`` itself on
+    one process."""
+    state = process_state()
+    if state.num_processes == 1:
+        return compute(items)
+    mine = list(range(state.process_index, len(items), state.num_processes))
+    results = compute([items[i] for i in mine]) if mine else []
+    found = dict(gather_object(list(zip(mine, results))))
+    return [found[i] for i in range(len(items))]
+
+
+def stop_logging(accelerator: Accelerator) -> None:
+    """Close the trackers, flushing what they hold. Not ``end_training``: that also ends the
+    process group, which saving a ZeRO-3 model (and whatever runs next) still needs."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
 
 
 def zero3(accelerator: Accelerator) -> bool:

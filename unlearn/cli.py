@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from . import __version__
 from .data import DataError, load_lume, synthesize
 from .methods import METHODS
 from .models import PRESETS, ModelError
@@ -26,6 +27,14 @@ def _settings(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+def _add_data_args(parser) -> None:
+    parser.add_argument("--data", required=True, help="LUME data directory")
+    parser.add_argument("--split", choices=("train", "validation"), default=None,
+                        help="the data split, where --data holds several (the official parquet "
+                             "snapshot: forget_train-*.parquet, forget_validation-*.parquet); "
+                             "default: the one the directory holds")
+
+
 def _optional_dir(value: str):
     """``none`` turns off a directory that would otherwise be found next to the data."""
     return None if value.lower() == "none" else value
@@ -37,7 +46,7 @@ def cmd_synth(args) -> None:
 
 
 def cmd_check(args) -> None:
-    data = load_lume(args.dir)
+    data = load_lume(args.dir, args.split)
     print(json.dumps(data.summary(), indent=2))
     absent = data.absent_terms()
     if absent:
@@ -48,7 +57,7 @@ def cmd_check(args) -> None:
 def cmd_target(args) -> None:
     record = build_target(args.data, args.out, preset=args.preset, init=args.init,
                           pretrain=args.pretrain, mmlu=args.mmlu, mia=args.mia, seed=args.seed,
-                          **_settings(args.settings))
+                          split=args.split, **_settings(args.settings))
     print(json.dumps(record["memorisation"], indent=2))
     print(f"target written to {args.out} ({record['parameters']:,} parameters, "
           f"{record['train_seconds']:.0f} s of training)")
@@ -57,12 +66,10 @@ def cmd_target(args) -> None:
 def cmd_eval(args) -> None:
     from .evaluation.scoring import evaluate
     from .evaluation.table import results_table
-    if _rank() != 0:  # under `accelerate launch`, one process scores (rows are not sharded yet)
-        return
     results = evaluate(args.model, args.data, args.out, mia=args.mia, mmlu=args.mmlu,
                        max_new_tokens=args.max_new_tokens, dtype=args.dtype, audit=args.audit,
                        samples=args.samples, before=args.before, resume=args.resume,
-                       seed=args.seed)
+                       seed=args.seed, split=args.split)
     print(results_table(results))
     print(f"results and report.html written to {args.out}")
 
@@ -71,7 +78,7 @@ def cmd_run(args) -> None:
     from .engine import run
     record = run(args.method, args.model, args.data, args.out, config=args.config,
                  seed=args.seed, eval_every=args.eval_every, profile=args.profile, mia=args.mia,
-                 mmlu=args.mmlu, **_settings(args.settings))
+                 mmlu=args.mmlu, split=args.split, **_settings(args.settings))
     selection = record.get("selection")
     if selection and selection["rule"] == "score":
         kept = next(t for t in selection["trail"] if t["step"] == selection["kept_step"])
@@ -86,7 +93,8 @@ def cmd_run(args) -> None:
 def cmd_locate(args) -> None:
     from .tracing import locate
     record = locate(args.model, args.data, args.out, samples=args.samples, window=args.window,
-                    share=args.share, max_facts=args.max_facts, seed=args.seed)
+                    share=args.share, max_facts=args.max_facts, seed=args.seed,
+                    split=args.split)
     print(f"traced {record['facts_used']} facts ({record['facts_skipped']} skipped: not "
           f"answered right at top-1) in {record['seconds']:.0f} s")
     print(f"layers chosen: {record['layers_chosen']} ({record['rule']})")
@@ -106,7 +114,7 @@ def cmd_bench(args) -> None:
                   mmlu=args.mmlu, pretrain=args.pretrain, preset=args.preset, seeds=args.seeds,
                   eval_points=args.eval_points, target_settings=per_method.pop("target", None),
                   trace=args.trace, settings=per_method, target=args.target,
-                  oracle=args.oracle)
+                  oracle=args.oracle, split=args.split)
     print((Path(args.out) / "leaderboard.md").read_text())
     print(f"{len(board['rows'])} models; report: {Path(args.out) / 'report.html'}")
 
@@ -127,13 +135,15 @@ def _add_data(sub) -> None:
     s.set_defaults(func=cmd_synth)
     c = data.add_parser("check", help="validate a LUME data directory and count its rows")
     c.add_argument("dir")
+    c.add_argument("--split", choices=("train", "validation"), default=None,
+                   help="the data split, where DIR holds several (the official parquet snapshot)")
     c.set_defaults(func=cmd_check)
 
 
 def _add_target(sub) -> None:
     """``unlearn target``: build a memorising model."""
     t = sub.add_parser("target", help="train a model that has memorised a LUME dataset")
-    t.add_argument("--data", required=True, help="LUME data directory")
+    _add_data_args(t)
     t.add_argument("--out", required=True, help="model directory to write")
     t.add_argument("--preset", choices=sorted(PRESETS), default="small")
     t.add_argument("--init",
@@ -153,7 +163,7 @@ def _add_eval(sub) -> None:
     """``unlearn eval``: the official LUME scores."""
     e = sub.add_parser("eval", help="score a model as SemEval-2025 Task 4 did (LUME)")
     e.add_argument("--model", required=True, help="HF model directory")
-    e.add_argument("--data", required=True, help="LUME data directory")
+    _add_data_args(e)
     e.add_argument("--mia", help="MIA directory (member.jsonl, nonmember.jsonl)")
     e.add_argument("--mmlu", help="MMLU-format directory of CSVs")
     e.add_argument("--out", required=True)
@@ -176,7 +186,7 @@ def _add_run(sub) -> None:
     r = sub.add_parser("run", help="unlearn the forget set from a model")
     r.add_argument("--method", required=True, choices=sorted(METHODS))
     r.add_argument("--model", required=True, help="HF model directory (only read)")
-    r.add_argument("--data", required=True, help="LUME data directory")
+    _add_data_args(r)
     r.add_argument("--out", required=True, help="model directory to write")
     r.add_argument("--config", help="JSON, TOML or YAML file of method settings")
     r.add_argument("--profile", choices=["auto", "paper", "small"], default="auto",
@@ -200,7 +210,7 @@ def _add_locate(sub) -> None:
     """``unlearn locate``: causal tracing."""
     lo = sub.add_parser("locate", help="causal tracing: which layers carry the Task2 facts")
     lo.add_argument("--model", required=True)
-    lo.add_argument("--data", required=True)
+    _add_data_args(lo)
     lo.add_argument("--out", required=True)
     lo.add_argument("--samples", type=int, default=10, help="noise samples per fact")
     lo.add_argument("--window", type=int, default=10, help="layers restored together (MLP/attn)")
@@ -214,7 +224,7 @@ def _add_locate(sub) -> None:
 def _add_bench(sub) -> None:
     """``unlearn bench``: methods against the oracle."""
     b = sub.add_parser("bench", help="compare methods on one target against the oracle")
-    b.add_argument("--data", required=True)
+    _add_data_args(b)
     for name, what in (("pretrain", "general corpus for the target and oracle"),
                        ("mmlu", "MMLU-format general-knowledge questions"),
                        ("mia", "MIA set")):
@@ -249,6 +259,7 @@ def _add_demo(sub) -> None:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="unlearn", description=__doc__)
+    p.add_argument("--version", action="version", version=f"unlearn {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     _add_data(sub)
     _add_target(sub)

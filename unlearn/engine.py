@@ -18,7 +18,7 @@ import torch
 from accelerate.utils import set_seed
 from peft import LoraConfig, get_peft_model
 
-from .accel import make_accelerator, numel, zero3
+from .accel import make_accelerator, numel, start_logging, stop_logging, zero3
 from .anchor import Anchor, sample_passages
 from .data import beside_data, load_lume, load_mia
 from .io import RUN, atomic_directory, claim_output, fingerprint, staging_path
@@ -40,7 +40,15 @@ from .selection import (
 )
 from .settings import read_settings_file
 from .tracing.command import read_layers
-from .training import Epoch, NonFiniteLoss, Segment, Trainer, resume_progress, save_final
+from .training import (
+    Epoch,
+    NonFiniteLoss,
+    Segment,
+    Trainer,
+    resume_progress,
+    save_final,
+    scalars,
+)
 
 
 def resolve_config(method: type[Method], model_dir: Path, profile: str = "auto",
@@ -155,7 +163,7 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
         config: str | Path | None = None, seed: int = 0, eval_every: int = 0,
         eval_points: int = 0, profile: str = "auto", adapter_only: bool = False,
         mia: str | Path | None = "auto", mmlu: str | Path | None = "auto",
-        **overrides) -> dict:
+        split: str | None = None, **overrides) -> dict:
     """Unlearn the forget set of the LUME dataset ``data`` from the model in ``model``.
 
     Writes the unlearned model (LoRA merged in) and its tokenizer to ``out``, with ``run.json``:
@@ -169,7 +177,8 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
     score (``select``; see :mod:`unlearn.selection`) and bounds ascent at the loss of its
     never-seen documents (``forget_target``); ``mmlu`` (MMLU-format questions) makes the
     estimate more faithful; both default to ``data/mia`` and ``data/mmlu`` when present ("auto"),
-    None turns them off. Returns the ``run.json`` record.
+    None turns them off. ``split`` chooses one data split where ``data`` holds several (the
+    official parquet snapshot). Returns the ``run.json`` record.
     """
     model_dir, out = Path(model), Path(out)
     mia, mmlu = beside_data(data, mia, "mia"), beside_data(data, mmlu, "mmlu")
@@ -180,11 +189,12 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
                             "validation": settings.validation or None})
     algorithm = method_cls(settings)
     record = algorithm.procedure(run, model_dir, data, out, seed=seed, eval_every=eval_every,
-                                 eval_points=eval_points, profile=profile, mia=mia, mmlu=mmlu)
+                                 eval_points=eval_points, profile=profile, mia=mia, mmlu=mmlu,
+                                 split=split)
     if record is not None:  # a procedure over other runs (merge) has done the work
         return record
-    job = _Run(method, algorithm, model_dir, data, mia, mmlu, seed, eval_every, eval_points,
-               profile)
+    job = _Run(method, algorithm, model_dir, (data, split), mia, mmlu, seed, eval_every,
+               eval_points, profile, staging_path(out) / "logs")
     return job.train(out, adapter_only)
 
 
@@ -194,14 +204,16 @@ class _Run:
     needs measured on the source model, the loop's hooks, and the ``run.json`` record."""
 
     def __init__(self, method: str, algorithm: Method, model_dir: Path, data, mia, mmlu,
-                 seed: int, eval_every: int, eval_points: int, profile: str):
+                 seed: int, eval_every: int, eval_points: int, profile: str, logging_dir: Path):
         settings = self.settings = algorithm.config
-        self.method, self.algorithm, self.model_dir, self.data = method, algorithm, model_dir, data
-        self.mia, self.mmlu, self.seed, self.profile = mia, mmlu, seed, profile
-        self.lume = load_lume(data)
+        self.method, self.algorithm, self.model_dir = method, algorithm, model_dir
+        (self.data, self.split), self.mia, self.mmlu = data, mia, mmlu
+        self.seed, self.profile = seed, profile
+        self.lume = load_lume(self.data, self.split)
         set_seed(seed)
         self.accelerator = make_accelerator(settings.precision, settings.batch_size,
-                                            settings.max_grad_norm)
+                                            settings.max_grad_norm, settings.report_to,
+                                            logging_dir)
         self.rule = resolve_rule(settings, mia, sharded=zero3(self.accelerator))
         self.mia_data = load_mia(mia) if mia else None
         self.lm, self.tokenizer = load_model(model_dir, dtype=torch.float32)
@@ -267,7 +279,8 @@ class _Run:
         before_last_stage = sum(len(e.steps) for e in self.plan if e.stage < self.plan[-1].stage)
         self.every = check_every(settings, total_steps - before_last_stage)
         return _selection(self.selector, bare, progress, self.every, total_steps, before_last_stage,
-                          self.reference if settings.forget_target == "auto" else None)
+                          self.reference if settings.forget_target == "auto" else None,
+                          self.accelerator.log)
 
     def loss(self, micro: list[Example]):
         batch = Batch.of(micro, self.tokenizer.pad_token_id, self.accelerator.device)
@@ -311,6 +324,7 @@ class _Run:
             # parameter names without the DDP wrapper
             self.bare = self.accelerator.unwrap_model(self.prepared)
             self.progress = progress
+            start_logging(self.accelerator, f"unlearn-{self.method}", asdict(self.settings))
             select = self._before_first_step(progress, staging)
             memory_at_start, stopped = _peak_memory_mb(), None
             try:
@@ -322,6 +336,8 @@ class _Run:
                                              f"lr= and rerun") from None
                 # the weights are those of the last good step: keep them, say so, then fail
                 stopped = f"{e}; the model saved is the last one before that step"
+            finally:
+                stop_logging(self.accelerator)
             final = self.accelerator.unwrap_model(self.prepared)
             best = self.keeper.restore(final) if self.keeper is not None else None
             selection = _selection_record(self.selector, final, self.progress, self.settings,
@@ -344,6 +360,7 @@ class _Run:
         history = self.progress.get("history", [])
         return {
             "method": self.method, "model": str(self.model_dir), "data": str(self.data),
+            "split": self.split,
             "seed": self.seed, "mia": _text(self.mia), "mmlu": _text(self.mmlu),
             "model_files": self.model_files, "eval_points": self.eval_points,
             "eval_every": self.eval_every, "profile": self.profile,
@@ -405,7 +422,7 @@ def _check_zero3(settings, rule: str, eval_every: int) -> None:
 
 
 def _selection(selector, model, progress: dict, every: int, total_steps: int,
-               window_start: int = 0, reference: Reference | None = None):
+               window_start: int = 0, reference: Reference | None = None, log=None):
     """The trainer's after-step hook for ``selector`` (None without one). A fresh run is checked
     once before its first step, the reference later checks are judged against, then every
     ``every`` steps after step ``window_start`` and at the last step. The trail lives in
@@ -429,6 +446,8 @@ def _selection(selector, model, progress: dict, every: int, total_steps: int,
         # what choosing costs; a full evaluation recorded beside it (select_audit) is apart
         entry["seconds"] = (time.perf_counter() - started
                             - entry.get("audit", {}).get("seconds", 0.0))
+        if log is not None:
+            log(scalars(entry, "selection"), step=step)
         return stop
 
     follow_level()  # a resumed run aims where it was aiming

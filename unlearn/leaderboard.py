@@ -64,7 +64,8 @@ def _cached_eval(model: Path, data, out: Path, **kw) -> dict:
         made = json.loads((out / EVAL.record).read_text())
         same = {"model_files": model_fingerprint(model), "data_dir": str(data), "audit": True,
                 "mia": str(kw["mia"]) if kw.get("mia") else None,
-                "mmlu": str(kw["mmlu"]) if kw.get("mmlu") else None, "seed": kw.get("seed", 0)}
+                "mmlu": str(kw["mmlu"]) if kw.get("mmlu") else None, "seed": kw.get("seed", 0),
+                "split": kw.get("split")}
         if all(made.get(k) == v for k, v in same.items()):
             return json.loads((out / "results.json").read_text())
     return evaluate(model, data, out, audit=True, **kw)
@@ -89,7 +90,7 @@ def bench(data: str | Path, out: str | Path, methods=("sugd", "sha256", "gd", "n
           eval_points: int = 6, cache: str | Path | None = None,
           settings: dict[str, dict] | None = None, target_settings: dict | None = None,
           trace: str | Path | None = None, target: str | Path | None = None,
-          oracle: str | Path | None = None) -> dict:
+          oracle: str | Path | None = None, split: str | None = None) -> dict:
     """Compare ``methods`` on the target built from ``data``; write ``out/leaderboard.{md,csv,
     json}`` and ``out/report.html``. ``mia``/``mmlu``/``pretrain`` default to the ``data``
     subdirectories of those names when present. ``settings[method]`` overrides a method's
@@ -103,7 +104,8 @@ def bench(data: str | Path, out: str | Path, methods=("sugd", "sha256", "gd", "n
     go unused. ``target_settings`` overrides the preset. Each method is evaluated at
     ``eval_points`` moments of its run (its trajectory in the report). ``trace`` (an
     ``unlearn locate`` output; default: the one a method's ``trace=`` setting names) puts the
-    causal-tracing heatmaps in the report.
+    causal-tracing heatmaps in the report. ``split`` chooses one data split where ``data``
+    holds several (the official parquet snapshot).
     Returns the leaderboard (rows and, over several seeds, mean and std)."""
     data, out = Path(data), Path(out)
     mia, mmlu, pretrain = (beside_data(data, mia, "mia"), beside_data(data, mmlu, "mmlu"),
@@ -114,10 +116,11 @@ def bench(data: str | Path, out: str | Path, methods=("sugd", "sha256", "gd", "n
     claim_output(out, BENCH, {"--data": data, "--mia": mia, "--mmlu": mmlu,
                               "--pretrain": pretrain, "--trace": trace, "cache": cache,
                               "--target": target, "--oracle": oracle}, in_place=True)
-    lume = load_lume(data)
+    lume = load_lume(data, split)
     settings = settings or {}
     held_out = _calibration_share(settings, methods, mia)
-    begin_in_place(out, BENCH, {"data": str(data), "methods": list(methods), "preset": preset,
+    begin_in_place(out, BENCH, {"data": str(data), "split": split, "methods": list(methods),
+                                "preset": preset,
                                 "seeds": seeds, "settings": settings,
                                 "target_settings": target_settings,
                                 "target": str(target) if target else None,
@@ -128,11 +131,13 @@ def bench(data: str | Path, out: str | Path, methods=("sugd", "sha256", "gd", "n
             key = fingerprint([(r.id, r.input, r.output) for r in lume.rows], preset,
                               str(pretrain), str(mmlu), target_settings)
             models = _build(data, Path(cache or out / "cache") / f"{preset}-{key}-seed{seed}",
-                            preset, pretrain, mmlu, mia, seed, target_settings or {})
+                            preset, pretrain, mmlu, mia, seed,
+                            {**(target_settings or {}), "split": split})
         else:
             models = {"target": Path(target), "oracle": Path(oracle) if oracle else None}
         rows, evals, runs_of_seed = _bench_seed(data, out / f"seed{seed}", models, methods, lume,
-                                                mia, mmlu, held_out, seed, eval_points, settings)
+                                                mia, mmlu, held_out, seed, eval_points, settings,
+                                                split)
         if seed == 0:
             first, trajectories = evals, {label: _trajectory(record)
                                           for label, record in runs_of_seed.items()}
@@ -150,7 +155,8 @@ def bench(data: str | Path, out: str | Path, methods=("sugd", "sha256", "gd", "n
 
 
 def _bench_seed(data: Path, base: Path, models: dict, methods, lume, mia, mmlu, held_out,
-                seed: int, eval_points: int, settings: dict) -> tuple[list, dict, dict]:
+                seed: int, eval_points: int, settings: dict,
+                split: str | None) -> tuple[list, dict, dict]:
     """One seed: the target (and oracle) scored, every method run from the target and scored.
     Returns the leaderboard rows, every model's results and every run's record."""
     target_seconds = _training_seconds(models)
@@ -158,7 +164,7 @@ def _bench_seed(data: Path, base: Path, models: dict, methods, lume, mia, mmlu, 
     # the same split the run held out)
     scored = (scored_rest(mia, held_out, seed, lume, models["target"]).save(base / "mia-scored")
               if held_out else mia)
-    kw = dict(mia=scored, mmlu=mmlu, seed=seed)
+    kw = dict(mia=scored, mmlu=mmlu, seed=seed, split=split)
     evals = {kind: _cached_eval(models[kind], data, base / f"eval-{kind}", **kw)
              for kind in ("target", "oracle") if models.get(kind)}
     oracle = evals.get("oracle")
@@ -167,7 +173,7 @@ def _bench_seed(data: Path, base: Path, models: dict, methods, lume, mia, mmlu, 
     for entry in methods:
         label, _, name = entry.partition(":")  # `label:method`: a variant of a method
         model = base / label
-        inputs = dict(mia=mia, mmlu=mmlu)
+        inputs = dict(mia=mia, mmlu=mmlu, split=split)
         if not _finished_run(model, name or label, models["target"], seed, eval_points,
                              inputs, settings.get(label, {})):
             run(name or label, models["target"], data, model, seed=seed,

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import math
+import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-import tomllib
 import yaml
 
 from .io import read_utf8

@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 from transformers import OlmoConfig, OlmoForCausalLM
 
-from .accel import make_accelerator, numel
+from .accel import make_accelerator, numel, start_logging, stop_logging
 from .data import beside_data, load_corpus, load_lume, load_mia, load_mmlu
-from .io import TARGET, atomic_directory, claim_output, fingerprint
+from .io import TARGET, atomic_directory, claim_output, fingerprint, staging_path
 from .measure.memorisation import score_rows, task_means
 from .measure.mmlu import mmlu_accuracy
 from .measure.nll import document_nll, token_stats
@@ -164,7 +164,8 @@ def _mia_means(model, tokenizer, mia) -> dict[str, float] | None:
 
 def build_target(data: str | Path, out: str | Path, preset: str = "small",
                  init: str | Path | None = None, pretrain="auto", mmlu="auto", mia="auto",
-                 seed: int = 0, oracle: bool = False, **overrides) -> dict:
+                 seed: int = 0, oracle: bool = False, split: str | None = None,
+                 **overrides) -> dict:
     """Train a target that has memorised the LUME dataset in ``data``; write it to ``out``.
 
     ``pretrain``, ``mmlu`` and ``mia`` name a pretraining corpus, MMLU-format general-knowledge
@@ -173,6 +174,7 @@ def build_target(data: str | Path, out: str | Path, preset: str = "small",
     :func:`unlearn.data.synthesize`). ``overrides`` change :class:`TargetPreset` fields.
     ``oracle`` builds the gold standard instead: the same recipe memorising the retain rows
     only, a model that never saw the forget set.
+    ``split`` chooses one data split where ``data`` holds several (the official parquet snapshot).
     Returns the ``target.json`` record. Rerunning after an interruption resumes.
     """
     data, out = Path(data), Path(out)
@@ -183,7 +185,7 @@ def build_target(data: str | Path, out: str | Path, preset: str = "small",
                            beside_data(data, mmlu, "mmlu"), beside_data(data, mia, "mia"))
     claim_output(out, TARGET, {"--data": data, "--init": init, "--pretrain": pretrain,
                                "--mmlu": mmlu, "--mia": mia})
-    lume = load_lume(data)
+    lume = load_lume(data, split)
     corpus = load_corpus(pretrain) if pretrain else []
     questions = load_mmlu(mmlu) if mmlu else []
     mia_docs = load_mia(mia) if mia else None
@@ -193,7 +195,9 @@ def build_target(data: str | Path, out: str | Path, preset: str = "small",
                          model_fingerprint(init) if init else None, oracle)
 
     set_seed(seed)
-    accelerator = make_accelerator(settings.precision, micro_batch=settings.max_rows)
+    accelerator = make_accelerator(settings.precision, micro_batch=settings.max_rows,
+                                   report_to=settings.report_to,
+                                   logging_dir=staging_path(out) / "logs")
     started = time.perf_counter()
     main = accelerator.is_main_process  # in a distributed run, the one that writes files
     with atomic_directory(out, TARGET, resumable=True, publish=main) as staging:
@@ -209,12 +213,7 @@ def build_target(data: str | Path, out: str | Path, preset: str = "small",
                           weight_decay=settings.weight_decay, betas=(0.9, 0.95))
         hooks = _Hooks(trainer.model, accelerator, tokenizer, examples, plan, settings, mia_docs,
                        progress)
-        try:
-            progress = trainer.run(progress, hooks.loss, hooks.after_epoch, hooks.before_epoch)
-        except NonFiniteLoss as e:
-            raise FloatingPointError(
-                f"{e}; lower the learning rate (lr= or pretrain_lr=) and rerun: training "
-                f"resumes from the last checkpoint in {staging}") from e
+        progress = _train(trainer, hooks, progress, settings, staging)
         trainer.save(progress)  # the finished weights, should evaluation below be interrupted
         bare = hooks.bare
         memorisation = _memorisation(bare, tokenizer, lume, hooks.memorises, questions, mia_docs)
@@ -222,7 +221,8 @@ def build_target(data: str | Path, out: str | Path, preset: str = "small",
         tokens = sum(r["tokens"] for r in history)
         seconds = sum(r["seconds"] for r in history)
         record = {
-            "data": str(data), "data_hash": data_hash, "preset": preset, "seed": seed,
+            "data": str(data), "split": split, "data_hash": data_hash, "preset": preset,
+            "seed": seed,
             "oracle": oracle,
             "init": str(init) if init else None,
             "from_scratch": init is None or trained_from_scratch(init),
@@ -238,6 +238,20 @@ def build_target(data: str | Path, out: str | Path, preset: str = "small",
         }
         save_final(accelerator, trainer.model, bare, tokenizer, staging, "target.json", record)
     return record
+
+
+def _train(trainer: Trainer, hooks: _Hooks, progress: dict, settings: TargetPreset,
+           staging: Path) -> dict:
+    """The loop, its training curves logged; a non-finite loss says how to go on."""
+    start_logging(trainer.acc, "unlearn-target", asdict(settings))
+    try:
+        return trainer.run(progress, hooks.loss, hooks.after_epoch, hooks.before_epoch)
+    except NonFiniteLoss as e:
+        raise FloatingPointError(
+            f"{e}; lower the learning rate (lr= or pretrain_lr=) and rerun: training "
+            f"resumes from the last checkpoint in {staging}") from e
+    finally:
+        stop_logging(trainer.acc)
 
 
 def _model_and_tokenizer(init, staging: Path, accelerator, settings, tokenizer_text):

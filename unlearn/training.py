@@ -141,6 +141,17 @@ class NonFiniteLoss(FloatingPointError):
         self.kept_last_good = kept_last_good
 
 
+def scalars(record: dict, prefix: str) -> dict[str, float]:
+    """The numbers of a (nested) record, keyed by their path: what a tracker can draw."""
+    found = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            found.update(scalars(value, f"{prefix}/{key}"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            found[f"{prefix}/{key}"] = value
+    return found
+
+
 class Trainer:
     """Runs a plan: ``loss_fn(micro_batch) -> (loss, tokens)`` for each micro-batch, one AdamW
     step per plan step, checkpoints in ``staging/checkpoint``. Prepares ``model`` (with the
@@ -159,14 +170,16 @@ class Trainer:
         # fused: one kernel over all parameters instead of a dozen per tensor list
         optimizer = torch.optim.AdamW(trainable, lr=1.0, betas=betas,
                                       weight_decay=weight_decay, fused=True)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, piecewise(segments))
-        # Model and optimizer are prepared together (DeepSpeed builds one engine of both). The
-        # scheduler is not prepared: accelerate would step it once per process per step,
-        # running the schedule num_processes times too fast. Nor is it registered for
-        # accelerate's checkpoints, which pickle it and unpickle it with code execution
-        # allowed: its state is a few numbers, kept as JSON beside the checkpoint.
+        # Model and optimizer are prepared together (DeepSpeed builds one engine of both).
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
-        self.scheduler = scheduler
+        # The schedule drives the prepared optimizer, the one that steps: with optimizer
+        # offload DeepSpeed steps a DeepSpeedCPUAdam rebuilt from the torch one, which a
+        # scheduler made before `prepare` would never reach. It is not prepared itself:
+        # accelerate would step it once per process per step, running the schedule
+        # num_processes times too fast. Nor is it registered for accelerate's checkpoints,
+        # which pickle it and unpickle it with code execution allowed: its state is a few
+        # numbers, kept as JSON beside the checkpoint.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, piecewise(segments))
         # clipped as prepared: FSDP swaps in sharded parameters
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         # A copy of the trainable weights before each update (one more copy of them in
@@ -235,12 +248,12 @@ class Trainer:
     def _accumulating(self):
         """Backward passes inside only add to the gradients: no all-reduce (DDP), and no
         optimizer step (DeepSpeed, which steps in ``backward`` unless told otherwise)."""
-        self.acc.gradient_state._set_sync_gradients(False)
+        self.acc.sync_gradients = False
         try:
             with self.acc.no_sync(self.model):
                 yield
         finally:
-            self.acc.gradient_state._set_sync_gradients(True)
+            self.acc.sync_gradients = True
 
     def step(self, micro_batches: list, loss_fn, where: str) -> tuple[float, int]:
         """One optimizer step over the micro-batches; the loss of each is weighted by its share
@@ -317,6 +330,7 @@ class Trainer:
             losses, tokens, t0 = [], 0, time.perf_counter()
             stop = False
             for step in epoch.steps:
+                step_start = time.perf_counter()
                 loss, n = self.step(step, loss_fn, f"{epoch.name} (epoch {index})")
                 losses.append(loss)
                 tokens += n
@@ -324,6 +338,9 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}",
                                 tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+                self.acc.log({"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0],
+                              "train/tokens_per_second": n / (time.perf_counter() - step_start)},
+                             step=global_step)
                 if after_step is not None and after_step(global_step):
                     stop = True
                     break
@@ -332,6 +349,7 @@ class Trainer:
                       "tokens": tokens, "seconds": time.perf_counter() - t0}
             if after_epoch and after_epoch(index, record):
                 stop = True
+            self.acc.log(scalars(record, "epoch"), step=global_step)
             history.append(record)
             progress["epoch"] = index + 1
             if stop:

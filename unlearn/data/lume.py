@@ -143,22 +143,30 @@ def row_kind(row_id: str) -> tuple[str, str] | None:
     return (m["kind"], m["doc"]) if m else None
 
 
-def find_split_file(directory: Path, name: str) -> Path:
-    """The one file holding split ``name`` in ``directory`` (jsonl, parquet or a parquet shard)."""
+def find_split_file(directory: Path, name: str, split: str | None = None) -> Path:
+    """The one file holding set ``name`` (forget or retain) in ``directory``: ``name.jsonl``,
+    ``name.parquet`` or the challenge's one ``name_*.parquet`` shard. The official snapshot
+    keeps both data splits in one folder (``forget_train-00000-of-00001.parquet``,
+    ``forget_validation-...``): ``split`` (``train``, ``validation``) chooses one."""
     if not directory.is_dir():
         raise DataError([f"{directory}: not a directory; pass a LUME data directory holding "
                          f"{name}.jsonl or {name}.parquet"])
-    candidates = [directory / f"{name}.jsonl", directory / f"{name}.parquet"]
+    stem = f"{name}_{split}" if split else name
+    candidates = [directory / f"{stem}.jsonl", directory / f"{stem}.parquet"]
     found = [p for p in candidates if p.is_file()]
     if not found:
-        found = sorted(directory.glob(f"{name}_*.parquet"))
+        found = sorted(directory.glob(f"{stem}{'-' if split else '_'}*.parquet"))
     if len(found) == 1:
         return found[0]
     if not found:
-        raise DataError([f"{directory}: no {name}.jsonl or {name}.parquet; "
-                         f"a LUME data directory holds one of each split"])
+        raise DataError([f"{directory}: no {stem}.jsonl or {stem}.parquet"
+                         + ("" if split else "; a LUME data directory holds one of each set")])
+    splits = sorted({m[1] for p in found if (m := re.match(rf"{name}_(\w+?)-\d+", p.name))})
+    if not split and len(splits) > 1:
+        raise DataError([f"{directory}: holds the splits {', '.join(splits)}; choose one with "
+                         f"--split (split=)"])
     names = ", ".join(p.name for p in found)
-    raise DataError([f"{directory}: several files for split '{name}' ({names}); keep one"])
+    raise DataError([f"{directory}: several files for set '{name}' ({names}); keep one"])
 
 
 def read_text(path: Path) -> str:
@@ -269,26 +277,28 @@ def beside_data(data: str | Path, given, name: str) -> Path | None:
     return found if found.is_dir() else None
 
 
-def load_lume(directory: str | Path) -> LumeData:
-    """Load and validate the forget and retain sets of a LUME data directory.
+def load_lume(directory: str | Path, split: str | None = None) -> LumeData:
+    """Load and validate the forget and retain sets of a LUME data directory; ``split`` chooses
+    one where the folder holds several (the official parquet snapshot: ``train``,
+    ``validation``).
 
     Raises :class:`DataError` listing every problem (file:line and what to do).
     """
     directory = Path(directory)
     problems, splits, paths = [], {}, {}
-    for split in ("forget", "retain"):
+    for name in ("forget", "retain"):
         try:
-            paths[split] = find_split_file(directory, split)
+            paths[name] = find_split_file(directory, name, split)
         except DataError as e:
             problems += e.problems
             continue
-        splits[split], found = read_rows(paths[split], split)
+        splits[name], found = read_rows(paths[name], name)
         problems += found
     if not problems:
         problems += _overlap_problems(paths["forget"], splits["forget"], paths["retain"],
                                       splits["retain"])
     if problems:
-        raise DataError(problems)
+        raise DataError(list(dict.fromkeys(problems)))  # a folder's problem is said once
     return LumeData(forget=splits["forget"], retain=splits["retain"])
 
 

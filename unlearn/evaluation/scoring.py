@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from ..accel import process_state
 from ..data import load_lume, load_mia, load_mmlu
 from ..io import EVAL, atomic_directory, claim_output, fingerprint, reset_staging, write_json
 from ..measure.official import RowResult, Scores, score_model
@@ -43,7 +44,7 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
              mia: str | Path | None = None, mmlu: str | Path | None = None,
              max_new_tokens: int = 256, dtype: str = "auto", audit: bool = False,
              samples: int = 10, before: str | Path | None = None, resume: bool = False,
-             seed: int = 0) -> dict:
+             seed: int = 0, split: str | None = None) -> dict:
     """Score a model directory on a LUME dataset as SemEval-2025 Task 4 did.
 
     Writes, when ``out`` is given: ``results.json`` (the official keys plus ``final-score``),
@@ -55,7 +56,8 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
     unlearning, drawn for comparison in the report. ``dtype``: ``auto`` is bf16 on a GPU (as
     the official scorer) and fp32 on a CPU. Generations are saved as they finish; ``resume``
     reuses those an interrupted run with the same ``out`` made of the same model, data and
-    ``max_new_tokens``. Returns the results dict.
+    ``max_new_tokens``. ``split`` chooses one data split where ``data`` holds several (the
+    official parquet snapshot): ``train`` or ``validation``. Returns the results dict.
     """
     if out is not None:
         claim_output(out, EVAL, {"--model": model, "--data": data, "--mia": mia,
@@ -64,7 +66,7 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
         raise ValueError(f"dtype={dtype}: use one of {', '.join(DTYPES)}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}: must be at least 1")
-    lume = load_lume(data)
+    lume = load_lume(data, split)
     mia_docs = load_mia(mia) if mia else None
     questions = load_mmlu(mmlu) if mmlu else None
     previous = _read_results(before) if before else None
@@ -74,19 +76,27 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
                "data": fingerprint([(r.id, r.input, r.output, r.task, r.split)
                                     for r in lume.rows]),
                "max_new_tokens": max_new_tokens, "dtype": str(DTYPES[dtype])}
-    if out is None:
-        return _score(lm, tokenizer, lume, mia_docs, questions, max_new_tokens, audit,
-                      samples, seed, None, "")[0].results
+    state = process_state()  # under `accelerate launch`: the rows shared out, one writer
+    if out is None or not state.is_main_process:
+        # the leak audit (no collective step) is the writer's alone
+        results = _score(lm, tokenizer, lume, mia_docs, questions, max_new_tokens,
+                         audit and state.is_main_process, samples, seed, None, "")[0].results
+        state.wait_for_everyone()  # until the main process has written the outputs
+        return results
     with atomic_directory(out, EVAL, resumable=True) as staging:
         if not resume:
             reset_staging(staging)
-        partial = staging / "generations.partial.jsonl"
+        # resuming keeps one process's generations: with several, each reruns its share
+        partial = staging / "generations.partial.jsonl" if state.num_processes == 1 else None
         scores, found = _score(lm, tokenizer, lume, mia_docs, questions, max_new_tokens, audit,
                                samples, seed, partial, fingerprint(made_by))
-        partial.unlink()
+        if partial is not None:
+            partial.unlink()
         _write_outputs(staging, scores, found, mia_docs, previous, str(model))
-        write_json(staging / "eval.json", {**made_by, "data_dir": str(data), "mia": _text(mia),
-                                         "mmlu": _text(mmlu), "audit": audit, "seed": seed})
+        write_json(staging / "eval.json", {**made_by, "data_dir": str(data), "split": split,
+                                           "mia": _text(mia), "mmlu": _text(mmlu),
+                                           "audit": audit, "seed": seed})
+    state.wait_for_everyone()
     return scores.results
 
 

@@ -9,11 +9,13 @@ official one: special tokens skipped, tokenization spaces cleaned up.
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.cache_utils import Cache, DynamicLayer
 
 from ..models.sequences import context_window, length_sorted_batches, pad
@@ -107,8 +109,11 @@ def _generate_batch(model, seqs: list[list[int]], pad_id: int, eos: set[int],
     capacity = ids.shape[1] + max_new_tokens
     cache = Cache(layers=[_PreallocatedLayer(capacity)
                           for _ in range(model.config.num_hidden_layers)])
+    # the cache's argument: `cache` in recent transformers (which warns on the old name)
+    cache_arg = ("cache" if "cache" in inspect.signature(model.forward).parameters
+                 else "past_key_values")
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+                   use_cache=True, logits_to_keep=1, **{cache_arg: cache}).logits[:, -1]
     next_position = positions[:, -1] + 1
     alive = list(range(len(seqs)))  # batch slot -> row
     running = [True] * len(seqs)  # per row
@@ -135,20 +140,78 @@ def _generate_batch(model, seqs: list[list[int]], pad_id: int, eos: set[int],
             alive = [alive[j] for j in keep]
         mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
         logits = model(input_ids=tokens[:, None], attention_mask=mask,
-                       position_ids=next_position[:, None], past_key_values=cache,
-                       use_cache=True).logits[:, -1]
+                       position_ids=next_position[:, None], use_cache=True,
+                       **{cache_arg: cache}).logits[:, -1]
         next_position = next_position + 1
     return list(zip(out, cut))
 
 
+class _CannotMatch(StoppingCriteria):
+    """Per row: stop once its text can no longer equal its expected answer (``keep_going``)."""
+
+    def __init__(self, keep_going, prompt_width: int):
+        self.keep_going, self.prompt_width = keep_going, prompt_width
+        self.cut: set[int] = set()
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        stop = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
+        for row, ids in enumerate(input_ids[:, self.prompt_width:].tolist()):
+            if row not in self.cut and not self.keep_going(row, ids):
+                self.cut.add(row)
+            stop[row] = row in self.cut
+        return stop
+
+
+@torch.no_grad()
+def _generate_batch_with_generate(model, seqs: list[list[int]], pad_id: int, eos: set[int],
+                                  max_new_tokens: int, keep_going) -> list[tuple[list[int], bool]]:
+    """What :func:`_generate_batch` does, through ``model.generate``: for models and versions
+    the preallocated cache does not know. Rows that finished are padded by ``generate``;
+    their tokens stop at the first EOS or padding."""
+    ids, mask = pad(seqs, pad_id, left=True)
+    ids, mask = ids.to(model.device), mask.to(model.device)
+    criteria = _CannotMatch(lambda row, new: keep_going(row, _until_end(new, eos, pad_id)),
+                            ids.shape[1])
+    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                         max_new_tokens=max_new_tokens, pad_token_id=pad_id,
+                         eos_token_id=sorted(eos),
+                         stopping_criteria=StoppingCriteriaList([criteria]))
+    new = out[:, ids.shape[1]:].tolist()
+    return [(_until_end(row, eos, pad_id), i in criteria.cut) for i, row in enumerate(new)]
+
+
+def _until_end(ids: list[int], eos: set[int], pad_id: int) -> list[int]:
+    """Generated ids up to the first EOS or padding (what ``generate`` adds to finished rows)."""
+    for i, token in enumerate(ids):
+        if token in eos or token == pad_id:
+            return ids[:i]
+    return ids
+
+
+def preallocated_cache_fits(model) -> bool:
+    """Whether the preallocated KV cache serves ``model``: every layer full attention (no
+    sliding-window or hybrid layers, ``config.layer_types``) and a transformers whose cache
+    layers it was written against (``DynamicLayer.lazy_initialization``, ``Cache(layers=)``)."""
+    types = getattr(model.config, "layer_types", None) or []
+    return (all(t == "full_attention" for t in types)
+            and not getattr(model.config, "is_encoder_decoder", False)
+            and hasattr(DynamicLayer, "lazy_initialization")
+            and "layers" in inspect.signature(Cache.__init__).parameters)
+
+
 def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 256,
                     answers: list[str | None] | None = None, max_tokens: int = 24576,
-                    max_rows: int = 48, desc: str = "generate") -> list[Generation]:
+                    max_rows: int = 48, desc: str = "generate",
+                    fast: bool | None = None) -> list[Generation]:
     """Greedy continuations of ``prompts``, batched by length.
 
     ``answers[i]``, when given, lets row ``i`` stop once it can no longer equal that answer.
     A prompt too long for the model's window with the new tokens keeps its last tokens.
+    ``fast`` (default: wherever it fits) decodes with the preallocated KV cache; otherwise
+    through batched ``model.generate``, with the same results.
     """
+    fast = preallocated_cache_fits(model) if fast is None else fast
+    generate_batch = _generate_batch if fast else _generate_batch_with_generate
     room = max(1, context_window(model) - max_new_tokens)
     seqs = [tokenizer(p).input_ids[-room:] for p in prompts]
     answers = answers or [None] * len(prompts)
@@ -161,8 +224,8 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 
             answer = answers[batch[row]]
             return answer is None or can_still_match(decode(tokenizer, ids), answer)
 
-        done = _generate_batch(model, [seqs[i] for i in batch], tokenizer.pad_token_id, eos,
-                               max_new_tokens, keep_going)
+        done = generate_batch(model, [seqs[i] for i in batch], tokenizer.pad_token_id, eos,
+                              max_new_tokens, keep_going)
         for i, (ids, cut) in zip(batch, done):
             results[i] = Generation(decode(tokenizer, ids), len(ids), cut)
     return results

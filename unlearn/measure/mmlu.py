@@ -15,17 +15,24 @@ def letter_token_ids(tokenizer) -> list[int]:
 
 
 @torch.no_grad()
-def mmlu_accuracy(model, tokenizer, questions: list[Question], max_tokens: int = 16384,
-                  max_rows: int = 32) -> float:
+def mmlu_accuracy(model, tokenizer, questions: list[Question], **kw) -> float:
+    """The share of ``questions`` answered right (the letter with the highest logit)."""
+    return sum(mmlu_correct(model, tokenizer, questions, **kw)) / len(questions)
+
+
+def mmlu_correct(model, tokenizer, questions: list[Question], max_tokens: int = 16384,
+                 max_rows: int = 32) -> list[bool]:
+    """Per question, whether the letter with the highest logit is its answer."""
     letters = torch.tensor(letter_token_ids(tokenizer))
     window = context_window(model)  # a prompt longer than this keeps its end, the question
     seqs = [tokenizer(q.prompt).input_ids[-window:] for q in questions]
-    correct = 0
+    correct = [False] * len(questions)
     for batch in tqdm(length_sorted_batches([len(s) for s in seqs], max_tokens, max_rows),
                       desc="mmlu", leave=False):
         ids, mask = pad([seqs[i] for i in batch], tokenizer.pad_token_id, left=True)
         logits = model(input_ids=ids.to(model.device),
                        attention_mask=mask.to(model.device)).logits[:, -1]
         picked = logits[:, letters.to(logits.device)].argmax(-1).tolist()
-        correct += sum(LETTERS[p] == questions[i].answer for i, p in zip(batch, picked))
-    return correct / len(questions)
+        for i, p in zip(batch, picked):
+            correct[i] = LETTERS[p] == questions[i].answer
+    return correct

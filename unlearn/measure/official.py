@@ -17,10 +17,11 @@ import numpy as np
 from sklearn.metrics import auc, roc_curve
 from tqdm.auto import tqdm
 
+from ..accel import across_processes
 from ..data.lume import LumeData, MiaData, Row
 from .generation import Generation, greedy_generate
 from .metrics import row_score
-from .mmlu import mmlu_accuracy
+from .mmlu import mmlu_correct
 from .nll import document_nll, output_nll
 
 
@@ -173,22 +174,27 @@ def score_model(lm, tokenizer, lume: LumeData, mia: MiaData | None = None,
                 partial: Path | None = None, key: str = "") -> Scores:
     """Score a loaded model: the official numbers, computed from generations in memory.
     ``partial``: a file of finished generations to reuse and extend (resuming), those made by
-    ``key`` (what identifies the model, data and settings)."""
+    ``key`` (what identifies the model, data and settings). Under ``accelerate launch`` every
+    process scores its share of the rows and all get the whole result."""
     started = time.perf_counter()
     rows = lume.rows
-    generations = _generate(lm, tokenizer, rows, max_new_tokens, partial, key)
-    nlls = output_nll(lm, tokenizer, [r.input for r in rows], [r.output for r in rows])
+    generations = across_processes(rows, lambda part: _generate(
+        lm, tokenizer, part, max_new_tokens, partial, key))
+    nlls = across_processes(rows, lambda part: output_nll(
+        lm, tokenizer, [r.input for r in part], [r.output for r in part]))
     scored = score_generations(rows, [g.text for g in generations], nlls,
                                [g.stopped_early for g in generations])
     results: dict = {"forget-set": split_scores([r for r in scored if r.split == "forget"]),
                      "retain-set": split_scores([r for r in scored if r.split == "retain"])}
     mia_nll = None
     if mia is not None:
-        mia_nll = {name: document_nll(lm, tokenizer, [d.document for d in docs], desc=name)
+        mia_nll = {name: across_processes([d.document for d in docs], lambda part, name=name:
+                                          document_nll(lm, tokenizer, part, desc=name))
                    for name, docs in (("member", mia.member), ("nonmember", mia.nonmember))}
         results["mia_loss_acc"] = mia_auc(mia_nll["member"], mia_nll["nonmember"])
     if questions:
-        results["mmlu_average"] = mmlu_accuracy(lm, tokenizer, questions)
+        correct = across_processes(questions, lambda part: mmlu_correct(lm, tokenizer, part))
+        results["mmlu_average"] = sum(correct) / len(correct)
     names, terms = aggregated_terms(results["forget-set"], results["retain-set"])
     results["aggregated-terms"] = terms
     results["aggregated-term-names"] = names

@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import torch
 
-from ..accel import PRECISIONS
+from ..accel import PRECISIONS, TRACKERS
 from ..models.layers import check_layer_spec
 from ..settings import NON_NEGATIVE, POSITIVE, SHARE, Range
 from ..settings import override as override_settings
@@ -87,6 +87,7 @@ class UnlearnConfig:
     anchor_samples: int = 32  # passages the source model writes for that hold
     max_len: int = 512  # tokens per training row; longer rows are cut
     precision: str = "auto"  # bf16 mixed precision on a GPU or a bf16 CPU, else fp32
+    report_to: str = "tensorboard"  # training curves into OUT/logs: tensorboard, wandb or none
     # recompute each layer's activations in the backward pass instead of keeping them: less
     # memory for about a third more compute (what lets long rows or big batches fit a 7B)
     gradient_checkpointing: bool = False
@@ -110,7 +111,8 @@ class UnlearnConfig:
         "select_split": Range(0, 1, low_open=True), "select_sc_tokens": POSITIVE,
     }
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
-        "schedule": SCHEDULES, "precision": PRECISIONS, "select": SELECT_RULES}
+        "schedule": SCHEDULES, "precision": PRECISIONS, "select": SELECT_RULES,
+        "report_to": TRACKERS}
 
     def override(self, **changes) -> UnlearnConfig:
         """A copy with ``changes`` (strings from the command line are converted), checked:
@@ -161,8 +163,8 @@ class Method:
         """The hook for a method that is a procedure over other runs rather than one loss
         (merge: two adapters trained, then combined). ``run`` is :func:`unlearn.run`, handed
         in by the engine so that no method imports the engine; ``options`` are the run's
-        (``seed``, ``eval_every``, ``eval_points``, ``profile``, ``mia``, ``mmlu``). Such a
-        method writes ``out`` itself and returns its ``run.json`` record; an ordinary method
+        (``seed``, ``eval_every``, ``eval_points``, ``profile``, ``mia``, ``mmlu``, ``split``).
+        Such a method writes ``out`` itself and returns its ``run.json`` record; an ordinary method
         returns None and the engine trains its :meth:`loss`."""
         return None
 

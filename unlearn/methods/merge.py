@@ -44,7 +44,7 @@ class Merge(Method):
     small_target = NPOKL.small_target
 
     def procedure(self, run, model_dir: Path, data, out: Path, seed: int, eval_every: int,
-                  eval_points: int, profile: str, mia=None, mmlu=None) -> dict:
+                  eval_points: int, profile: str, mia=None, mmlu=None, split=None) -> dict:
         c = self.config
         started = time.perf_counter()
         shared = {k: v for k, v in asdict(c).items()
@@ -59,6 +59,7 @@ class Merge(Method):
             records[name] = run("npo_kl", model_dir, data, halves[name], seed=seed,
                                 eval_every=eval_every, eval_points=eval_points,
                                 profile=profile, adapter_only=True, mia=mia, mmlu=mmlu,
+                                split=split,
                                 **{**shared, "w_npo": w[0], "w_kl": w[1], "w_ce": w[2]})
         base, tokenizer = load_model(model_dir, dtype=torch.float32)
         peft_model = PeftModel.from_pretrained(base, halves["a"], adapter_name="a")
@@ -68,7 +69,7 @@ class Merge(Method):
                                         combination_type=COMBINATIONS[c.combination], **extra)
         peft_model.set_adapter("merged")
         merged = peft_model.merge_and_unload()
-        record = {"method": self.name, "model": str(model_dir), "data": str(data),
+        record = {"method": self.name, "model": str(model_dir), "data": str(data), "split": split,
                   "seed": seed, "mia": records["a"]["mia"], "mmlu": records["a"]["mmlu"],
                   "model_files": records["a"]["model_files"],
                   "eval_points": eval_points, "eval_every": eval_every,

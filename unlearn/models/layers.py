@@ -61,6 +61,22 @@ def layer_indices(spec: str, n: int) -> list[int]:
     return parsed
 
 
+# a decoder layer's two blocks under each architecture's name for them (OLMo/Llama self_attn,
+# Falcon self_attention, GPT-NeoX attention, GPT-2 attn)
+BLOCK_NAMES = {"attn": ("self_attn", "self_attention", "attention", "attn"),
+               "mlp": ("mlp", "feed_forward", "ffn")}
+
+
+def block(layer: nn.Module, kind: str) -> nn.Module:
+    """The attention (``kind="attn"``) or MLP (``"mlp"``) block of one decoder layer."""
+    for name in BLOCK_NAMES[kind]:
+        child = getattr(layer, name, None)
+        if isinstance(child, nn.Module):
+            return child
+    raise ValueError(f"{type(layer).__name__}: no {kind} block (looked for "
+                     f"{', '.join(BLOCK_NAMES[kind])})")
+
+
 def is_mlp(name: str) -> bool:
     return ".mlp." in name or any(f".{m}" in name for m in MLP_NAMES)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..accel import PRECISIONS
+from ..accel import PRECISIONS, TRACKERS
 from ..settings import NON_NEGATIVE, POSITIVE, SHARE, Range, override
 
 
@@ -46,6 +46,7 @@ class TargetPreset:
     max_rows: int = 16
     weight_decay: float = 0.0
     precision: str = "auto"  # bf16 mixed precision where the hardware has it (see unlearn.accel)
+    report_to: str = "tensorboard"  # training curves into OUT/logs: tensorboard, wandb or none
 
     RANGES: ClassVar[dict[str, Range]] = {
         **dict.fromkeys(("vocab_size", "hidden_size", "num_layers", "num_heads",
@@ -56,7 +57,8 @@ class TargetPreset:
                          "weight_decay"), NON_NEGATIVE),
         "label_smoothing": SHARE,
     }
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"precision": PRECISIONS}
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"precision": PRECISIONS,
+                                                     "report_to": TRACKERS}
 
     def override(self, **changes) -> TargetPreset:
         """A copy with ``changes`` (strings from the command line are converted), checked."""

@@ -35,17 +35,18 @@ def heatmap(effects: list[list[float]], kind: str, path: Path, window: int) -> N
 
 def locate(model: str | Path, data: str | Path, out: str | Path, samples: int = 10,
            window: int = 10, share: float = 0.6, noise_scale: float = 3.0,
-           max_facts: int | None = None, seed: int = 0) -> dict:
+           max_facts: int | None = None, seed: int = 0, split: str | None = None) -> dict:
     """Causal tracing of the Task2 facts in ``data`` through ``model``.
 
     Writes ``out/trace.json`` (indirect effects per kind, position group and layer; facts used;
     the chosen layers) and ``out/{mlp,attn,residual}.png``. The layer choice: the smallest
     contiguous block of layers holding ``share`` of the MLP indirect effect at the last
-    subject token. Returns the trace record.
+    subject token. ``split`` chooses one data split where ``data`` holds several (the
+    official parquet snapshot). Returns the trace record.
     """
     started = time.perf_counter()
     claim_output(out, LOCATE, {"--model": model, "--data": data})
-    lume = load_lume(data)
+    lume = load_lume(data, split)
     facts = facts_from(lume.rows)
     if not facts:
         raise ValueError(f"{data}: no Task2 question of the form 'What is the X of NAME?' or "

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.lume import Row
-from ..models.layers import decoder_layers
+from ..models.layers import block, decoder_layers
 
 KINDS = ("residual", "mlp", "attn")
 GROUPS = ("before subject", "first subject token", "middle subject tokens",
@@ -75,7 +75,7 @@ def _modules(model, kind: str) -> list[torch.nn.Module]:
     layers = decoder_layers(model)
     if kind == "residual":
         return list(layers)
-    return [getattr(layer, "mlp" if kind == "mlp" else "self_attn") for layer in layers]
+    return [block(layer, kind) for layer in layers]
 
 
 def _replace(output, new):
