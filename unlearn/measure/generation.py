@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from tqdm.auto import tqdm
@@ -195,7 +196,17 @@ def preallocated_cache_fits(model) -> bool:
     types = getattr(model.config, "layer_types", None) or []
     return (all(t == "full_attention" for t in types)
             and not getattr(model.config, "is_encoder_decoder", False)
-            and hasattr(DynamicLayer, "lazy_initialization")
+            and _cache_layers_known())
+
+
+@lru_cache(maxsize=1)
+def _cache_layers_known() -> bool:
+    """Whether this transformers' cache layers have what the preallocated layer relies on."""
+    try:
+        layer = DynamicLayer()
+    except TypeError:  # a constructor of another shape
+        return False
+    return (hasattr(layer, "is_initialized") and hasattr(layer, "lazy_initialization")
             and "layers" in inspect.signature(Cache.__init__).parameters)
 
 
