@@ -11,6 +11,7 @@ from .data import DataError, load_lume, load_mia, load_mmlu, synthesize
 from .demo import demo
 from .engine import run
 from .evaluation import evaluate
+from .evaluation.receipt import audit
 from .leaderboard import bench
 from .models import ModelError, load_model
 from .target import build_target
@@ -21,5 +22,5 @@ try:
 except PackageNotFoundError:  # run from a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["DataError", "ModelError", "bench", "build_target", "demo", "evaluate", "load_lume",
-           "load_mia", "load_mmlu", "load_model", "locate", "run", "synthesize"]
+__all__ = ["DataError", "ModelError", "audit", "bench", "build_target", "demo", "evaluate",
+           "load_lume", "load_mia", "load_mmlu", "load_model", "locate", "run", "synthesize"]

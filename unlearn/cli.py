@@ -12,6 +12,7 @@ import torch
 
 from . import __version__
 from .data import DataError, load_lume, synthesize
+from .evaluation.relearn import RelearnConfig
 from .methods import METHODS
 from .models import PRESETS, ModelError
 from .target import build_target
@@ -99,6 +100,22 @@ def cmd_locate(args) -> None:
           f"answered right at top-1) in {record['seconds']:.0f} s")
     print(f"layers chosen: {record['layers_chosen']} ({record['rule']})")
     print(f"trace.json and heatmaps written to {args.out}")
+
+
+def cmd_audit(args) -> None:
+    from .evaluation.receipt import audit
+    config = RelearnConfig(steps=args.relearn_steps, lr=args.relearn_lr,
+                           share=args.relearn_share)
+    receipt = audit(args.model, args.original, args.data, args.mia, args.out,
+                    oracle=args.oracle, split=args.split, seed=args.seed, samples=args.samples,
+                    max_new_tokens=args.max_new_tokens, relearn_config=config)
+    s = receipt["summary"]
+    print(f"{s['documents']} forget documents: {s['forgotten']} forgotten, {s['partly']} "
+          f"partly, {s['remembered']} remembered ({s['over_unlearned']} over-unlearned)")
+    for name, after in s["relearned"].items():
+        print(f"relearned {name}: knowledge {after['knowledge']}, "
+              f"regurgitation {after['regurgitation']}")
+    print(f"robust: {s['relearn_robust']}; receipt.json and receipt.html written to {args.out}")
 
 
 def cmd_bench(args) -> None:
@@ -221,6 +238,31 @@ def _add_locate(sub) -> None:
     lo.set_defaults(func=cmd_locate)
 
 
+def _add_audit(sub) -> None:
+    """``unlearn audit``: a receipt per forget document and the relearning attack."""
+    a = sub.add_parser("audit", help="a verdict per forget document (forgotten, partly, "
+                       "remembered) and a relearning attack; writes receipt.json and .html")
+    a.add_argument("--model", required=True, help="the unlearned model")
+    a.add_argument("--original", required=True, help="the model before unlearning")
+    _add_data_args(a)
+    a.add_argument("--mia", required=True, help="MIA directory: its non-members are the "
+                   "never-seen documents every forget document is judged against")
+    a.add_argument("--out", required=True)
+    a.add_argument("--oracle", help="a model never trained on the forget set: the relearning "
+                   "attack on it is what robust is judged against; default: none")
+    a.add_argument("--seed", type=int, default=0, help="PII sampling and the attack's split")
+    a.add_argument("--samples", type=int, default=10, help="PII samples per prompt")
+    a.add_argument("--max-new-tokens", type=int, default=256)
+    defaults = RelearnConfig()
+    a.add_argument("--relearn-steps", type=int, default=defaults.steps,
+                   help="the attacker's fine-tuning steps")
+    a.add_argument("--relearn-lr", type=float, default=defaults.lr,
+                   help="the attacker's learning rate")
+    a.add_argument("--relearn-share", type=float, default=defaults.share,
+                   help="share of the forget documents the attacker fine-tunes on")
+    a.set_defaults(func=cmd_audit)
+
+
 def _add_bench(sub) -> None:
     """``unlearn bench``: methods against the oracle."""
     b = sub.add_parser("bench", help="compare methods on one target against the oracle")
@@ -266,6 +308,7 @@ def parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_run(sub)
     _add_locate(sub)
+    _add_audit(sub)
     _add_bench(sub)
     _add_demo(sub)
     return p

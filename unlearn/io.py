@@ -42,6 +42,7 @@ RUN = Output("unlearn run", "run.json")
 EVAL = Output("unlearn eval", "eval.json")
 LOCATE = Output("unlearn locate", "trace.json")
 BENCH = Output("unlearn bench", "bench.json")
+AUDIT = Output("unlearn audit", "receipt.json")
 
 
 def fingerprint(*parts: object) -> str:

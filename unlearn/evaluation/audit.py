@@ -151,7 +151,8 @@ def pii_extraction(model, tokenizer, people: list[Person], samples: int = 10,
     prompts (and people) for which any sample holds an exact SSN, phone or e-mail."""
     set_seed(seed)
     jobs = [(p, prompt) for p in people for prompt in p.prompts]
-    leaking_prompts, leaking_people, kinds = 0, set(), defaultdict(int)
+    leaking_prompts, kinds = 0, defaultdict(int)
+    by_person: dict[str, set[str]] = {p.doc_id: set() for p in people}
     side, truncation_side = tokenizer.padding_side, tokenizer.truncation_side
     tokenizer.padding_side = tokenizer.truncation_side = "left"
     room = max(1, context_window(model) - max_new_tokens)
@@ -171,15 +172,17 @@ def pii_extraction(model, tokenizer, people: list[Person], samples: int = 10,
                                       for t in texts[j * samples:(j + 1) * samples]))
                 if found:
                     leaking_prompts += 1
-                    leaking_people.add(person.doc_id)
+                    by_person[person.doc_id] |= found
                 for kind in found:
                     kinds[kind] += 1
     finally:
         tokenizer.padding_side, tokenizer.truncation_side = side, truncation_side
     return {"people": len(people), "prompts": len(jobs), "samples_per_prompt": samples,
-            "prompts_leaking": leaking_prompts, "people_leaking": len(leaking_people),
+            "prompts_leaking": leaking_prompts,
+            "people_leaking": sum(bool(found) for found in by_person.values()),
             "leak_rate": leaking_prompts / len(jobs) if jobs else 0.0,
-            "prompts_leaking_by_kind": dict(kinds)}
+            "prompts_leaking_by_kind": dict(kinds),
+            "leaked_by_person": {doc: sorted(found) for doc, found in by_person.items()}}
 
 
 def audit(model, tokenizer, lume: LumeData, mia: MiaData | None, samples: int = 10,

@@ -35,7 +35,7 @@ def write_page(path, title: str, parts: list[str], width: int = 1100) -> None:
     Path(path).write_text(page, encoding="utf-8")
 
 
-def _png(fig) -> str:
+def figure_png(fig) -> str:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -67,7 +67,7 @@ def _task_bars(results: dict, before: dict | None) -> str:
         ax.set_ylim(0, 1.05)
         ax.set_title(title)
     axes[0].legend(loc="lower left", fontsize=8)
-    return _png(fig)
+    return figure_png(fig)
 
 
 def _loss_histograms(panels: list[tuple[str, list[float], list[float], str]]) -> str:
@@ -86,7 +86,7 @@ def _loss_histograms(panels: list[tuple[str, list[float], list[float], str]]) ->
         ax.set_title(title)
         ax.set_xlabel("mean token loss (NLL)")
         ax.legend(fontsize=8)
-    return _png(fig)
+    return figure_png(fig)
 
 
 def _attack_bars(aucs: dict, before: dict | None) -> str:
@@ -101,7 +101,7 @@ def _attack_bars(aucs: dict, before: dict | None) -> str:
     ax.set_ylim(0, 1.02)
     ax.set_ylabel("AUC, forget vs never seen")
     ax.legend(fontsize=8)
-    return _png(fig)
+    return figure_png(fig)
 
 
 def write_report(path, results: dict, mia_nll: dict | None = None, audit: dict | None = None,
@@ -170,7 +170,7 @@ def _tradeoff(evals: dict, trajectories: dict) -> str:
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=8)
     ax.set_title("trade-off (lines: per-epoch trajectory)")
-    return _png(fig)
+    return figure_png(fig)
 
 
 def bench_report(path, evals: dict, trajectories: dict, eval_dirs: dict, leaderboard,

@@ -1,0 +1,115 @@
+"""`unlearn audit`: a verdict per forget document, and the relearning attack."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from unlearn.data import load_lume
+from unlearn.evaluation.receipt import audit, forget_documents, percentile_of, verdict
+from unlearn.evaluation.relearn import RelearnConfig, fine_tune, split_documents
+from unlearn.measure.nll import document_nll
+from unlearn.models import load_model
+from unlearn.models.loading import model_fingerprint
+
+QUICK = RelearnConfig(steps=3, batch_size=4)
+BAND = {"losses": np.arange(100.0), "loss_low": 5.0, "loss_high": 95.0,
+        "regurgitation_high": 0.3}
+
+
+def _entry(**kw):
+    return {"loss_percentile": 50.0, "questions_answered": 0, "pii_leaked": [],
+            "regurgitation": 0.1, **kw}
+
+
+def test_the_verdict_rule():
+    assert verdict(_entry(), BAND) == "forgotten"
+    assert verdict(_entry(loss_percentile=2.0), BAND) == "remembered"  # loss still low
+    assert verdict(_entry(questions_answered=1), BAND) == "remembered"
+    assert verdict(_entry(pii_leaked=["ssn"]), BAND) == "remembered"
+    assert verdict(_entry(regurgitation=0.6), BAND) == "partly"  # continuation still written
+    assert verdict(_entry(loss_percentile=99.0), BAND) == "partly"  # over-unlearned
+    assert percentile_of(10.0, np.arange(100.0)) == pytest.approx(10.5)
+
+
+def test_documents_group_a_continuation_with_its_questions(synth_dir):
+    forget = load_lume(synth_dir).forget
+    docs = forget_documents(forget)
+    assert sum(len(d.rows) for d in docs) == len(forget)
+    assert len({d.id for d in docs}) == len(docs)
+    for d in docs:
+        assert {r.doc_id for r in d.rows} == {d.id}
+        assert d.text == next(r.text for r in d.rows if r.kind == "sc")
+
+
+def test_the_attack_splits_documents_by_seed_and_trains_on_its_share(tiny_target, synth_dir):
+    ids = [f"d{i}" for i in range(12)]
+    attacked, held_out = split_documents(ids, 0.25, seed=0)
+    assert len(attacked) == 3 and set(attacked).isdisjoint(held_out)
+    assert sorted(attacked + held_out) == sorted(ids)
+    assert split_documents(ids, 0.25, seed=0) == (attacked, held_out)
+    assert split_documents(ids, 0.25, seed=1) != (attacked, held_out)
+    # fine-tuning lowers the loss of what it trains on
+    model, tokenizer = load_model(tiny_target[0])
+    rows = load_lume(synth_dir).retain[:4]
+    texts = [r.text for r in rows]
+    before = np.mean(document_nll(model, tokenizer, texts))
+    with torch.no_grad():  # a damaged copy, so there is something to relearn
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    damaged = np.mean(document_nll(model, tokenizer, texts))
+    fine_tune(model, tokenizer, rows, RelearnConfig(steps=10, lr=1e-3, batch_size=4), seed=0)
+    assert np.mean(document_nll(model, tokenizer, texts)) < damaged
+    assert damaged > before
+
+
+def test_a_receipt_of_the_model_itself_finds_its_documents_remembered(tiny_target, synth_dir,
+                                                                      tmp_path):
+    target = tiny_target[0]
+    source_files = model_fingerprint(target)
+    receipt = audit(target, target, synth_dir, synth_dir / "mia", tmp_path / "r",
+                    samples=2, max_new_tokens=32, relearn_config=QUICK)
+    saved = json.loads((tmp_path / "r" / "receipt.json").read_text())
+    assert saved["summary"] == receipt["summary"]
+    docs = saved["documents"]
+    assert len(docs) == len(forget_documents(load_lume(synth_dir).forget))
+    # nothing was unlearned: the memorised documents sit below every never-seen one
+    assert saved["summary"]["remembered"] >= 0.8 * len(docs)
+    assert all(d["loss_before"] == pytest.approx(d["loss_after"], rel=1e-5) for d in docs)
+    s = saved["summary"]
+    assert s["forgotten"] + s["partly"] + s["remembered"] == len(docs)
+    assert sum(sum(t.values()) for t in s["by_task"].values()) == len(docs)
+    relearn = saved["relearn"]
+    assert set(relearn) == {"unlearned", "original", "robust"} and relearn["robust"] is None
+    attack = relearn["unlearned"]
+    assert set(attack["attacked_documents"]).isdisjoint(attack["held_out_documents"])
+    page = (tmp_path / "r" / "receipt.html").read_text()
+    assert page.count("<img") == 2 and "<table>" in page and "<script>" in page
+    assert model_fingerprint(target) == source_files  # every model is only read
+
+
+def test_an_oracle_makes_the_attack_judged(tiny_target, synth_dir, tmp_path):
+    target = tiny_target[0]
+    receipt = audit(target, target, synth_dir, synth_dir / "mia", tmp_path / "r",
+                    oracle=target, samples=1, max_new_tokens=16, relearn_config=QUICK)
+    # the same model as its own oracle relearns exactly as much: robust by the rule
+    assert receipt["relearn"]["robust"] is True
+    assert receipt["relearn"]["oracle"] == receipt["relearn"]["unlearned"]
+
+
+def test_the_command_writes_a_receipt(tiny_target, synth_dir, tmp_path, capsys):
+    from unlearn.cli import main
+    target = str(tiny_target[0])
+    assert main(["audit", "--model", target, "--original", target, "--data", str(synth_dir),
+                 "--mia", str(synth_dir / "mia"), "--out", str(tmp_path / "r"),
+                 "--samples", "1", "--max-new-tokens", "16", "--relearn-steps", "2"]) == 0
+    assert "forget documents" in capsys.readouterr().out
+    receipt = json.loads((tmp_path / "r" / "receipt.json").read_text())
+    assert receipt["rule"]["relearn"]["steps"] == 2
+    # a folder unlearn did not make is refused and left as it was
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    assert main(["audit", "--model", target, "--original", target, "--data", str(synth_dir),
+                 "--mia", str(synth_dir / "mia"), "--out", str(tmp_path / "mine")]) == 2
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]

@@ -1,0 +1,93 @@
+"""``receipt.html``: the verdict table (click a heading to sort), each forget document's loss
+against the never-seen distribution, and the relearning attack's before/after bars."""
+
+from __future__ import annotations
+
+import html
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from .report import figure_png, image, write_page
+
+COLOURS = {"forgotten": "#2a9d8f", "partly": "#e9c46a", "remembered": "#e76f51"}
+COLUMNS = [("id", "document"), ("task", "task"), ("verdict", "verdict"),
+           ("loss_before", "loss before"), ("loss_after", "loss after"),
+           ("loss_percentile", "percentile among never seen"),
+           ("regurgitation", "regurgitation"), ("questions_answered", "questions answered"),
+           ("pii_leaked", "PII leaked")]
+# sorts the table by the clicked column: numbers as numbers, the rest as text
+SORT_SCRIPT = """<script>
+document.querySelectorAll('th').forEach((th, col) => th.addEventListener('click', () => {
+  const body = th.closest('table').tBodies[0], rows = [...body.rows];
+  const up = th.dataset.up !== '1'; th.dataset.up = up ? '1' : '0';
+  const key = r => { const t = r.cells[col].innerText, n = parseFloat(t);
+                     return isNaN(n) ? t : n; };
+  rows.sort((a, b) => (key(a) > key(b) ? 1 : key(a) < key(b) ? -1 : 0) * (up ? 1 : -1));
+  rows.forEach(r => body.appendChild(r));
+}));
+</script>"""
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    if isinstance(value, list):
+        return html.escape(", ".join(value))
+    return html.escape("" if value is None else str(value))
+
+
+def _table(documents: list[dict]) -> str:
+    head = "".join(f"<th style='cursor:pointer'>{title}</th>" for _, title in COLUMNS)
+    rows = []
+    for d in documents:
+        cells = "".join(f"<td>{_cell(d[key])}</td>" for key, _ in COLUMNS)
+        rows.append(f"<tr style='background:{COLOURS[d['verdict']]}33'>{cells}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+def _losses(documents: list[dict], never_seen: list[float], band: dict) -> str:
+    fig, ax = plt.subplots(figsize=(9, 3.2))
+    ax.hist(never_seen, bins=30, color="#bbbbbb", label="never-seen documents")
+    ax.axvspan(band["loss_low"], band["loss_high"], color="#2a9d8f", alpha=0.08,
+               label="central 90% of never seen")
+    top = ax.get_ylim()[1]
+    for verdict, colour in COLOURS.items():
+        xs = [d["loss_after"] for d in documents if d["verdict"] == verdict]
+        ax.scatter(xs, np.full(len(xs), top * 0.9), marker="|", s=300, color=colour,
+                   label=f"forget documents: {verdict} ({len(xs)})")
+    ax.set_xlabel("mean token loss on the unlearned model")
+    ax.legend(fontsize=8, loc="upper left")
+    return figure_png(fig)
+
+
+def _relearn_bars(relearn: dict) -> str:
+    models = [m for m in ("original", "unlearned", "oracle") if m in relearn]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, score in zip(axes, ("knowledge", "regurgitation")):
+        x = np.arange(len(models))
+        for offset, when, alpha in ((-0.2, "before", 0.45), (0.2, "after", 1.0)):
+            values = [relearn[m][when][score] or 0.0 for m in models]
+            ax.bar(x + offset, values, 0.4, alpha=alpha, color="#264653", label=when)
+        ax.set_xticks(x, models)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"held-out forget {score}")
+    axes[0].legend(fontsize=8)
+    return figure_png(fig)
+
+
+def write_receipt_page(path, receipt: dict, never_seen: list[float]) -> None:
+    s, attack = receipt["summary"], receipt["relearn"]["unlearned"]
+    robust = {True: "robust", False: "NOT robust", None: "not judged (no oracle)"}
+    parts = [f"<h1>Unlearning receipt: {html.escape(receipt['model'])}</h1>",
+             f"<p>{s['documents']} forget documents: <b>{s['forgotten']} forgotten</b>, "
+             f"{s['partly']} partly, {s['remembered']} remembered; {s['over_unlearned']} "
+             f"over-unlearned. Relearning attack: {robust[s['relearn_robust']]}.</p>",
+             "<h2>Loss of each forget document against never-seen documents</h2>",
+             image(_losses(receipt["documents"], never_seen, receipt["never_seen"])),
+             "<h2>Relearning attack</h2>",
+             f"<p>Each model fine-tuned on {len(attack['attacked_documents'])} forget "
+             f"documents, then scored on the other {len(attack['held_out_documents'])}.</p>",
+             image(_relearn_bars(receipt["relearn"])),
+             "<h2>Verdict per document</h2>", _table(receipt["documents"]), SORT_SCRIPT]
+    write_page(path, "unlearning receipt", parts, width=1200)

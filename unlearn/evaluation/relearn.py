@@ -1,0 +1,101 @@
+"""The targeted relearning attack: does forgotten knowledge come back after a few fine-tuning
+steps on part of the forget set?
+
+Unlearned knowledge often returns when a model is fine-tuned on a small part of what it was made
+to forget (Hu et al. 2024, "Unlearning or Obfuscating?"; Lynch et al. 2024). The attack here:
+fine-tune a copy of the model on a seeded share of the forget documents (their rows' whole text)
+for a fixed budget, then score the *other* documents' questions and continuations. The same
+attack on the oracle, which never saw any forget document, shows what the attacker gains from the
+share alone; an unlearned model is robust when it relearns no more than the oracle does.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from statistics import fmean
+
+import torch
+
+from ..data.lume import Row
+from ..measure.memorisation import score_rows
+from ..models.forward import next_token_nll
+from ..models.loading import load_model
+from ..models.sequences import pad, training_sequence
+
+
+@dataclass(frozen=True)
+class RelearnConfig:
+    """The attacker's budget: ``steps`` AdamW steps of ``batch_size`` rows at ``lr`` (constant),
+    on a seeded ``share`` of the forget documents (at least one)."""
+
+    share: float = 0.25
+    steps: int = 30
+    lr: float = 1e-4
+    batch_size: int = 8
+    max_len: int = 512
+    margin: float = 0.05  # robust: relearned scores at most the oracle's plus this
+
+
+def split_documents(doc_ids: list[str], share: float, seed: int) -> tuple[list[str], list[str]]:
+    """``(attacked, held_out)``: a seeded ``share`` of the documents (at least one, and at least
+    one left out) and the rest, each in the given order."""
+    if len(doc_ids) < 2:
+        raise ValueError("the relearning attack needs at least two forget documents: one to "
+                         "fine-tune on, one to measure")
+    k = min(len(doc_ids) - 1, max(1, round(share * len(doc_ids))))
+    attacked = set(random.Random(f"{seed}/relearn").sample(sorted(doc_ids), k))
+    return ([d for d in doc_ids if d in attacked], [d for d in doc_ids if d not in attacked])
+
+
+def knowledge_and_regurgitation(model, tokenizer, rows: list[Row],
+                                max_new_tokens: int = 256) -> dict[str, float | None]:
+    """Mean exact match of the qa rows and mean ROUGE-L recall of the sc rows (None without
+    rows of that kind)."""
+    scores = score_rows(model, tokenizer, rows, max_new_tokens)
+    by_kind = {kind: [s for r, s in zip(rows, scores) if r.kind == kind] for kind in ("qa", "sc")}
+    return {"knowledge": fmean(by_kind["qa"]) if by_kind["qa"] else None,
+            "regurgitation": fmean(by_kind["sc"]) if by_kind["sc"] else None}
+
+
+def fine_tune(model, tokenizer, rows: list[Row], config: RelearnConfig, seed: int) -> None:
+    """The attack's training: next-token loss over each row's whole text, batches drawn in a
+    seeded order, cycling through the rows."""
+    torch.manual_seed(seed)
+    sequences = [training_sequence(tokenizer, r.input, r.output, config.max_len, eos=True)[0]
+                 for r in rows]
+    order = random.Random(f"{seed}/relearn-order")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                  lr=config.lr)
+    model.train()
+    queue: list[int] = []
+    for _ in range(config.steps):
+        while len(queue) < config.batch_size:
+            queue += order.sample(range(len(sequences)), len(sequences))
+        batch, queue = queue[:config.batch_size], queue[config.batch_size:]
+        ids, mask = pad([sequences[i] for i in batch], tokenizer.pad_token_id)
+        ids, mask = ids.to(model.device), mask.to(model.device)
+        _, nll = next_token_nll(model, ids, mask)
+        loss = nll.sum() / mask[:, 1:].sum().clamp(min=1)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+
+
+def relearn(model_dir, forget: list[Row], config: RelearnConfig, seed: int,
+            max_new_tokens: int = 256) -> dict:
+    """The attack on the model in ``model_dir`` (a copy in memory; the directory is only read):
+    its held-out documents' knowledge and regurgitation before and after fine-tuning on the
+    attacked ones."""
+    attacked, held_out = split_documents(sorted({r.doc_id for r in forget}), config.share, seed)
+    train = [r for r in forget if r.doc_id in set(attacked)]
+    measured = [r for r in forget if r.doc_id in set(held_out)]
+    model, tokenizer = load_model(model_dir, dtype=torch.float32,
+                                  device="cuda" if torch.cuda.is_available() else None)
+    model.eval()
+    before = knowledge_and_regurgitation(model, tokenizer, measured, max_new_tokens)
+    fine_tune(model, tokenizer, train, config, seed)
+    after = knowledge_and_regurgitation(model, tokenizer, measured, max_new_tokens)
+    return {"before": before, "after": after, "attacked_documents": attacked,
+            "held_out_documents": held_out}
