@@ -1,0 +1,69 @@
+"""Receipts side by side (issue 26): `unlearn audit` of several unlearned models of one target,
+each judged against the same never-seen documents and attacked the same way.
+
+    python bench/audit.py --original runs/demo/cache/target-small-KEY-seed0 \
+        --oracle runs/demo/cache/oracle-small-KEY-seed0 --data runs/demo/data \
+        --mia runs/demo/seed0/mia-scored --name synth \
+        sugd=runs/demo/seed0/sugd sha256=runs/demo/seed0/sha256 gd=runs/demo/seed0/gd
+
+The oracle is audited too (as a model of its own: the floor every method is read against).
+Prints one row per model and writes bench/results/audit-<name>.json with the command, every
+receipt's summary and each audit's seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import unlearn
+
+
+def _row(label: str, receipt: dict) -> dict:
+    s, relearn = receipt["summary"], receipt["relearn"]
+    return {"model": label, "documents": s["documents"], "forgotten": s["forgotten"],
+            "partly": s["partly"], "remembered": s["remembered"],
+            "over_unlearned": s["over_unlearned"],
+            "knowledge_before_attack": relearn["unlearned"]["before"]["knowledge"],
+            "knowledge_after_attack": relearn["unlearned"]["after"]["knowledge"],
+            "regurgitation_after_attack": relearn["unlearned"]["after"]["regurgitation"],
+            "oracle_knowledge_after_attack": relearn.get("oracle", {}).get("after", {})
+            .get("knowledge"),
+            "robust": relearn["robust"], "seconds": receipt["seconds"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--original", required=True)
+    p.add_argument("--oracle", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--mia", required=True)
+    p.add_argument("--split")
+    p.add_argument("--out", default="runs/bench/audit")
+    p.add_argument("--name", default="synth")
+    p.add_argument("models", nargs="+", metavar="label=MODEL_DIR")
+    args = p.parse_args()
+    models = dict(m.split("=", 1) for m in args.models)
+    models["oracle"] = args.oracle
+    rows, summaries = [], {}
+    for label, model in models.items():
+        receipt = unlearn.audit(model, args.original, args.data, args.mia,
+                                Path(args.out) / label, oracle=args.oracle, split=args.split)
+        summaries[label] = {"summary": receipt["summary"], "relearn": receipt["relearn"],
+                            "never_seen": receipt["never_seen"], "seconds": receipt["seconds"]}
+        rows.append(_row(label, receipt))
+    columns = list(rows[0])
+    print("  ".join(columns))
+    for row in rows:
+        print("  ".join("-" if row[c] is None else
+                        f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c])
+                        for c in columns))
+    results = Path(__file__).parent / "results" / f"audit-{args.name}.json"
+    results.write_text(json.dumps({"command": " ".join(["python", *sys.argv]), "rows": rows,
+                                   "receipts": summaries}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
