@@ -68,8 +68,9 @@ def test_a_receipt_of_the_model_itself_finds_its_documents_remembered(tiny_targe
                                                                       tmp_path):
     target = tiny_target[0]
     source_files = model_fingerprint(target)
+    # the model as its own oracle: the attack is judged, and relearns exactly as much
     receipt = audit(target, target, synth_dir, synth_dir / "mia", tmp_path / "r",
-                    samples=2, max_new_tokens=32, relearn_config=QUICK)
+                    oracle=target, samples=2, max_new_tokens=32, relearn_config=QUICK)
     saved = json.loads((tmp_path / "r" / "receipt.json").read_text())
     assert saved["summary"] == receipt["summary"]
     docs = saved["documents"]
@@ -81,21 +82,13 @@ def test_a_receipt_of_the_model_itself_finds_its_documents_remembered(tiny_targe
     assert s["forgotten"] + s["partly"] + s["remembered"] == len(docs)
     assert sum(sum(t.values()) for t in s["by_task"].values()) == len(docs)
     relearn = saved["relearn"]
-    assert set(relearn) == {"unlearned", "original", "robust"} and relearn["robust"] is None
+    assert set(relearn) == {"unlearned", "oracle", "original", "robust"}
+    assert relearn["robust"] is True and relearn["oracle"] == relearn["unlearned"]
     attack = relearn["unlearned"]
     assert set(attack["attacked_documents"]).isdisjoint(attack["held_out_documents"])
     page = (tmp_path / "r" / "receipt.html").read_text()
     assert page.count("<img") == 2 and "<table>" in page and "<script>" in page
     assert model_fingerprint(target) == source_files  # every model is only read
-
-
-def test_an_oracle_makes_the_attack_judged(tiny_target, synth_dir, tmp_path):
-    target = tiny_target[0]
-    receipt = audit(target, target, synth_dir, synth_dir / "mia", tmp_path / "r",
-                    oracle=target, samples=1, max_new_tokens=16, relearn_config=QUICK)
-    # the same model as its own oracle relearns exactly as much: robust by the rule
-    assert receipt["relearn"]["robust"] is True
-    assert receipt["relearn"]["oracle"] == receipt["relearn"]["unlearned"]
 
 
 def test_the_command_writes_a_receipt(tiny_target, synth_dir, tmp_path, capsys):
@@ -107,6 +100,7 @@ def test_the_command_writes_a_receipt(tiny_target, synth_dir, tmp_path, capsys):
     assert "forget documents" in capsys.readouterr().out
     receipt = json.loads((tmp_path / "r" / "receipt.json").read_text())
     assert receipt["rule"]["relearn"]["steps"] == 2
+    assert receipt["relearn"]["robust"] is None  # no oracle: robustness is not judged
     # a folder unlearn did not make is refused and left as it was
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
