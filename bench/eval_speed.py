@@ -23,6 +23,7 @@ from unlearn.data import load_lume
 from unlearn.measure.generation import generate_one_by_one, greedy_generate
 from unlearn.measure.official import aggregated_terms, score_generations, split_scores
 from unlearn.models import load_model
+from unlearn.models.loading import best_device
 
 
 def terms(rows, texts) -> list[float]:
@@ -51,7 +52,7 @@ def main() -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="both paths' precision (default: bfloat16 on a GPU, float32 on a CPU)")
     args = p.parse_args()
-    device = "cuda" if torch.cuda.is_available() else None
+    device = best_device()
     dtype = getattr(torch, args.dtype or ("bfloat16" if device else "float32"))
     model, tokenizer = load_model(args.model, dtype=dtype, device=device)
     rows = load_lume(args.data).rows[: args.limit]

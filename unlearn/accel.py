@@ -63,14 +63,23 @@ def _switch_precision(mixed: str) -> None:
     _precision_in_use[:] = [mixed]
 
 
+def _devices() -> tuple[bool, dict]:
+    """``(cpu, process group settings)`` for accelerate. cpu=True without a GPU: under
+    ``accelerate launch``/torchrun that makes the processes one gloo group (MULTI_CPU) instead
+    of independent runs. DeepSpeed runs on CPUs too (its CPU accelerator, gloo): accelerate only
+    enables it with cpu=False, and then needs the backend named or it counts a single process."""
+    if torch.cuda.is_available():
+        return False, {}
+    if launched_with_deepspeed():
+        return False, {"backend": "gloo"}
+    return True, {}
+
+
 def process_state() -> PartialState:
     """This process's place among those ``accelerate launch`` started, on the devices
-    :func:`make_accelerator` uses (without a GPU, the processes form one gloo group)."""
-    if torch.cuda.is_available():
-        return PartialState()
-    if launched_with_deepspeed():  # DeepSpeed's CPU accelerator (see make_accelerator)
-        return PartialState(backend="gloo")
-    return PartialState(cpu=True)
+    :func:`make_accelerator` uses."""
+    cpu, group = _devices()
+    return PartialState(cpu=cpu, **group)
 
 
 def make_accelerator(precision: str = "auto", micro_batch: int = 1,
@@ -82,14 +91,8 @@ def make_accelerator(precision: str = "auto", micro_batch: int = 1,
     the training curves, written under ``logging_dir`` once :func:`start_logging` is called."""
     mixed = "bf16" if resolve_precision(precision) == "bf16" else "no"
     _switch_precision(mixed)
-    handlers = []
-    cpu = not torch.cuda.is_available()
-    if cpu and launched_with_deepspeed():
-        # DeepSpeed runs on CPUs too (its CPU accelerator, gloo): accelerate only enables it
-        # with cpu=False, and then needs the backend named or it counts a single process
-        cpu, handlers = False, [InitProcessGroupKwargs(backend="gloo")]
-    # cpu=True without a GPU: under `accelerate launch`/torchrun that makes the processes one
-    # gloo group (MULTI_CPU) instead of independent runs
+    cpu, group = _devices()
+    handlers = [InitProcessGroupKwargs(**group)] if group else []
     trackers = ({} if report_to == "none"
                 else {"log_with": report_to, "project_dir": logging_dir})
     accelerator = Accelerator(mixed_precision=mixed, cpu=cpu, kwargs_handlers=handlers,

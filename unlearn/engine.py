@@ -21,7 +21,7 @@ from peft import LoraConfig, get_peft_model
 from .accel import make_accelerator, numel, start_logging, stop_logging, zero3
 from .anchor import Anchor, sample_passages
 from .data import beside_data, load_lume, load_mia
-from .io import RUN, atomic_directory, claim_output, fingerprint, staging_path
+from .io import RUN, atomic_directory, claim_output, fingerprint, path_text, staging_path
 from .measure.official import score_model
 from .methods import Method, get_method
 from .methods.base import Example
@@ -193,7 +193,7 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
                                  split=split)
     if record is not None:  # a procedure over other runs (merge) has done the work
         return record
-    job = _Run(method, algorithm, model_dir, (data, split), mia, mmlu, seed, eval_every,
+    job = _Run(method, algorithm, model_dir, data, split, mia, mmlu, seed, eval_every,
                eval_points, profile, staging_path(out) / "logs")
     return job.train(out, adapter_only)
 
@@ -203,11 +203,12 @@ class _Run:
     (before any output exists), the model and its reference prepared, what the first step
     needs measured on the source model, the loop's hooks, and the ``run.json`` record."""
 
-    def __init__(self, method: str, algorithm: Method, model_dir: Path, data, mia, mmlu,
-                 seed: int, eval_every: int, eval_points: int, profile: str, logging_dir: Path):
+    def __init__(self, method: str, algorithm: Method, model_dir: Path, data, split, mia,
+                 mmlu, seed: int, eval_every: int, eval_points: int, profile: str,
+                 logging_dir: Path):
         settings = self.settings = algorithm.config
         self.method, self.algorithm, self.model_dir = method, algorithm, model_dir
-        (self.data, self.split), self.mia, self.mmlu = data, mia, mmlu
+        self.data, self.split, self.mia, self.mmlu = data, split, mia, mmlu
         self.seed, self.profile = seed, profile
         self.lume = load_lume(self.data, self.split)
         set_seed(seed)
@@ -225,8 +226,8 @@ class _Run:
         self.eval_every = max(1, len(self.plan) // eval_points) if eval_points else eval_every
         self.total_steps = sum(len(e.steps) for e in self.plan)
         # a checkpoint resumes only the same job: method, settings, seed, these model files, data
-        self.run_id = fingerprint(method, asdict(settings), seed, self.model_files, _text(mia),
-                                  _text(mmlu), [(e.ids, e.start) for e in self.forget + retain])
+        self.run_id = fingerprint(method, asdict(settings), seed, self.model_files, path_text(mia),
+                                  path_text(mmlu), [(e.ids, e.start) for e in self.forget + retain])
         if zero3(self.accelerator):
             _check_zero3(settings, self.rule, self.eval_every)
         self.first_of_stage = {}
@@ -361,7 +362,7 @@ class _Run:
         return {
             "method": self.method, "model": str(self.model_dir), "data": str(self.data),
             "split": self.split,
-            "seed": self.seed, "mia": _text(self.mia), "mmlu": _text(self.mmlu),
+            "seed": self.seed, "mia": path_text(self.mia), "mmlu": path_text(self.mmlu),
             "model_files": self.model_files, "eval_points": self.eval_points,
             "eval_every": self.eval_every, "profile": self.profile,
             "config": asdict(self.settings),
@@ -471,10 +472,6 @@ def _selection_record(selector, model, progress: dict, settings, every: int) -> 
             "seconds": sum(t.get("seconds", 0.0) for t in trail),
             "seconds_before_training": sum(t.get("seconds", 0.0) for t in trail
                                            if t["step"] == 0)}
-
-
-def _text(path) -> str | None:
-    return str(path) if path else None
 
 
 def _validation_loss(settings, tokenizer, accelerator):

@@ -51,6 +51,11 @@ def fingerprint(*parts: object) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def path_text(path: str | Path | None) -> str | None:
+    """A path as recorded in a JSON record: its text, or None when there is none."""
+    return str(path) if path else None
+
+
 def staging_path(out: str | Path) -> Path:
     """Where a job builds ``out``; it survives a crash so a resumable job can pick it up."""
     out = Path(out)

@@ -22,7 +22,17 @@ from .data.lume import TASKS
 from .engine import resolve_config, run
 from .evaluation.report import bench_report
 from .evaluation.scoring import evaluate
-from .io import BENCH, EVAL, RUN, begin_in_place, claim_output, fingerprint, is_output, write_json
+from .io import (
+    BENCH,
+    EVAL,
+    RUN,
+    begin_in_place,
+    claim_output,
+    fingerprint,
+    is_output,
+    path_text,
+    write_json,
+)
 from .methods import get_method
 from .methods.base import UnlearnConfig
 from .models.loading import model_fingerprint
@@ -63,9 +73,8 @@ def _cached_eval(model: Path, data, out: Path, **kw) -> dict:
     if is_output(out, EVAL):
         made = json.loads((out / EVAL.record).read_text())
         same = {"model_files": model_fingerprint(model), "data_dir": str(data), "audit": True,
-                "mia": str(kw["mia"]) if kw.get("mia") else None,
-                "mmlu": str(kw["mmlu"]) if kw.get("mmlu") else None, "seed": kw.get("seed", 0),
-                "split": kw.get("split")}
+                "mia": path_text(kw.get("mia")), "mmlu": path_text(kw.get("mmlu")),
+                "seed": kw.get("seed", 0), "split": kw.get("split")}
         if all(made.get(k) == v for k, v in same.items()):
             return json.loads((out / "results.json").read_text())
     return evaluate(model, data, out, audit=True, **kw)
@@ -80,7 +89,7 @@ def _finished_run(model: Path, method: str, target: Path, seed: int, eval_points
     config, _ = resolve_config(get_method(method), target, **overrides)
     return (made.get("method") == method and made.get("seed") == seed
             and made.get("eval_points") == eval_points
-            and all(made.get(k) == (str(v) if v else None) for k, v in inputs.items())
+            and all(made.get(k) == path_text(v) for k, v in inputs.items())
             and made.get("model_files") == model_fingerprint(target)
             and made.get("config") == json.loads(json.dumps(asdict(config))))
 
@@ -123,16 +132,14 @@ def bench(data: str | Path, out: str | Path, methods=("sugd", "sha256", "gd", "n
                                 "preset": preset,
                                 "seeds": seeds, "settings": settings,
                                 "target_settings": target_settings,
-                                "target": str(target) if target else None,
-                                "oracle": str(oracle) if oracle else None})
+                                "target": path_text(target), "oracle": path_text(oracle)})
     runs, trajectories = [], {}
     for seed in range(seeds):
         if target is None:
             key = fingerprint([(r.id, r.input, r.output) for r in lume.rows], preset,
                               str(pretrain), str(mmlu), target_settings)
             models = _build(data, Path(cache or out / "cache") / f"{preset}-{key}-seed{seed}",
-                            preset, pretrain, mmlu, mia, seed,
-                            {**(target_settings or {}), "split": split})
+                            preset, pretrain, mmlu, mia, seed, target_settings or {}, split)
         else:
             models = {"target": Path(target), "oracle": Path(oracle) if oracle else None}
         rows, evals, runs_of_seed = _bench_seed(data, out / f"seed{seed}", models, methods, lume,
@@ -214,7 +221,7 @@ def _calibration_share(settings: dict[str, dict], methods, mia) -> float | None:
 
 
 def _build(data: Path, prefix: Path, preset: str, pretrain, mmlu, mia, seed: int,
-           target_settings: dict) -> dict[str, Path]:
+           target_settings: dict, split: str | None) -> dict[str, Path]:
     """The base (pretraining only), then the target and the oracle fine-tuned from it, the
     corpus replayed but not pretrained on again. Each is reused once complete."""
     built = {}
@@ -224,10 +231,10 @@ def _build(data: Path, prefix: Path, preset: str, pretrain, mmlu, mia, seed: int
             continue
         if kind == "base":
             build_target(data, model, preset=preset, pretrain=pretrain, mmlu=mmlu, mia=mia,
-                         seed=seed, **{**target_settings, "epochs": 0})
+                         seed=seed, split=split, **{**target_settings, "epochs": 0})
         else:
             build_target(data, model, preset=preset, init=built["base"], pretrain=pretrain,
-                         mmlu=mmlu, mia=mia, seed=seed, oracle=kind == "oracle",
+                         mmlu=mmlu, mia=mia, seed=seed, oracle=kind == "oracle", split=split,
                          **{**target_settings, "pretrain_tokens": 0})
     return built
 

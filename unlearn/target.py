@@ -33,7 +33,7 @@ from transformers import OlmoConfig, OlmoForCausalLM
 
 from .accel import make_accelerator, numel, start_logging, stop_logging
 from .data import beside_data, load_corpus, load_lume, load_mia, load_mmlu
-from .io import TARGET, atomic_directory, claim_output, fingerprint, staging_path
+from .io import TARGET, atomic_directory, claim_output, fingerprint, path_text, staging_path
 from .measure.memorisation import score_rows, task_means
 from .measure.mmlu import mmlu_accuracy
 from .measure.nll import document_nll, token_stats
@@ -224,10 +224,10 @@ def build_target(data: str | Path, out: str | Path, preset: str = "small",
             "data": str(data), "split": split, "data_hash": data_hash, "preset": preset,
             "seed": seed,
             "oracle": oracle,
-            "init": str(init) if init else None,
+            "init": path_text(init),
             "from_scratch": init is None or trained_from_scratch(init),
-            "pretrain": str(pretrain) if pretrain else None,
-            "mmlu": str(mmlu) if mmlu else None, "mia": str(mia) if mia else None,
+            "pretrain": path_text(pretrain),
+            "mmlu": path_text(mmlu), "mia": path_text(mia),
             "settings": asdict(settings),
             "parameters": sum(numel(p) for p in bare.parameters()),
             "epochs": dict(Counter(r["name"] for r in history)),

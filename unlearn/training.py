@@ -172,9 +172,9 @@ class Trainer:
                                       weight_decay=weight_decay, fused=True)
         # Model and optimizer are prepared together (DeepSpeed builds one engine of both).
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
-        # The schedule drives the prepared optimizer, the one that steps: with optimizer
-        # offload DeepSpeed steps a DeepSpeedCPUAdam rebuilt from the torch one, which a
-        # scheduler made before `prepare` would never reach. It is not prepared itself:
+        # The schedule drives the prepared optimizer, the one that steps (with optimizer
+        # offload, a DeepSpeedCPUAdam accelerate builds from the torch one's parameter groups,
+        # tested in test_distributed). It is not prepared itself:
         # accelerate would step it once per process per step, running the schedule
         # num_processes times too fast. Nor is it registered for accelerate's checkpoints,
         # which pickle it and unpickle it with code execution allowed: its state is a few

@@ -27,11 +27,11 @@ import torch
 
 from ..data import load_lume, load_mia
 from ..data.lume import Row
-from ..io import AUDIT, atomic_directory, claim_output, write_json
+from ..io import AUDIT, atomic_directory, claim_output, path_text, write_json
 from ..measure.generation import greedy_generate
 from ..measure.metrics import knowledge, regurgitation
 from ..measure.nll import document_nll
-from ..models.loading import load_model
+from ..models.loading import best_device, load_model
 from .audit import forgotten_people, pii_extraction
 from .receipt_page import write_receipt_page
 from .relearn import RelearnConfig, relearn
@@ -132,37 +132,36 @@ def audit(model: str | Path, original: str | Path, data: str | Path, mia: str | 
     config = relearn_config or RelearnConfig()
     lume, never_seen = load_lume(data, split), load_mia(mia).nonmember
     docs = forget_documents(lume.forget)
-    device = "cuda" if torch.cuda.is_available() else None
-    source, tokenizer = load_model(original, dtype=torch.float32, device=device)
+    # each model is loaded once: measured, then attacked (the attack fine-tunes that copy)
+    source, tokenizer = _load(original)
     before = document_nll(source, tokenizer, [d.text for d in docs], desc="before")
+    attacks = {"original": relearn(source, tokenizer, lume.forget, config, seed, max_new_tokens)}
     del source
-    lm, tokenizer = load_model(model, dtype=torch.float32, device=device)
+    lm, tokenizer = _load(model)
     band = never_seen_band(lm, tokenizer, [d.document for d in never_seen], max_new_tokens)
     pii = pii_extraction(lm, tokenizer, forgotten_people(lume.rows), samples, seed=seed)
     entries = measure_documents(lm, tokenizer, docs, band, pii["leaked_by_person"],
                                 max_new_tokens)
-    del lm
     for entry, loss in zip(entries, before):
         entry["loss_before"] = loss
-    attacks = {name: relearn(path, lume.forget, config, seed, max_new_tokens)
-               for name, path in (("unlearned", model), ("oracle", oracle),
-                                  ("original", original)) if path}
-    receipt = {"model": str(model), "original": str(original), "oracle": _text(oracle),
+    attacks["unlearned"] = relearn(lm, tokenizer, lume.forget, config, seed, max_new_tokens)
+    del lm
+    if oracle:
+        attacks["oracle"] = relearn(*_load(oracle), lume.forget, config, seed, max_new_tokens)
+    attacks = {k: attacks[k] for k in ("unlearned", "oracle", "original") if k in attacks}
+    is_robust = robust(attacks, config.margin)
+    receipt = {"model": str(model), "original": str(original), "oracle": path_text(oracle),
                "data": str(data), "split": split, "mia": str(mia), "seed": seed,
                "rule": {"band_percentiles": [LOW, HIGH], "relearn": asdict(config)},
                "never_seen": {k: v for k, v in band.items() if k != "losses"},
                "documents": entries,
-               "relearn": {**attacks, "robust": robust(attacks, config.margin)},
-               "summary": summary(entries, attacks, config.margin)}
+               "relearn": {**attacks, "robust": is_robust},
+               "summary": summary(entries, attacks, is_robust)}
     receipt["seconds"] = time.perf_counter() - started
     with atomic_directory(out, AUDIT) as staging:
         write_json(staging / "receipt.json", receipt)
         write_receipt_page(staging / "receipt.html", receipt, band["losses"].tolist())
     return receipt
-
-
-def _text(path) -> str | None:
-    return str(path) if path else None
 
 
 def robust(attacks: dict, margin: float) -> bool | None:
@@ -175,7 +174,11 @@ def robust(attacks: dict, margin: float) -> bool | None:
                for k in ("knowledge", "regurgitation"))
 
 
-def summary(entries: list[dict], attacks: dict, margin: float) -> dict:
+def _load(path):
+    return load_model(path, dtype=torch.float32, device=best_device())
+
+
+def summary(entries: list[dict], attacks: dict, is_robust: bool | None) -> dict:
     """Counts per verdict, overall and per task; the share forgotten; the relearn figures."""
     verdicts = ("forgotten", "partly", "remembered")
     by_task: dict[str, dict[str, int]] = {}
@@ -187,4 +190,4 @@ def summary(entries: list[dict], attacks: dict, margin: float) -> dict:
             "over_unlearned": sum(e["over_unlearned"] for e in entries),
             "by_task": dict(sorted(by_task.items())),
             "relearned": {name: a["after"] for name, a in attacks.items()},
-            "relearn_robust": robust(attacks, margin)}
+            "relearn_robust": is_robust}

@@ -20,7 +20,6 @@ import torch
 from ..data.lume import Row
 from ..measure.memorisation import score_rows
 from ..models.forward import next_token_nll
-from ..models.loading import load_model
 from ..models.sequences import pad, training_sequence
 
 
@@ -83,16 +82,14 @@ def fine_tune(model, tokenizer, rows: list[Row], config: RelearnConfig, seed: in
     model.eval()
 
 
-def relearn(model_dir, forget: list[Row], config: RelearnConfig, seed: int,
+def relearn(model, tokenizer, forget: list[Row], config: RelearnConfig, seed: int,
             max_new_tokens: int = 256) -> dict:
-    """The attack on the model in ``model_dir`` (a copy in memory; the directory is only read):
-    its held-out documents' knowledge and regurgitation before and after fine-tuning on the
-    attacked ones."""
+    """The attack on ``model``, a loaded copy it fine-tunes in place (its directory is never
+    written): the held-out documents' knowledge and regurgitation before and after
+    fine-tuning on the attacked ones."""
     attacked, held_out = split_documents(sorted({r.doc_id for r in forget}), config.share, seed)
     train = [r for r in forget if r.doc_id in set(attacked)]
     measured = [r for r in forget if r.doc_id in set(held_out)]
-    model, tokenizer = load_model(model_dir, dtype=torch.float32,
-                                  device="cuda" if torch.cuda.is_available() else None)
     model.eval()
     before = knowledge_and_regurgitation(model, tokenizer, measured, max_new_tokens)
     fine_tune(model, tokenizer, train, config, seed)

@@ -13,9 +13,17 @@ import torch
 
 from ..accel import process_state
 from ..data import load_lume, load_mia, load_mmlu
-from ..io import EVAL, atomic_directory, claim_output, fingerprint, reset_staging, write_json
+from ..io import (
+    EVAL,
+    atomic_directory,
+    claim_output,
+    fingerprint,
+    path_text,
+    reset_staging,
+    write_json,
+)
 from ..measure.official import RowResult, Scores, score_model
-from ..models.loading import load_model, model_fingerprint
+from ..models.loading import best_device, load_model, model_fingerprint
 from .audit import audit as run_audit
 from .report import write_report
 
@@ -71,7 +79,7 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
     questions = load_mmlu(mmlu) if mmlu else None
     previous = _read_results(before) if before else None
     lm, tokenizer = load_model(model, dtype=DTYPES[dtype],
-                               device="cuda" if torch.cuda.is_available() else None)
+                               device=best_device())
     made_by = {"model": str(model), "model_files": model_fingerprint(model),
                "data": fingerprint([(r.id, r.input, r.output, r.task, r.split)
                                     for r in lume.rows]),
@@ -94,14 +102,10 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
             partial.unlink()
         _write_outputs(staging, scores, found, mia_docs, previous, str(model))
         write_json(staging / "eval.json", {**made_by, "data_dir": str(data), "split": split,
-                                           "mia": _text(mia), "mmlu": _text(mmlu),
+                                           "mia": path_text(mia), "mmlu": path_text(mmlu),
                                            "audit": audit, "seed": seed})
     state.wait_for_everyone()
     return scores.results
-
-
-def _text(path) -> str | None:
-    return str(path) if path else None
 
 
 def _score(lm, tokenizer, lume, mia_docs, questions, max_new_tokens, audit, samples, seed,

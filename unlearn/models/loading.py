@@ -44,6 +44,11 @@ def load_tokenizer(path: str | Path):
     return tokenizer
 
 
+def best_device() -> str | None:
+    """Where a model is measured: the GPU when there is one, else where it loads (the CPU)."""
+    return "cuda" if torch.cuda.is_available() else None
+
+
 def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | None = None):
     """``(model, tokenizer)`` from a local HF directory holding any causal LM.
 

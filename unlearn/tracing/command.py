@@ -14,7 +14,7 @@ import torch  # noqa: E402
 
 from ..data import load_lume  # noqa: E402
 from ..io import LOCATE, atomic_directory, claim_output, write_json  # noqa: E402
-from ..models.loading import load_model  # noqa: E402
+from ..models.loading import best_device, load_model  # noqa: E402
 from .trace import GROUPS, KINDS, choose_layers, facts_from, trace_facts  # noqa: E402
 
 TITLES = {"residual": "whole layer output (residual)", "mlp": "MLP output, window",
@@ -53,7 +53,7 @@ def locate(model: str | Path, data: str | Path, out: str | Path, samples: int = 
                          f"'What is NAME's X?' to trace")
     facts = facts[:max_facts] if max_facts else facts
     lm, tokenizer = load_model(model, dtype=torch.float32,
-                               device="cuda" if torch.cuda.is_available() else None)
+                               device=best_device())
     record = trace_facts(lm, tokenizer, facts, samples, window, noise_scale, seed)
     last_subject = record["indirect_effect"]["mlp"][GROUPS.index("last subject token")]
     record.update(model=str(model), data=str(data), share=share,
