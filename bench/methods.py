@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import unlearn
+from unlearn.leaderboard import settings_by_label
 
 
 def main() -> None:
@@ -37,11 +38,7 @@ def main() -> None:
     p.add_argument("settings", nargs="*", metavar="label.key=value",
                    help="per-method overrides, e.g. sugd.lr=5e-4")
     args = p.parse_args()
-    settings: dict[str, dict] = {}
-    for item in args.settings:
-        key, _, value = item.partition("=")
-        label, _, name = key.partition(".")
-        settings.setdefault(label, {})[name] = value
+    settings = settings_by_label(args.settings)
     board = unlearn.bench(args.data, args.out, methods=args.methods.split(","), mia=args.mia,
                           mmlu=args.mmlu, pretrain=None, seeds=args.seeds, settings=settings,
                           target=args.target, oracle=args.oracle)

@@ -119,14 +119,8 @@ def cmd_audit(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from .leaderboard import bench
-    per_method: dict[str, dict] = {}
-    for key, value in _settings(args.settings).items():
-        method, _, name = key.partition(".")
-        if not name:
-            raise ValueError(f"setting {key}={value}: name the method (or target), e.g. "
-                             f"sugd.lr={value}")
-        per_method.setdefault(method, {})[name] = value
+    from .leaderboard import bench, settings_by_label
+    per_method = settings_by_label(args.settings)
     board = bench(args.data, args.out, methods=args.methods.split(","), mia=args.mia,
                   mmlu=args.mmlu, pretrain=args.pretrain, preset=args.preset, seeds=args.seeds,
                   eval_points=args.eval_points, target_settings=per_method.pop("target", None),

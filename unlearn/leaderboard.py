@@ -205,6 +205,22 @@ def _trajectory(record: dict) -> list:
             for e in record["history"] if "eval" in e]
 
 
+def settings_by_label(pairs: list[str]) -> dict[str, dict[str, str]]:
+    """``label.key=value`` pairs (a method, a variant's label or ``target``) grouped by label:
+    ``["sugd.lr=5e-4"]`` -> ``{"sugd": {"lr": "5e-4"}}``."""
+    grouped: dict[str, dict[str, str]] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"setting {pair!r} is not key=value")
+        label, _, name = key.partition(".")
+        if not name:
+            raise ValueError(f"setting {key}={value}: name the method (or target), e.g. "
+                             f"sugd.lr={value}")
+        grouped.setdefault(label, {})[name] = value
+    return grouped
+
+
 def _calibration_share(settings: dict[str, dict], methods, mia) -> float | None:
     """The share of the bench's MIA set that runs hold out to choose their model
     (``select_split``; one share for all, so every model is scored on the same rest), or None
