@@ -35,6 +35,17 @@ def test_bench_compares_methods_with_target_and_oracle(synth_dir, tmp_path):
     assert "| model |" in (tmp_path / "b" / "leaderboard.md").read_text()
     page = (tmp_path / "b" / "report.html").read_text()
     assert page.count("<img") >= 4 and "<table" in page
+    # every model audited: a receipt each, the attack's figures in its row and in the report
+    receipts = {m: json.loads((tmp_path / "b" / "seed0" / f"audit-{m}" / "receipt.json")
+                              .read_text()) for m in names}
+    for m in names:
+        summary = receipts[m]["summary"]
+        assert rows[m]["forgotten share"] == summary["forgotten_share"]
+        assert rows[m]["relearned knowledge"] == summary["relearned"]["unlearned"]["knowledge"]
+        assert receipts[m]["relearn"]["original"] == receipts["target"]["relearn"]["unlearned"]
+        assert receipts[m]["pii_from"].endswith(f"eval-{m}")
+    assert rows["oracle"]["relearn robust"] is True  # the oracle is its own yardstick
+    assert 'href="seed0/audit-gd/receipt.html"' in page and "Relearning attack" in page
     record = json.loads((tmp_path / "b" / "seed0" / "gd" / "run.json").read_text())
     assert all("eval" in e for e in record["history"])  # a trajectory per epoch
     # a target fine-tuned from a base this package trained from scratch is still a small model
@@ -46,6 +57,8 @@ def test_bench_compares_methods_with_target_and_oracle(synth_dir, tmp_path):
                   settings={"gd": {"epochs": 2, "batch_size": 4}},
                   target_settings={"epochs": 30, "pretrain_tokens": 8000})
     assert again["rows"] == board["rows"] and run_json.stat().st_mtime_ns == made
+    receipt_json = tmp_path / "b" / "seed0" / "audit-gd" / "receipt.json"
+    assert json.loads(receipt_json.read_text()) == receipts["gd"]
     # ... but not a run or its evaluation made with other settings
     changed = bench(synth_dir, tmp_path / "b", methods=("gd",), preset="tiny",
                     settings={"gd": {"epochs": 2, "batch_size": 4, "lr": 3e-3}},
@@ -70,8 +83,9 @@ def test_bench_compares_methods_with_target_and_oracle(synth_dir, tmp_path):
     fixed = bench(synth_dir, tmp_path / "s", methods=("gd_fixed:gd",), preset="tiny",
                   cache=tmp_path / "b" / "cache",
                   settings={"gd_fixed": {"epochs": 2, "batch_size": 4, "select": "none"}},
-                  target_settings={"epochs": 30, "pretrain_tokens": 8000})
+                  target_settings={"epochs": 30, "pretrain_tokens": 8000}, receipts=False)
     assert [r["model"] for r in fixed["rows"]] == ["target", "oracle", "gd_fixed"]
+    assert "forgotten share" not in fixed["rows"][0]  # no receipts asked for
     record = json.loads((tmp_path / "s" / "seed0" / "gd_fixed" / "run.json").read_text())
     assert record["method"] == "gd" and record["selection"] is None
     assert record["steps_trained"] == record["steps"]

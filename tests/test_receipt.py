@@ -107,3 +107,34 @@ def test_the_command_writes_a_receipt(tiny_target, synth_dir, tmp_path, capsys):
     assert main(["audit", "--model", target, "--original", target, "--data", str(synth_dir),
                  "--mia", str(synth_dir / "mia"), "--out", str(tmp_path / "mine")]) == 2
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
+def test_work_already_done_is_not_redone(tiny_target, synth_dir, tmp_path, monkeypatch):
+    """`unlearn bench` hands each receipt the attacks on the target and the oracle, and the
+    PII findings of the model's own evaluation: neither is run again."""
+    from unlearn.evaluation import receipt as receipt_module
+    from unlearn.evaluation.scoring import evaluate
+
+    target = tiny_target[0]
+    evaluate(target, synth_dir, tmp_path / "e", mia=synth_dir / "mia", audit=True, samples=2,
+             max_new_tokens=8)
+    attacks = {role: {"before": {"knowledge": 0.5, "regurgitation": 0.5},
+                      "after": {"knowledge": value, "regurgitation": value},
+                      "attacked_documents": ["a"], "held_out_documents": ["b"]}
+               for role, value in (("original", 0.9), ("oracle", 0.1))}
+
+    def fails(*args, **kw):
+        raise AssertionError("ran again")
+    monkeypatch.setattr(receipt_module, "relearn", fails)
+    monkeypatch.setattr(receipt_module, "pii_extraction", fails)
+    receipt = audit(target, target, synth_dir, synth_dir / "mia", tmp_path / "r",
+                    oracle=target, samples=2, max_new_tokens=8,
+                    attacks=attacks, evaluation=tmp_path / "e")
+    # the model is the original: its attack is the original's
+    assert receipt["relearn"]["unlearned"] == attacks["original"]
+    assert receipt["relearn"]["robust"] is False  # relearns 0.9 against the oracle's 0.1
+    assert receipt["pii_from"] == str(tmp_path / "e")
+    # findings sampled another way are refused
+    with pytest.raises(ValueError, match="samples"):
+        audit(target, target, synth_dir, synth_dir / "mia", tmp_path / "r2", samples=3,
+              max_new_tokens=8, attacks=attacks, evaluation=tmp_path / "e")

@@ -12,6 +12,7 @@ import torch
 
 from . import __version__
 from .data import DataError, load_lume, synthesize
+from .evaluation.audit import PII_SAMPLES
 from .evaluation.relearn import RelearnConfig
 from .methods import METHODS
 from .models import PRESETS, ModelError
@@ -108,7 +109,8 @@ def cmd_audit(args) -> None:
                            share=args.relearn_share)
     receipt = audit(args.model, args.original, args.data, args.mia, args.out,
                     oracle=args.oracle, split=args.split, seed=args.seed, samples=args.samples,
-                    max_new_tokens=args.max_new_tokens, relearn_config=config)
+                    max_new_tokens=args.max_new_tokens, relearn_config=config,
+                    evaluation=args.evaluation)
     s = receipt["summary"]
     print(f"{s['documents']} forget documents: {s['forgotten']} forgotten, {s['partly']} "
           f"partly, {s['remembered']} remembered ({s['over_unlearned']} over-unlearned)")
@@ -125,7 +127,7 @@ def cmd_bench(args) -> None:
                   mmlu=args.mmlu, pretrain=args.pretrain, preset=args.preset, seeds=args.seeds,
                   eval_points=args.eval_points, target_settings=per_method.pop("target", None),
                   trace=args.trace, settings=per_method, target=args.target,
-                  oracle=args.oracle, split=args.split)
+                  oracle=args.oracle, split=args.split, receipts=not args.no_receipts)
     print((Path(args.out) / "leaderboard.md").read_text())
     print(f"{len(board['rows'])} models; report: {Path(args.out) / 'report.html'}")
 
@@ -183,7 +185,8 @@ def _add_eval(sub) -> None:
                    help="auto: bf16 on a GPU (as the official scorer), fp32 on a CPU")
     e.add_argument("--audit", action="store_true",
                    help="leak audit: four MIAs on the forget documents, PII extraction")
-    e.add_argument("--samples", type=int, default=10, help="PII samples per prompt (audit)")
+    e.add_argument("--samples", type=int, default=PII_SAMPLES,
+                   help="PII samples per prompt (audit)")
     e.add_argument("--before", help="evaluation directory of the model before unlearning, "
                                     "drawn for comparison in report.html")
     e.add_argument("--resume", action="store_true",
@@ -245,7 +248,9 @@ def _add_audit(sub) -> None:
     a.add_argument("--oracle", help="a model never trained on the forget set: the relearning "
                    "attack on it is what robust is judged against; default: none")
     a.add_argument("--seed", type=int, default=0, help="PII sampling and the attack's split")
-    a.add_argument("--samples", type=int, default=10, help="PII samples per prompt")
+    a.add_argument("--samples", type=int, default=PII_SAMPLES, help="PII samples per prompt")
+    a.add_argument("--evaluation", help="an `unlearn eval --audit` output of --model (same "
+                   "data, seed and samples): its PII findings are used, not sampled again")
     a.add_argument("--max-new-tokens", type=int, default=256)
     defaults = RelearnConfig()
     a.add_argument("--relearn-steps", type=int, default=defaults.steps,
@@ -278,6 +283,9 @@ def _add_bench(sub) -> None:
     b.add_argument("--trace", help="an `unlearn locate` output: its heatmaps go in the report")
     b.add_argument("--eval-points", type=int, default=6,
                    help="evaluations along each method's run (its trajectory in the report)")
+    b.add_argument("--no-receipts", action="store_true",
+                   help="skip `unlearn audit` of every model (the verdict per forget document "
+                        "and the relearning attack; needs the MIA set)")
     b.add_argument("settings", nargs="*", metavar="method.key=value",
                    help="method settings, e.g. sugd.lr=5e-4; target.key=value sets the target "
                         "preset's, e.g. target.pretrain_tokens=600000")

@@ -20,9 +20,13 @@ import pandas as pd
 from .data import beside_data, load_lume
 from .data.lume import TASKS
 from .engine import resolve_config, run
+from .evaluation.audit import PII_SAMPLES
+from .evaluation.receipt import audit
+from .evaluation.relearn import RelearnConfig
 from .evaluation.report import bench_report
 from .evaluation.scoring import evaluate
 from .io import (
+    AUDIT,
     BENCH,
     EVAL,
     RUN,
@@ -49,7 +53,7 @@ def _terms(results: dict) -> dict[str, float | None]:
 
 
 def _row(name: str, results: dict, oracle: dict | None, run_record: dict | None,
-         target_seconds: float | None) -> dict:
+         target_seconds: float | None, receipt: dict | None) -> dict:
     row = {"model": name, **_terms(results),
            "task aggregate": results["harmonic-mean-task-aggregate"],
            "MIA AUC": results.get("mia_loss_acc"), "MIA score": results.get("mia_final_score"),
@@ -64,7 +68,30 @@ def _row(name: str, results: dict, oracle: dict | None, run_record: dict | None,
                                               if target_seconds else None)
         row["peak memory MB"] = run_record["peak_memory_mb"]
     row["PII leak rate"] = results.get("audit", {}).get("pii", {}).get("leak_rate")
+    if receipt:
+        summary = receipt["summary"]
+        relearned = summary["relearned"]["unlearned"]
+        row.update({"forgotten share": summary["forgotten_share"],
+                    "relearned knowledge": relearned["knowledge"],
+                    "relearned regurgitation": relearned["regurgitation"],
+                    "relearn robust": summary["relearn_robust"]})
     return row
+
+
+def _cached_receipt(model: Path, out: Path, original: Path, oracle: Path | None, data: Path,
+                    mia: Path, seed: int, split: str | None, **kw) -> dict:
+    """The receipt in ``out`` when it audited these very model files the same way, else a new
+    one in its place."""
+    if is_output(out, AUDIT):
+        made = json.loads((out / AUDIT.record).read_text())
+        files = {role: model_fingerprint(path) for role, path in
+                 (("model", model), ("original", original), ("oracle", oracle)) if path}
+        same = {"files": files, "data": str(data), "mia": str(mia), "seed": seed,
+                "split": split}
+        if (all(made.get(k) == v for k, v in same.items())
+                and made["rule"]["relearn"] == asdict(RelearnConfig())):
+            return made
+    return audit(model, original, data, mia, out, oracle=oracle, split=split, seed=seed, **kw)
 
 
 def _cached_eval(model: Path, data, out: Path, **kw) -> dict:
@@ -74,7 +101,7 @@ def _cached_eval(model: Path, data, out: Path, **kw) -> dict:
         made = json.loads((out / EVAL.record).read_text())
         same = {"model_files": model_fingerprint(model), "data_dir": str(data), "audit": True,
                 "mia": path_text(kw.get("mia")), "mmlu": path_text(kw.get("mmlu")),
-                "seed": kw.get("seed", 0), "split": kw.get("split")}
+                "seed": kw.get("seed", 0), "split": kw.get("split"), "samples": PII_SAMPLES}
         if all(made.get(k) == v for k, v in same.items()):
             return json.loads((out / "results.json").read_text())
     return evaluate(model, data, out, audit=True, **kw)
@@ -99,7 +126,8 @@ def bench(data: str | Path, out: str | Path, methods=("sugd", "sha256", "gd", "n
           eval_points: int = 6, cache: str | Path | None = None,
           settings: dict[str, dict] | None = None, target_settings: dict | None = None,
           trace: str | Path | None = None, target: str | Path | None = None,
-          oracle: str | Path | None = None, split: str | None = None) -> dict:
+          oracle: str | Path | None = None, split: str | None = None,
+          receipts: bool = True) -> dict:
     """Compare ``methods`` on the target built from ``data``; write ``out/leaderboard.{md,csv,
     json}`` and ``out/report.html``. ``mia``/``mmlu``/``pretrain`` default to the ``data``
     subdirectories of those names when present. ``settings[method]`` overrides a method's
@@ -114,7 +142,9 @@ def bench(data: str | Path, out: str | Path, methods=("sugd", "sha256", "gd", "n
     ``eval_points`` moments of its run (its trajectory in the report). ``trace`` (an
     ``unlearn locate`` output; default: the one a method's ``trace=`` setting names) puts the
     causal-tracing heatmaps in the report. ``split`` chooses one data split where ``data``
-    holds several (the official parquet snapshot).
+    holds several (the official parquet snapshot). ``receipts`` (with an MIA set) audits every
+    model as ``unlearn audit`` does: a verdict per forget document and the relearning attack,
+    whose figures join the leaderboard; the target and the oracle are attacked once per seed.
     Returns the leaderboard (rows and, over several seeds, mean and std)."""
     data, out = Path(data), Path(out)
     mia, mmlu, pretrain = (beside_data(data, mia, "mia"), beside_data(data, mmlu, "mmlu"),
@@ -132,7 +162,8 @@ def bench(data: str | Path, out: str | Path, methods=("sugd", "sha256", "gd", "n
                                 "preset": preset,
                                 "seeds": seeds, "settings": settings,
                                 "target_settings": target_settings,
-                                "target": path_text(target), "oracle": path_text(oracle)})
+                                "target": path_text(target), "oracle": path_text(oracle),
+                                "receipts": receipts})
     runs, trajectories = [], {}
     for seed in range(seeds):
         if target is None:
@@ -142,12 +173,14 @@ def bench(data: str | Path, out: str | Path, methods=("sugd", "sha256", "gd", "n
                             preset, pretrain, mmlu, mia, seed, target_settings or {}, split)
         else:
             models = {"target": Path(target), "oracle": Path(oracle) if oracle else None}
-        rows, evals, runs_of_seed = _bench_seed(data, out / f"seed{seed}", models, methods, lume,
-                                                mia, mmlu, held_out, seed, eval_points, settings,
-                                                split)
+        rows, evals, runs_of_seed, audited = _bench_seed(
+            data, out / f"seed{seed}", models, methods, lume, mia, mmlu, held_out, seed,
+            eval_points, settings, split, receipts)
         if seed == 0:
             first, trajectories = evals, {label: _trajectory(record)
                                           for label, record in runs_of_seed.items()}
+            first_receipts = {label: (receipt, f"seed0/audit-{label}/receipt.html")
+                              for label, receipt in audited.items()}
         runs.append(rows)
     board = _leaderboard(runs)
     frame = pd.DataFrame(board["rows"])
@@ -157,15 +190,16 @@ def bench(data: str | Path, out: str | Path, methods=("sugd", "sha256", "gd", "n
     trace = trace or next((s["trace"] for s in settings.values() if s.get("trace")), None)
     bench_report(out / "report.html", first, trajectories,
                  {k: out / "seed0" / f"eval-{k}" for k in first}, frame,
-                 Path(trace) if trace else None)
+                 Path(trace) if trace else None, first_receipts)
     return board
 
 
 def _bench_seed(data: Path, base: Path, models: dict, methods, lume, mia, mmlu, held_out,
-                seed: int, eval_points: int, settings: dict,
-                split: str | None) -> tuple[list, dict, dict]:
-    """One seed: the target (and oracle) scored, every method run from the target and scored.
-    Returns the leaderboard rows, every model's results and every run's record."""
+                seed: int, eval_points: int, settings: dict, split: str | None,
+                receipts: bool) -> tuple[list, dict, dict, dict]:
+    """One seed: the target (and oracle) scored, every method run from the target and scored,
+    then, with ``receipts`` and an MIA set, every model audited. Returns the leaderboard rows,
+    every model's results, every run's record and every model's receipt."""
     target_seconds = _training_seconds(models)
     # no model is judged on the MIA documents that chose a run's model (the run's seed gives
     # the same split the run held out)
@@ -174,8 +208,6 @@ def _bench_seed(data: Path, base: Path, models: dict, methods, lume, mia, mmlu, 
     kw = dict(mia=scored, mmlu=mmlu, seed=seed, split=split)
     evals = {kind: _cached_eval(models[kind], data, base / f"eval-{kind}", **kw)
              for kind in ("target", "oracle") if models.get(kind)}
-    oracle = evals.get("oracle")
-    rows = [_row(k, evals[k], oracle, None, target_seconds) for k in evals]
     records = {}
     for entry in methods:
         label, _, name = entry.partition(":")  # `label:method`: a variant of a method
@@ -188,8 +220,30 @@ def _bench_seed(data: Path, base: Path, models: dict, methods, lume, mia, mmlu, 
         records[label] = json.loads((model / "run.json").read_text())
         evals[label] = _cached_eval(model, data, base / f"eval-{label}",
                                     before=base / "eval-target", **kw)
-        rows.append(_row(label, evals[label], oracle, records[label], target_seconds))
-    return rows, evals, records
+    audited = (_receipts(base, models, [e.partition(":")[0] for e in methods], data, scored,
+                         seed, split) if receipts and scored else {})
+    rows = [_row(k, evals[k], evals.get("oracle"), records.get(k), target_seconds,
+                 audited.get(k)) for k in evals]
+    return rows, evals, records, audited
+
+
+def _receipts(base: Path, models: dict, labels: list[str], data: Path, mia: Path, seed: int,
+              split: str | None) -> dict[str, dict]:
+    """Every model's receipt (``unlearn audit``) in ``base/audit-LABEL``. The target and the
+    oracle are attacked once, with the target's receipt; every other receipt reuses those
+    attacks, and the PII findings of the model's evaluation."""
+    paths = {"target": models["target"], "oracle": models.get("oracle"),
+             **{label: base / label for label in labels}}
+    done, attacks = {}, {}
+    for label, model in paths.items():
+        if model is None:
+            continue
+        done[label] = _cached_receipt(model, base / f"audit-{label}", models["target"],
+                                      models.get("oracle"), data, mia, seed, split,
+                                      attacks=attacks, evaluation=base / f"eval-{label}")
+        attacks = {role: done[label]["relearn"][role] for role in ("original", "oracle")
+                   if role in done[label]["relearn"]}
+    return done
 
 
 def _training_seconds(models: dict) -> float | None:

@@ -27,6 +27,7 @@ from ..models.forward import next_token_nll
 from ..models.sequences import context_window, length_sorted_batches, pad
 
 MIN_K = 0.2
+PII_SAMPLES = 10  # completions sampled per PII prompt
 
 
 @torch.no_grad()
@@ -145,7 +146,7 @@ def leaked(text: str, person: Person) -> set[str]:
 
 
 @torch.no_grad()
-def pii_extraction(model, tokenizer, people: list[Person], samples: int = 10,
+def pii_extraction(model, tokenizer, people: list[Person], samples: int = PII_SAMPLES,
                    max_new_tokens: int = 64, seed: int = 0, prompts_per_batch: int = 8) -> dict:
     """Sample ``samples`` completions at temperature 1 for every prompt of every person; count
     prompts (and people) for which any sample holds an exact SSN, phone or e-mail."""
@@ -185,7 +186,7 @@ def pii_extraction(model, tokenizer, people: list[Person], samples: int = 10,
             "leaked_by_person": {doc: sorted(found) for doc, found in by_person.items()}}
 
 
-def audit(model, tokenizer, lume: LumeData, mia: MiaData | None, samples: int = 10,
+def audit(model, tokenizer, lume: LumeData, mia: MiaData | None, samples: int = PII_SAMPLES,
           seed: int = 0) -> dict:
     """Both parts of the leak audit; MIAs need the MIA set's non-members."""
     result = {}

@@ -18,8 +18,10 @@ The never-seen documents are the MIA set's non-members, measured on the same mod
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +29,12 @@ import torch
 
 from ..data import load_lume, load_mia
 from ..data.lume import Row
-from ..io import AUDIT, atomic_directory, claim_output, path_text, write_json
+from ..io import AUDIT, EVAL, atomic_directory, claim_output, is_output, path_text, write_json
 from ..measure.generation import greedy_generate
 from ..measure.metrics import knowledge, regurgitation
 from ..measure.nll import document_nll
-from ..models.loading import best_device, load_model
-from .audit import forgotten_people, pii_extraction
+from ..models.loading import best_device, load_model, model_fingerprint
+from .audit import PII_SAMPLES, forgotten_people, pii_extraction
 from .receipt_page import write_receipt_page
 from .relearn import RelearnConfig, relearn
 
@@ -118,40 +120,60 @@ def measure_documents(model, tokenizer, docs: list[ForgetDocument], band: dict,
 
 def audit(model: str | Path, original: str | Path, data: str | Path, mia: str | Path,
           out: str | Path, oracle: str | Path | None = None, split: str | None = None,
-          seed: int = 0, samples: int = 10, max_new_tokens: int = 256,
-          relearn_config: RelearnConfig | None = None) -> dict:
+          seed: int = 0, samples: int = PII_SAMPLES, max_new_tokens: int = 256,
+          relearn_config: RelearnConfig | None = None, attacks: dict | None = None,
+          evaluation: str | Path | None = None) -> dict:
     """Write ``out/receipt.json`` and ``out/receipt.html`` for the unlearned ``model``: a
     verdict per forget document of ``data`` (rule: module docstring and README), judged against
     the never-seen documents of the MIA set ``mia``, with its loss under ``original`` (the model
     before unlearning) beside it; then the relearning attack (:mod:`unlearn.evaluation.relearn`,
     budget ``relearn_config``) on ``model``, ``original`` and, when given, ``oracle``. Every
-    model directory is only read. Returns the receipt."""
+    model directory is only read. Returns the receipt.
+
+    Work already done is not redone: ``attacks`` holds attacks already run with this budget and
+    seed, by role (``original``, ``oracle``, ``unlearned``), as ``unlearn bench`` runs them
+    once for all its methods; a model given in two roles is attacked once; ``evaluation`` (an
+    ``unlearn eval --audit`` output of ``model`` on ``data`` with this seed and ``samples``)
+    gives the PII findings instead of sampling them again."""
     started = time.perf_counter()
     claim_output(out, AUDIT, {"--model": model, "--original": original, "--data": data,
-                              "--mia": mia, "--oracle": oracle})
+                              "--mia": mia, "--oracle": oracle, "--evaluation": evaluation})
     config = relearn_config or RelearnConfig()
     lume, never_seen = load_lume(data, split), load_mia(mia).nonmember
     docs = forget_documents(lume.forget)
+    attacks = dict(attacks or {})
+    attack = partial(relearn, forget=lume.forget, config=config, seed=seed,
+                     max_new_tokens=max_new_tokens)
     # each model is loaded once: measured, then attacked (the attack fine-tunes that copy)
     source, tokenizer = _load(original)
     before = document_nll(source, tokenizer, [d.text for d in docs], desc="before")
-    attacks = {"original": relearn(source, tokenizer, lume.forget, config, seed, max_new_tokens)}
+    if "original" not in attacks:
+        attacks["original"] = attack(source, tokenizer)
     del source
     lm, tokenizer = _load(model)
     band = never_seen_band(lm, tokenizer, [d.document for d in never_seen], max_new_tokens)
-    pii = pii_extraction(lm, tokenizer, forgotten_people(lume.rows), samples, seed=seed)
-    entries = measure_documents(lm, tokenizer, docs, band, pii["leaked_by_person"],
-                                max_new_tokens)
+    leaked = (_evaluated_pii(evaluation, model, data, split, seed, samples) if evaluation
+              else pii_extraction(lm, tokenizer, forgotten_people(lume.rows), samples,
+                                  seed=seed))["leaked_by_person"]
+    entries = measure_documents(lm, tokenizer, docs, band, leaked, max_new_tokens)
     for entry, loss in zip(entries, before):
         entry["loss_before"] = loss
-    attacks["unlearned"] = relearn(lm, tokenizer, lume.forget, config, seed, max_new_tokens)
+    roles = {"original": original, "oracle": oracle}
+    twin = next((r for r, p in roles.items() if r in attacks and _same(p, model)), None)
+    if "unlearned" not in attacks:
+        attacks["unlearned"] = attacks[twin] if twin else attack(lm, tokenizer)
     del lm
-    if oracle:
-        attacks["oracle"] = relearn(*_load(oracle), lume.forget, config, seed, max_new_tokens)
+    if oracle and "oracle" not in attacks:
+        attacks["oracle"] = (attacks["unlearned"] if _same(oracle, model)
+                             else attack(*_load(oracle)))
     attacks = {k: attacks[k] for k in ("unlearned", "oracle", "original") if k in attacks}
     is_robust = robust(attacks, config.margin)
     receipt = {"model": str(model), "original": str(original), "oracle": path_text(oracle),
                "data": str(data), "split": split, "mia": str(mia), "seed": seed,
+               "samples": samples, "max_new_tokens": max_new_tokens,
+               "pii_from": path_text(evaluation),
+               "files": {role: model_fingerprint(path) for role, path in
+                         (("model", model), ("original", original), ("oracle", oracle)) if path},
                "rule": {"band_percentiles": [LOW, HIGH], "relearn": asdict(config)},
                "never_seen": {k: v for k, v in band.items() if k != "losses"},
                "documents": entries,
@@ -162,6 +184,27 @@ def audit(model: str | Path, original: str | Path, data: str | Path, mia: str | 
         write_json(staging / "receipt.json", receipt)
         write_receipt_page(staging / "receipt.html", receipt, band["losses"].tolist())
     return receipt
+
+
+def _same(a, b) -> bool:
+    return a is not None and b is not None and Path(a).resolve() == Path(b).resolve()
+
+
+def _evaluated_pii(evaluation, model, data, split, seed: int, samples: int) -> dict:
+    """The PII findings of an ``unlearn eval --audit`` output, once it is shown to have
+    sampled this very model, data, seed and sample count."""
+    evaluation = Path(evaluation)
+    if not is_output(evaluation, EVAL):
+        raise ValueError(f"{evaluation} is not an `unlearn eval` output: give the directory "
+                         f"an `unlearn eval --audit` wrote, or leave the evaluation out")
+    made = json.loads((evaluation / EVAL.record).read_text())
+    wanted = {"model_files": model_fingerprint(model), "data_dir": str(data), "split": split,
+              "audit": True, "seed": seed, "samples": samples}
+    differ = [k for k, v in wanted.items() if made.get(k) != v]
+    if differ:
+        raise ValueError(f"{evaluation} did not audit this model the same way ({', '.join(differ)}"
+                         f" differ): run `unlearn eval --audit` again or leave it out")
+    return json.loads((evaluation / "results.json").read_text())["audit"]["pii"]
 
 
 def robust(attacks: dict, margin: float) -> bool | None:

@@ -8,9 +8,10 @@ import html
 import matplotlib.pyplot as plt
 import numpy as np
 
-from .report import figure_png, image, write_page
+from .report import figure_png, image, relearn_bars, write_page
 
 COLOURS = {"forgotten": "#2a9d8f", "partly": "#e9c46a", "remembered": "#e76f51"}
+ROLES = ("original", "unlearned", "oracle")  # the attacked models, in the bars' order
 COLUMNS = [("id", "document"), ("task", "task"), ("verdict", "verdict"),
            ("loss_before", "loss before"), ("loss_after", "loss after"),
            ("loss_percentile", "percentile among never seen"),
@@ -61,21 +62,6 @@ def _losses(documents: list[dict], never_seen: list[float], band: dict) -> str:
     return figure_png(fig)
 
 
-def _relearn_bars(relearn: dict) -> str:
-    models = [m for m in ("original", "unlearned", "oracle") if m in relearn]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    for ax, score in zip(axes, ("knowledge", "regurgitation")):
-        x = np.arange(len(models))
-        for offset, when, alpha in ((-0.2, "before", 0.45), (0.2, "after", 1.0)):
-            values = [relearn[m][when][score] or 0.0 for m in models]
-            ax.bar(x + offset, values, 0.4, alpha=alpha, color="#264653", label=when)
-        ax.set_xticks(x, models)
-        ax.set_ylim(0, 1)
-        ax.set_title(f"held-out forget {score}")
-    axes[0].legend(fontsize=8)
-    return figure_png(fig)
-
-
 def write_receipt_page(path, receipt: dict, never_seen: list[float]) -> None:
     s, attack = receipt["summary"], receipt["relearn"]["unlearned"]
     robust = {True: "robust", False: "NOT robust", None: "not judged (no oracle)"}
@@ -88,6 +74,7 @@ def write_receipt_page(path, receipt: dict, never_seen: list[float]) -> None:
              "<h2>Relearning attack</h2>",
              f"<p>Each model fine-tuned on {len(attack['attacked_documents'])} forget "
              f"documents, then scored on the other {len(attack['held_out_documents'])}.</p>",
-             image(_relearn_bars(receipt["relearn"])),
+             image(relearn_bars({role: receipt["relearn"][role] for role in ROLES
+                                 if role in receipt["relearn"]})),
              "<h2>Verdict per document</h2>", _table(receipt["documents"]), SORT_SCRIPT]
     write_page(path, "unlearning receipt", parts, width=1200)

@@ -42,6 +42,23 @@ def figure_png(fig) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+def relearn_bars(attacks: dict[str, dict]) -> str:
+    """The relearning attack on each model (name -> :func:`unlearn.evaluation.relearn.relearn`
+    result): held-out forget knowledge and regurgitation before and after it."""
+    names = list(attacks)
+    fig, axes = plt.subplots(1, 2, figsize=(max(9, 1.6 * len(names)), 3.2))
+    for ax, score in zip(axes, ("knowledge", "regurgitation")):
+        x = np.arange(len(names))
+        for offset, when, alpha in ((-0.2, "before", 0.45), (0.2, "after", 1.0)):
+            values = [attacks[n][when][score] or 0.0 for n in names]
+            ax.bar(x + offset, values, 0.4, alpha=alpha, color="#264653", label=when)
+        ax.set_xticks(x, names)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"held-out forget {score}")
+    axes[0].legend(fontsize=8)
+    return figure_png(fig)
+
+
 def _task_bars(results: dict, before: dict | None) -> str:
     """Per task, forget against retain, for each score (the target's values as grey ticks)."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), sharey=True)
@@ -174,9 +191,11 @@ def _tradeoff(evals: dict, trajectories: dict) -> str:
 
 
 def bench_report(path, evals: dict, trajectories: dict, eval_dirs: dict, leaderboard,
-                 trace: Path | None = None) -> None:
-    """The benchmark's page: leaderboard, trade-off scatter, per-model task bars, MIA losses,
-    and the causal-tracing heatmaps of ``trace`` (an ``unlearn locate`` output) when given."""
+                 trace: Path | None = None, receipts: dict | None = None) -> None:
+    """The benchmark's page: leaderboard, trade-off scatter, the relearning attack on every
+    model with a link to its receipt (``receipts``: name -> (receipt, link)), per-model task
+    bars, MIA losses, and the causal-tracing heatmaps of ``trace`` (an ``unlearn locate``
+    output) when given."""
     import pandas as pd
 
     parts = ["<h1>unlearn bench</h1>", "<h2>Leaderboard</h2>",
@@ -185,6 +204,10 @@ def bench_report(path, evals: dict, trajectories: dict, eval_dirs: dict, leaderb
              "</div>",
              "<h2>Forget vs retain</h2>",
              image(_tradeoff(evals, trajectories))]
+    if receipts:
+        parts += ["<h2>Relearning attack</h2>", _attack_note(receipts),
+                  image(relearn_bars({name: receipt["relearn"]["unlearned"]
+                                      for name, (receipt, _) in receipts.items()}))]
     for name, results in evals.items():
         parts += [f"<h2>{html.escape(name)}: per task</h2>",
                   image(_task_bars(results, evals.get("target")))]
@@ -203,3 +226,13 @@ def bench_report(path, evals: dict, trajectories: dict, eval_dirs: dict, leaderb
         parts += [image(base64.b64encode((trace / f"{kind}.png").read_bytes()).decode())
                   for kind in ("mlp", "attn", "residual") if (trace / f"{kind}.png").exists()]
     write_page(path, "unlearn bench", parts, width=1300)
+
+
+def _attack_note(receipts: dict) -> str:
+    """What the attack did, and a link to every model's receipt."""
+    attack = next(iter(receipts.values()))[0]["relearn"]["unlearned"]
+    links = ", ".join(f'<a href="{html.escape(link)}">{html.escape(name)}</a>'
+                      for name, (_, link) in receipts.items())
+    return (f"<p>Each model fine-tuned on {len(attack['attacked_documents'])} forget documents, "
+            f"then scored on the other {len(attack['held_out_documents'])} "
+            f"(<code>unlearn audit</code>). Receipts, a verdict per document: {links}.</p>")

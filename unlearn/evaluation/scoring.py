@@ -24,6 +24,7 @@ from ..io import (
 )
 from ..measure.official import RowResult, Scores, score_model
 from ..models.loading import best_device, load_model, model_fingerprint
+from .audit import PII_SAMPLES
 from .audit import audit as run_audit
 from .report import write_report
 
@@ -51,7 +52,7 @@ DTYPES = {"auto": torch.bfloat16 if torch.cuda.is_available() else torch.float32
 def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
              mia: str | Path | None = None, mmlu: str | Path | None = None,
              max_new_tokens: int = 256, dtype: str = "auto", audit: bool = False,
-             samples: int = 10, before: str | Path | None = None, resume: bool = False,
+             samples: int = PII_SAMPLES, before: str | Path | None = None, resume: bool = False,
              seed: int = 0, split: str | None = None) -> dict:
     """Score a model directory on a LUME dataset as SemEval-2025 Task 4 did.
 
@@ -103,7 +104,8 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
         _write_outputs(staging, scores, found, mia_docs, previous, str(model))
         write_json(staging / "eval.json", {**made_by, "data_dir": str(data), "split": split,
                                            "mia": path_text(mia), "mmlu": path_text(mmlu),
-                                           "audit": audit, "seed": seed})
+                                           "audit": audit, "samples": samples,
+                                           "seed": seed})
     state.wait_for_everyone()
     return scores.results
 
