@@ -28,3 +28,46 @@ def test_target_settings_must_be_key_value(tmp_path, capsys, synth_dir):
     assert main(["target", "--data", str(synth_dir), "--out", str(tmp_path / "m"),
                  "--preset", "tiny", "epochs"]) == 2
     assert "not key=value" in capsys.readouterr().err
+
+
+def _subcommands(parser):
+    """``(name, parser)`` for every command and sub-command."""
+    import argparse
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield name, sub
+                yield from ((f"{name} {n}", p) for n, p in _subcommands(sub))
+
+
+def test_every_option_says_what_it_does_and_its_default():
+    from unlearn.cli import parser
+    from unlearn.methods import METHODS
+    commands = dict(_subcommands(parser()))
+    assert {"data import", "run", "bench", "audit", "eval"} <= set(commands)
+    for name, sub in commands.items():
+        shown = " ".join(sub.format_help().split())
+        for action in sub._actions:
+            if action.dest in ("help", "command", "data_command"):
+                continue
+            assert action.help, f"unlearn {name} {action.option_strings}: no help line"
+            has_default = action.default is not None and action.default is not False
+            if action.option_strings and has_default and "default" not in action.help:
+                assert f"(default: {action.default})" in shown, (name, action.dest)
+    run_help = commands["run"].format_help()
+    assert all(f"  {method} " in run_help for method in METHODS)  # every method, one line
+    assert "positive_ratio=7" in run_help and "steering_coeff=20.0" in run_help
+    assert "trains three models" in " ".join(commands["bench"].format_help().split())
+    assert parser().epilog.count("unlearn ") >= 3
+
+
+def test_import_then_check_your_own_documents(tmp_path, capsys):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "alice.txt").write_text("Alice lives at 12 Elm Road and her phone is 555 123 4567.")
+    (tmp_path / "retain.jsonl").write_text('{"text": "Paris is the capital of France."}\n')
+    assert main(["data", "import", "--forget", str(docs), "--retain",
+                 str(tmp_path / "retain.jsonl"), "--out", str(tmp_path / "d")]) == 0
+    assert "no mia/" in capsys.readouterr().out
+    assert main(["data", "check", str(tmp_path / "d")]) == 0
+    assert '"custom/sc": 1' in capsys.readouterr().out

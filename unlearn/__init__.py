@@ -7,7 +7,7 @@ one of these functions; the subpackages (``data``, ``models``, ``methods``, ``tr
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .data import DataError, load_lume, load_mia, load_mmlu, synthesize
+from .data import DataError, import_documents, load_lume, load_mia, load_mmlu, synthesize
 from .demo import demo
 from .engine import run
 from .evaluation import evaluate
@@ -23,4 +23,5 @@ except PackageNotFoundError:  # run from a source tree that was never installed
     __version__ = "0+unknown"
 
 __all__ = ["DataError", "ModelError", "audit", "bench", "build_target", "demo", "evaluate",
-           "load_lume", "load_mia", "load_mmlu", "load_model", "locate", "run", "synthesize"]
+           "import_documents", "load_lume", "load_mia", "load_mmlu", "load_model", "locate", "run",
+           "synthesize"]

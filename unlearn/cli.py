@@ -5,18 +5,74 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
+import textwrap
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 
 from . import __version__
-from .data import DataError, load_lume, synthesize
+from .data import DataError, import_documents, importing, load_lume, synthesize
+from .data import synth as synth_module
+from .data.importing import CUSTOM_TASK
 from .evaluation.audit import PII_SAMPLES
 from .evaluation.relearn import RelearnConfig
-from .methods import METHODS
+from .methods import METHODS, UnlearnConfig
 from .models import PRESETS, ModelError
 from .target import build_target
+
+DESCRIPTION = ("Remove chosen documents from a trained causal language model, keep what it "
+               "should still know, and prove it (SemEval-2025 Task 4, LUME). Each command has "
+               "its own --help.")
+EXAMPLES = """examples:
+  unlearn demo                                   # the whole job on the embedded benchmark
+  unlearn data import --forget docs/forget --retain docs/retain.jsonl --out data
+  unlearn run --method sugd --model MY_MODEL --data data --out sugd
+  unlearn eval --model sugd --data data --out sugd-eval --before target-eval
+  unlearn bench --data data --target MY_MODEL --methods sugd,gd --out bench
+"""
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written, and every option's default after its help, unless the help
+    already says it or there is none to say (a flag, an option off by default)."""
+
+    def _get_help_string(self, action) -> str:
+        text = action.help or ""
+        quiet = action.default is None or action.default is False  # 0 is a default to show
+        if (not quiet and action.default != argparse.SUPPRESS and "default" not in text
+                and (action.option_strings or action.nargs == "*")):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _command(sub, name: str, summary: str, description: str | None = None):
+    return sub.add_parser(name, help=summary, description=description or summary,
+                          formatter_class=_Help)
+
+
+def _methods_epilog() -> str:
+    """Each method, the first sentence of its docstring, and the settings its config adds or
+    changes."""
+    shared = {f.name: f.default for f in fields(UnlearnConfig)}
+    lines = ["methods (settings of their own or changed, paper defaults; 'small:' the "
+             "overrides for small from-scratch targets):"]
+    for name, cls in sorted(METHODS.items()):
+        doc = " ".join((sys.modules[cls.__module__].__doc__ or cls.__doc__ or "").split())
+        first = re.split(r"(?<! al)\.\s", doc)[0]  # the first sentence ("et al." is not an end)
+        lines.append(f"  {name:8} " + textwrap.shorten(first, 88, placeholder=" ..."))
+        own = [f"{f.name}={f.default}" for f in fields(cls.Config)
+               if shared.get(f.name, object()) != f.default]
+        small = [f"{k}={v}" for k, v in (getattr(cls, "small_target", None) or {}).items()]
+        settings = (" ".join(own) or "(the shared settings only)") + (
+            f"; small: {' '.join(small)}" if small else "")
+        lines += textwrap.wrap(settings, 99, initial_indent=" " * 11, subsequent_indent=" " * 11)
+    lines += textwrap.wrap("shared settings of every method (lr, epochs, batch_size, layers, "
+                           "lora, select, ...): help(unlearn.methods.UnlearnConfig) and the "
+                           "README's methods table", 99)
+    return "\n".join(lines)
 
 
 def _settings(pairs: list[str]) -> dict[str, str]:
@@ -31,7 +87,7 @@ def _settings(pairs: list[str]) -> dict[str, str]:
 
 def _add_data_args(parser) -> None:
     parser.add_argument("--data", required=True, help="LUME data directory")
-    parser.add_argument("--split", choices=("train", "validation"), default=None,
+    parser.add_argument("--split", choices=("train", "validation"),
                         help="the data split, where --data holds several (the official parquet "
                              "snapshot: forget_train-*.parquet, forget_validation-*.parquet); "
                              "default: the one the directory holds")
@@ -45,6 +101,14 @@ def _optional_dir(value: str):
 def cmd_synth(args) -> None:
     out = synthesize(args.out, seed=args.seed, docs_per_task=args.docs_per_task)
     print(f"wrote synthetic LUME-style benchmark to {out}")
+
+
+def cmd_import(args) -> None:
+    out = import_documents(args.forget, args.retain, args.out, nonmember=args.nonmember,
+                           questions=args.questions, task=args.task, seed=args.seed)
+    print(json.dumps(load_lume(out).summary(), indent=2))
+    print(f"wrote LUME-format data to {out}"
+          + ("" if args.nonmember else " (no --nonmember: no mia/, so no MIA score)"))
 
 
 def cmd_check(args) -> None:
@@ -137,36 +201,63 @@ def cmd_demo(args) -> None:
     demo(args.out, preset=args.preset, seed=args.seed)
 
 
+def _add_beside_data(parser, what: dict[str, str]) -> None:
+    """``--NAME`` options for the directories a dataset may carry (``DATA/mia`` ...)."""
+    for name, text in what.items():
+        parser.add_argument(f"--{name}", type=_optional_dir, default="auto", metavar="DIR",
+                            help=f"{text}; 'auto': DATA/{name} when present, 'none': skip it")
+
+
 def _add_data(sub) -> None:
-    """``unlearn data synth|check``."""
-    data = sub.add_parser("data", help="create or check LUME-format data").add_subparsers(
+    """``unlearn data synth|import|check``."""
+    data = _command(sub, "data", "create, import or check LUME-format data").add_subparsers(
         dest="data_command", required=True)
-    s = data.add_parser("synth", help="write the synthetic LUME-style benchmark")
-    s.add_argument("--out", required=True)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--docs-per-task", type=int, default=40)
+    s = _command(data, "synth", "write the synthetic LUME-style benchmark",
+                 synth_module.__doc__)
+    s.add_argument("--out", required=True, help="directory to write")
+    s.add_argument("--seed", type=int, default=0, help="seed of every name, fact and split")
+    s.add_argument("--docs-per-task", type=int, default=40,
+                   help="documents per task, half forget and half retain")
     s.set_defaults(func=cmd_synth)
-    c = data.add_parser("check", help="validate a LUME data directory and count its rows")
-    c.add_argument("dir")
-    c.add_argument("--split", choices=("train", "validation"), default=None,
+    i = _command(data, "import", "make LUME-format data from your own documents",
+                 importing.__doc__)
+    for name, what in (("forget", "the documents to remove"),
+                       ("retain", "documents the model must keep knowing")):
+        i.add_argument(f"--{name}", required=True, metavar="PATH",
+                       help=f"{what}: a .jsonl file (a 'text' field; optional 'id', 'task') or "
+                            f"a folder of .txt files (one document each)")
+    i.add_argument("--nonmember", metavar="PATH", help="documents the model never saw, same "
+                   "formats: they make mia/ (the MIA score, the audit's never-seen band)")
+    i.add_argument("--questions", metavar="JSONL", help="lines of {\"id\": DOCUMENT_ID, "
+                   "\"question\": ..., \"answer\": ...}: the documents' qa rows")
+    i.add_argument("--task", default=CUSTOM_TASK,
+                   help="task label of documents whose record names none")
+    i.add_argument("--seed", type=int, default=0, help="which forget documents are MIA members")
+    i.add_argument("--out", required=True, help="the LUME data directory to write")
+    i.set_defaults(func=cmd_import)
+    c = _command(data, "check", "validate a LUME data directory and count its rows")
+    c.add_argument("dir", help="the LUME data directory")
+    c.add_argument("--split", choices=("train", "validation"),
                    help="the data split, where DIR holds several (the official parquet snapshot)")
     c.set_defaults(func=cmd_check)
 
 
 def _add_target(sub) -> None:
     """``unlearn target``: build a memorising model."""
-    t = sub.add_parser("target", help="train a model that has memorised a LUME dataset")
+    t = _command(sub, "target", "train a model that has memorised a LUME dataset",
+                 "Train a target: the preset (or --init, a local HF causal LM) pretrained on "
+                 "the general corpus, then fine-tuned until it has memorised the forget and "
+                 "retain rows, as the task organisers fine-tuned OLMo.")
     _add_data_args(t)
     t.add_argument("--out", required=True, help="model directory to write")
-    t.add_argument("--preset", choices=sorted(PRESETS), default="small")
-    t.add_argument("--init",
+    t.add_argument("--preset", choices=sorted(PRESETS), default="small",
+                   help="architecture and recipe of a target trained from scratch")
+    t.add_argument("--init", metavar="HF_DIR",
                    help="fine-tune this local HF causal LM instead of training from scratch")
-    for name, what in (("pretrain", "general corpus to pretrain on first"),
-                       ("mmlu", "MMLU-format general-knowledge questions to learn"),
-                       ("mia", "MIA set to measure (never trained on)")):
-        t.add_argument(f"--{name}", type=_optional_dir, default="auto",
-                       help=f"{what}; default: DATA/{name} when present; 'none' to skip")
-    t.add_argument("--seed", type=int, default=0)
+    _add_beside_data(t, {"pretrain": "general corpus to pretrain on first",
+                         "mmlu": "MMLU-format general-knowledge questions to learn",
+                         "mia": "MIA set to measure (never trained on)"})
+    t.add_argument("--seed", type=int, default=0, help="initialisation and data order")
     t.add_argument("settings", nargs="*", metavar="key=value",
                    help="override preset fields, e.g. epochs=80 lr=1e-3")
     t.set_defaults(func=cmd_target)
@@ -174,47 +265,52 @@ def _add_target(sub) -> None:
 
 def _add_eval(sub) -> None:
     """``unlearn eval``: the official LUME scores."""
-    e = sub.add_parser("eval", help="score a model as SemEval-2025 Task 4 did (LUME)")
-    e.add_argument("--model", required=True, help="HF model directory")
+    e = _command(sub, "eval", "score a model as SemEval-2025 Task 4 did (LUME)",
+                 "Score a model the LUME way: regurgitation and knowledge per task and split, "
+                 "their harmonic mean, the loss-MIA score, MMLU and the final score; writes "
+                 "results.json, the official CSVs, generations.jsonl and report.html.")
+    e.add_argument("--model", required=True, help="HF model directory (only read)")
     _add_data_args(e)
-    e.add_argument("--mia", help="MIA directory (member.jsonl, nonmember.jsonl)")
-    e.add_argument("--mmlu", help="MMLU-format directory of CSVs")
-    e.add_argument("--out", required=True)
-    e.add_argument("--max-new-tokens", type=int, default=256)
+    _add_beside_data(e, {"mia": "MIA directory (member.jsonl, nonmember.jsonl)",
+                         "mmlu": "MMLU-format directory of CSVs"})
+    e.add_argument("--out", required=True, help="directory to write")
+    e.add_argument("--max-new-tokens", type=int, default=256,
+                   help="longest generation per row, as the official scorer")
     e.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                    help="auto: bf16 on a GPU (as the official scorer), fp32 on a CPU")
     e.add_argument("--audit", action="store_true",
                    help="leak audit: four MIAs on the forget documents, PII extraction")
     e.add_argument("--samples", type=int, default=PII_SAMPLES,
                    help="PII samples per prompt (audit)")
-    e.add_argument("--before", help="evaluation directory of the model before unlearning, "
-                                    "drawn for comparison in report.html")
+    e.add_argument("--before", metavar="EVAL_DIR", help="evaluation directory of the model "
+                   "before unlearning, drawn for comparison in report.html")
     e.add_argument("--resume", action="store_true",
                    help="reuse the generations of an interrupted run with the same --out")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--seed", type=int, default=0, help="PII sampling (audit)")
     e.set_defaults(func=cmd_eval)
 
 
 def _add_run(sub) -> None:
     """``unlearn run``: one method on one model."""
-    r = sub.add_parser("run", help="unlearn the forget set from a model")
-    r.add_argument("--method", required=True, choices=sorted(METHODS))
+    r = _command(sub, "run", "unlearn the forget set from a model",
+                 "Unlearn the forget set of DATA from MODEL with one method; the result is a "
+                 "new model directory (MODEL is only read).")
+    r.epilog = _methods_epilog()
+    r.add_argument("--method", required=True, choices=sorted(METHODS),
+                   help="the method (below)")
     r.add_argument("--model", required=True, help="HF model directory (only read)")
     _add_data_args(r)
     r.add_argument("--out", required=True, help="model directory to write")
     r.add_argument("--config", help="JSON, TOML or YAML file of method settings")
     r.add_argument("--profile", choices=["auto", "paper", "small"], default="auto",
                    help="defaults: the paper's, or adjusted for small from-scratch targets "
-                        "(auto: small when the model's target.json says it was built from scratch)")
+                        "(auto: small when the model's target.json says from_scratch)")
     r.add_argument("--eval-every", type=int, default=0, metavar="EPOCHS",
-                   help="score forget/retain every this many epochs into run.json")
-    r.add_argument("--mia", type=_optional_dir, default="auto",
-                   help="MIA set whose held-out split calibrates the choice of the model kept "
-                        "(select=score); default: DATA/mia when present; 'none' to skip")
-    r.add_argument("--mmlu", type=_optional_dir, default="auto",
-                   help="MMLU-format questions the estimate asks; default: DATA/mmlu when "
-                        "present; 'none' to skip")
-    r.add_argument("--seed", type=int, default=0)
+                   help="score forget/retain every this many epochs into run.json; 0: never")
+    _add_beside_data(r, {"mia": "MIA set whose held-out split calibrates the choice of the "
+                                "model kept (select=score)",
+                         "mmlu": "MMLU-format questions the selection estimate asks"})
+    r.add_argument("--seed", type=int, default=0, help="data order, sampling and selection split")
     r.add_argument("settings", nargs="*", metavar="key=value",
                    help="override method settings, e.g. lr=1e-4 lora=true layers=last:2")
     r.set_defaults(func=cmd_run)
@@ -222,36 +318,41 @@ def _add_run(sub) -> None:
 
 def _add_locate(sub) -> None:
     """``unlearn locate``: causal tracing."""
-    lo = sub.add_parser("locate", help="causal tracing: which layers carry the Task2 facts")
-    lo.add_argument("--model", required=True)
+    lo = _command(sub, "locate", "causal tracing: which layers carry the Task2 facts",
+                  "Causal tracing (Meng et al. 2022) of the Task2 facts: the indirect effect of "
+                  "each layer's MLP, attention and residual stream; writes trace.json, the "
+                  "heatmaps and the layers chosen (SHA256's layers=auto reads them).")
+    lo.add_argument("--model", required=True, help="HF model directory (only read)")
     _add_data_args(lo)
-    lo.add_argument("--out", required=True)
+    lo.add_argument("--out", required=True, help="directory to write")
     lo.add_argument("--samples", type=int, default=10, help="noise samples per fact")
     lo.add_argument("--window", type=int, default=10, help="layers restored together (MLP/attn)")
     lo.add_argument("--share", type=float, default=0.6,
                     help="share of the MLP effect the chosen block of layers must hold")
-    lo.add_argument("--max-facts", type=int)
-    lo.add_argument("--seed", type=int, default=0)
+    lo.add_argument("--max-facts", type=int, help="trace at most this many facts (all: none)")
+    lo.add_argument("--seed", type=int, default=0, help="the noise")
     lo.set_defaults(func=cmd_locate)
 
 
 def _add_audit(sub) -> None:
     """``unlearn audit``: a receipt per forget document and the relearning attack."""
-    a = sub.add_parser("audit", help="a verdict per forget document (forgotten, partly, "
-                       "remembered) and a relearning attack; writes receipt.json and .html")
-    a.add_argument("--model", required=True, help="the unlearned model")
-    a.add_argument("--original", required=True, help="the model before unlearning")
+    a = _command(sub, "audit", "a verdict per forget document and a relearning attack",
+                 "A receipt per forget document (forgotten, partly, remembered: the README's "
+                 "rule) and a targeted relearning attack on the unlearned model, the original "
+                 "and the oracle; writes receipt.json and receipt.html.")
+    a.add_argument("--model", required=True, help="the unlearned model (only read)")
+    a.add_argument("--original", required=True, help="the model before unlearning (only read)")
     _add_data_args(a)
     a.add_argument("--mia", required=True, help="MIA directory: its non-members are the "
                    "never-seen documents every forget document is judged against")
-    a.add_argument("--out", required=True)
+    a.add_argument("--out", required=True, help="directory to write")
     a.add_argument("--oracle", help="a model never trained on the forget set: the relearning "
-                   "attack on it is what robust is judged against; default: none")
+                   "attack on it is what robust is judged against")
     a.add_argument("--seed", type=int, default=0, help="PII sampling and the attack's split")
     a.add_argument("--samples", type=int, default=PII_SAMPLES, help="PII samples per prompt")
-    a.add_argument("--evaluation", help="an `unlearn eval --audit` output of --model (same "
-                   "data, seed and samples): its PII findings are used, not sampled again")
-    a.add_argument("--max-new-tokens", type=int, default=256)
+    a.add_argument("--evaluation", metavar="EVAL_DIR", help="an `unlearn eval --audit` output "
+                   "of --model (same data, seed and samples): its PII findings are reused")
+    a.add_argument("--max-new-tokens", type=int, default=256, help="longest generation per row")
     defaults = RelearnConfig()
     a.add_argument("--relearn-steps", type=int, default=defaults.steps,
                    help="the attacker's fine-tuning steps")
@@ -264,23 +365,31 @@ def _add_audit(sub) -> None:
 
 def _add_bench(sub) -> None:
     """``unlearn bench``: methods against the oracle."""
-    b = sub.add_parser("bench", help="compare methods on one target against the oracle")
+    b = _command(sub, "bench", "compare methods on one target against the oracle",
+                 "Compare methods the LUME way. Unless --target is given it trains three "
+                 "models first: a base (the preset pretrained on the general corpus), the "
+                 "target (the base memorising forget and retain rows) and the oracle (the base "
+                 "memorising the retain rows only: the model every method approximates). Then "
+                 "every method unlearns the target and every model is scored and audited; "
+                 "writes leaderboard.{md,csv,json} and report.html.")
     _add_data_args(b)
-    for name, what in (("pretrain", "general corpus for the target and oracle"),
-                       ("mmlu", "MMLU-format general-knowledge questions"),
-                       ("mia", "MIA set")):
-        b.add_argument(f"--{name}", type=_optional_dir, default="auto",
-                       help=f"{what}; default: DATA/{name} when present; 'none' to skip")
+    _add_beside_data(b, {"pretrain": "general corpus for the base",
+                         "mmlu": "MMLU-format general-knowledge questions",
+                         "mia": "MIA set: runs calibrate on a split, models are scored on the "
+                                "rest"})
     b.add_argument("--methods", default="sugd,sha256,gd,npo",
                    help="comma list; label:method runs a variant with settings label.key=value")
-    b.add_argument("--out", required=True)
-    b.add_argument("--preset", choices=sorted(PRESETS), default="small")
-    b.add_argument("--seeds", type=int, default=1)
-    b.add_argument("--target", help="a model directory to unlearn (e.g. your checkpoint) "
-                   "instead of one built from DATA; default: build the target and oracle")
-    b.add_argument("--oracle", help="with --target: the model never trained on the forget set, "
-                   "every final score set against it; default: none")
-    b.add_argument("--trace", help="an `unlearn locate` output: its heatmaps go in the report")
+    b.add_argument("--out", required=True, help="directory to write (extended in place)")
+    b.add_argument("--preset", choices=sorted(PRESETS), default="small",
+                   help="the base, target and oracle built (unused with --target)")
+    b.add_argument("--seeds", type=int, default=1,
+                   help="seeds 0..N-1, each its own models; the leaderboard gives mean and std")
+    b.add_argument("--target", metavar="MODEL", help="a model directory to unlearn (e.g. your "
+                   "checkpoint) instead of one built from DATA")
+    b.add_argument("--oracle", metavar="MODEL", help="with --target: the model never trained "
+                   "on the forget set, every final score set against it")
+    b.add_argument("--trace", metavar="LOCATE_DIR",
+                   help="an `unlearn locate` output: its heatmaps go in the report")
     b.add_argument("--eval-points", type=int, default=6,
                    help="evaluations along each method's run (its trajectory in the report)")
     b.add_argument("--no-receipts", action="store_true",
@@ -294,25 +403,25 @@ def _add_bench(sub) -> None:
 
 def _add_demo(sub) -> None:
     """``unlearn demo``: the main job on the synthetic benchmark."""
-    d = sub.add_parser("demo", help="the main job on the embedded synthetic benchmark")
-    d.add_argument("--out", default="runs/demo")
-    d.add_argument("--preset", choices=sorted(PRESETS), default="small")
-    d.add_argument("--seed", type=int, default=0)
+    d = _command(sub, "demo", "the main job on the embedded synthetic benchmark",
+                 "unlearn bench on the synthetic benchmark with SUGD, SHA256 and GD, sized for "
+                 "a 2-core laptop (about 15 minutes); a second run reuses every finished stage.")
+    d.add_argument("--out", default="runs/demo", help="directory to write (data, models, "
+                   "leaderboard, report)")
+    d.add_argument("--preset", choices=sorted(PRESETS), default="small",
+                   help="the models built")
+    d.add_argument("--seed", type=int, default=0, help="the synthetic data")
     d.set_defaults(func=cmd_demo)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="unlearn", description=__doc__)
+    p = argparse.ArgumentParser(prog="unlearn", description=DESCRIPTION, epilog=EXAMPLES,
+                                formatter_class=_Help)
     p.add_argument("--version", action="version", version=f"unlearn {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    _add_data(sub)
-    _add_target(sub)
-    _add_eval(sub)
-    _add_run(sub)
-    _add_locate(sub)
-    _add_audit(sub)
-    _add_bench(sub)
-    _add_demo(sub)
+    for add in (_add_data, _add_target, _add_eval, _add_run, _add_locate, _add_audit,
+                _add_bench, _add_demo):
+        add(sub)
     return p
 
 

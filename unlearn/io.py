@@ -43,6 +43,7 @@ EVAL = Output("unlearn eval", "eval.json")
 LOCATE = Output("unlearn locate", "trace.json")
 BENCH = Output("unlearn bench", "bench.json")
 AUDIT = Output("unlearn audit", "receipt.json")
+IMPORT = Output("unlearn data import", "import.json")
 
 
 def fingerprint(*parts: object) -> str:

@@ -18,7 +18,6 @@ from pathlib import Path
 import pandas as pd
 
 from .data import beside_data, load_lume
-from .data.lume import TASKS
 from .engine import resolve_config, run
 from .evaluation.audit import PII_SAMPLES
 from .evaluation.receipt import audit
@@ -37,6 +36,7 @@ from .io import (
     path_text,
     write_json,
 )
+from .measure.official import task_names
 from .methods import get_method
 from .methods.base import UnlearnConfig
 from .models.loading import model_fingerprint
@@ -45,10 +45,12 @@ from .target import build_target
 
 
 def _terms(results: dict) -> dict[str, float | None]:
-    """The task scores as measured (forget not inverted: lower is better there); None where
-    the data has no row for one."""
+    """The task scores as measured (forget not inverted: lower is better there), for every task
+    of the data; None where a split has no row for one."""
+    tasks = sorted({t for split in ("forget", "retain")
+                    for t in task_names(results[f"{split}-set"])})
     return {f"{split} {task} {score}": results[f"{split}-set"].get(task, {}).get(f"{score}-score")
-            for split in ("forget", "retain") for task in TASKS
+            for split in ("forget", "retain") for task in tasks
             for score in ("regurgitation", "knowledge")}
 
 

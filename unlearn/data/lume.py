@@ -30,6 +30,7 @@ TASKS = ("Task1", "Task2", "Task3")
 KINDS = ("sc", "qa")
 ROW_COLUMNS = ("id", "input", "output", "task")
 MIA_COLUMNS = ("id", "document")
+_TASK_LABEL = re.compile(r"^(?!overall)[\w.-]+$")  # not a name the score block uses itself
 _KIND_SUFFIX = re.compile(r"^(?P<doc>.*?)(?P<kind>sc|qa)(?P<n>\d+)$")
 _MAX_REPORTED = 20
 
@@ -240,9 +241,10 @@ def read_rows(path: Path, split: str) -> tuple[list[Row], list[str]]:
             problems.append(f"{where}: id {record['id']!r} ends in neither scN nor qaN; "
                             f"LUME ids end with the row kind (sentence completion or question)")
             continue
-        if record["task"] not in TASKS:
-            problems.append(f"{where}: unknown task {record['task']!r}; expected one of "
-                            f"{', '.join(TASKS)}")
+        if not _TASK_LABEL.match(record["task"]):
+            problems.append(f"{where}: task {record['task']!r} is not a label; LUME's are "
+                            f"{', '.join(TASKS)}, your own may be any word of letters, digits, "
+                            f"'_', '-' or '.' (not starting with 'overall')")
             continue
         row_split = record.get("split", split)
         if row_split != split:

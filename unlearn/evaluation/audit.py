@@ -118,10 +118,11 @@ def _pii_of(answer: str) -> tuple[str, str] | None:
 
 
 def forgotten_people(rows: list[Row]) -> list[Person]:
-    """The Task2 forget documents with the SSN, phone and e-mail their questions answer."""
+    """The forget documents whose questions answer an SSN, phone or e-mail, with those values
+    (on LUME data: Task2's, the only task whose answers are such; on imported data: any)."""
     by_doc: dict[str, list[Row]] = defaultdict(list)
     for r in rows:
-        if r.split == "forget" and r.task == "Task2":
+        if r.split == "forget":
             by_doc[r.doc_id].append(r)
     people = []
     for doc_id, doc_rows in by_doc.items():

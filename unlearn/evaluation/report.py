@@ -13,6 +13,7 @@ import numpy as np
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ..measure.official import task_names  # noqa: E402
 from .table import results_table  # noqa: E402
 
 FORGET, RETAIN, BEFORE = "#d62728", "#1f77b4", "#bbbbbb"
@@ -62,8 +63,8 @@ def relearn_bars(attacks: dict[str, dict]) -> str:
 def _task_bars(results: dict, before: dict | None) -> str:
     """Per task, forget against retain, for each score (the target's values as grey ticks)."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), sharey=True)
-    tasks = sorted({k for split in ("forget-set", "retain-set") for k in results[split]
-                    if k.startswith("Task")})
+    tasks = sorted({t for split in ("forget-set", "retain-set")
+                    for t in task_names(results[split])})
 
     def score(scores: dict, split: str, task: str, key: str) -> float:
         """A bar's height; a split or a task without such rows draws as a gap (NaN)."""
@@ -161,8 +162,8 @@ def write_report(path, results: dict, mia_nll: dict | None = None, audit: dict |
 
 
 def _split_mean(block: dict) -> float:
-    values = [block[t][k] for t in block if t.startswith("Task")
-              for k in ("regurgitation-score", "knowledge-score")]
+    values = [v for t in task_names(block) for k in ("regurgitation-score", "knowledge-score")
+              if (v := block[t][k]) is not None]
     return sum(values) / len(values)
 
 

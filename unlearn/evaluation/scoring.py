@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 
 from ..accel import process_state
-from ..data import load_lume, load_mia, load_mmlu
+from ..data import beside_data, load_lume, load_mia, load_mmlu
 from ..io import (
     EVAL,
     atomic_directory,
@@ -50,7 +50,7 @@ DTYPES = {"auto": torch.bfloat16 if torch.cuda.is_available() else torch.float32
 
 
 def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
-             mia: str | Path | None = None, mmlu: str | Path | None = None,
+             mia: str | Path | None = "auto", mmlu: str | Path | None = "auto",
              max_new_tokens: int = 256, dtype: str = "auto", audit: bool = False,
              samples: int = PII_SAMPLES, before: str | Path | None = None, resume: bool = False,
              seed: int = 0, split: str | None = None) -> dict:
@@ -66,8 +66,11 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
     the official scorer) and fp32 on a CPU. Generations are saved as they finish; ``resume``
     reuses those an interrupted run with the same ``out`` made of the same model, data and
     ``max_new_tokens``. ``split`` chooses one data split where ``data`` holds several (the
-    official parquet snapshot): ``train`` or ``validation``. Returns the results dict.
+    official parquet snapshot): ``train`` or ``validation``. ``mia`` (an MIA directory) and
+    ``mmlu`` (MMLU-format questions) default to ``data/mia`` and ``data/mmlu`` when present;
+    None skips them. Returns the results dict.
     """
+    mia, mmlu = beside_data(data, mia, "mia"), beside_data(data, mmlu, "mmlu")
     if out is not None:
         claim_output(out, EVAL, {"--model": model, "--data": data, "--mia": mia,
                                  "--mmlu": mmlu, "--before": before})

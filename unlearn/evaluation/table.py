@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..measure.official import task_names
+
 
 def _cell(value: float | None, width: int) -> str:
     """A score, or a dash where the data has no row for it."""
@@ -12,7 +14,7 @@ def results_table(results: dict) -> str:
     lines = [f"{'':8} {'task':6} {'regurgitation':>14} {'knowledge':>10}"]
     for split in ("forget", "retain"):
         block = results[f"{split}-set"]
-        for task in sorted(k for k in block if k.startswith("Task")):
+        for task in task_names(block):
             s = block[task]
             lines.append(f"{split:8} {task:6} {_cell(s['regurgitation-score'], 14)} "
                          f"{_cell(s['knowledge-score'], 10)}")

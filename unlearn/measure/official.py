@@ -65,13 +65,19 @@ def split_scores(results: list[RowResult]) -> dict:
     return block
 
 
+def task_names(block: dict) -> list[str]:
+    """The tasks of a ``{split}-set`` block (its per-task entries, not the overall means),
+    sorted: ``Task1..3`` on LUME data, the labels of your own on imported data."""
+    return sorted(k for k, v in block.items() if isinstance(v, dict))
+
+
 def aggregated_terms(forget: dict, retain: dict) -> tuple[list[str], list[float]]:
     """The terms of the task aggregate and their names: per split, per task, regurgitation then
     knowledge, forget inverted — twelve on LUME data. A term with no row behind it is left
     out (and so named nowhere), rather than made up."""
     names, terms = [], []
     for split, block, invert in (("forget", forget, True), ("retain", retain, False)):
-        for task in sorted(k for k in block if k.startswith("Task")):
+        for task in task_names(block):
             for key in ("regurgitation-score", "knowledge-score"):
                 value = block[task][key]
                 if value is not None:
