@@ -83,7 +83,8 @@ def test_two_candidate_files_is_an_error(lume_dir):
 @pytest.mark.parametrize("mutate, expected", [
     (lambda r: r.pop("output"), "missing column(s) output"),
     (lambda r: r.update(id="alpha_x1"), "neither scN nor qaN"),
-    (lambda r: r.update(task="Task9"), "unknown task 'Task9'"),
+    (lambda r: r.update(task="Task 9"), "task 'Task 9' is not a label"),
+    (lambda r: r.update(task="overall-knowledge-score"), "is not a label"),
     (lambda r: r.update(input=3), "column 'input' must be a string"),
     (lambda r: r.update(split="retain"), "sits in the forget file"),
 ])
@@ -121,7 +122,7 @@ def test_document_in_both_forget_and_retain(lume_dir):
 
 def test_every_problem_reported_at_once(lume_dir):
     records = rows("forget", ["alpha", "delta"])
-    records[0]["task"] = "Task7"
+    records[0]["task"] = "Task 7"
     records[3].pop("input")
     write_jsonl(lume_dir / "forget.jsonl", records)
     problems = error_of(lume_dir).splitlines()
@@ -179,7 +180,7 @@ def corrupt(record: dict, how: str, other: dict) -> dict:
     elif how == "bad_suffix":
         record["id"] = record["id"][:-3] + "xx1"
     elif how == "bad_task":
-        record["task"] = "task1"
+        record["task"] = "task 1"  # a label is one word
     elif how == "duplicate":
         record = dict(other)
     return record
