@@ -5,7 +5,9 @@ the target and the **oracle** (the same recipe memorising the retain rows only: 
 never saw the forget set, which every unlearning method approximates). Sharing the base makes the
 oracle differ from the target by the forget documents alone, as a real deletion would, and pays
 for pretraining once. Run every method with evaluations along the way, score every model the LUME
-way with the leak audit, then write a leaderboard and a report.
+way with the leak audit, audit every model document by document and attack it by relearning
+(``unlearn audit``; the target's and the oracle's attacks run once), then write a leaderboard and
+a report.
 """
 
 from __future__ import annotations

@@ -141,6 +141,9 @@ def audit(model: str | Path, original: str | Path, data: str | Path, mia: str | 
     config = relearn_config or RelearnConfig()
     lume, never_seen = load_lume(data, split), load_mia(mia).nonmember
     docs = forget_documents(lume.forget)
+    # an evaluation made otherwise is refused before minutes of work, not after
+    evaluated = (_evaluated_pii(evaluation, model, data, split, seed, samples) if evaluation
+                 else None)
     attacks = dict(attacks or {})
     attack = partial(relearn, forget=lume.forget, config=config, seed=seed,
                      max_new_tokens=max_new_tokens)
@@ -152,9 +155,8 @@ def audit(model: str | Path, original: str | Path, data: str | Path, mia: str | 
     del source
     lm, tokenizer = _load(model)
     band = never_seen_band(lm, tokenizer, [d.document for d in never_seen], max_new_tokens)
-    leaked = (_evaluated_pii(evaluation, model, data, split, seed, samples) if evaluation
-              else pii_extraction(lm, tokenizer, forgotten_people(lume.rows), samples,
-                                  seed=seed))["leaked_by_person"]
+    leaked = (evaluated or pii_extraction(lm, tokenizer, forgotten_people(lume.rows), samples,
+                                          seed=seed))["leaked_by_person"]
     entries = measure_documents(lm, tokenizer, docs, band, leaked, max_new_tokens)
     for entry, loss in zip(entries, before):
         entry["loss_before"] = loss
