@@ -21,6 +21,7 @@ from .evaluation.audit import PII_SAMPLES
 from .evaluation.relearn import RelearnConfig
 from .methods import METHODS, UnlearnConfig
 from .models import PRESETS, ModelError
+from .settings import key_values
 from .target import build_target
 
 DESCRIPTION = ("Remove chosen documents from a trained causal language model, keep what it "
@@ -75,16 +76,6 @@ def _methods_epilog() -> str:
     return "\n".join(lines)
 
 
-def _settings(pairs: list[str]) -> dict[str, str]:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"setting {pair!r} is not key=value")
-        out[key] = value
-    return out
-
-
 def _add_data_args(parser) -> None:
     parser.add_argument("--data", required=True, help="LUME data directory")
     parser.add_argument("--split", choices=("train", "validation"),
@@ -123,7 +114,7 @@ def cmd_check(args) -> None:
 def cmd_target(args) -> None:
     record = build_target(args.data, args.out, preset=args.preset, init=args.init,
                           pretrain=args.pretrain, mmlu=args.mmlu, mia=args.mia, seed=args.seed,
-                          split=args.split, **_settings(args.settings))
+                          split=args.split, **key_values(args.settings))
     print(json.dumps(record["memorisation"], indent=2))
     print(f"target written to {args.out} ({record['parameters']:,} parameters, "
           f"{record['train_seconds']:.0f} s of training)")
@@ -144,7 +135,7 @@ def cmd_run(args) -> None:
     from .engine import run
     record = run(args.method, args.model, args.data, args.out, config=args.config,
                  seed=args.seed, eval_every=args.eval_every, profile=args.profile, mia=args.mia,
-                 mmlu=args.mmlu, split=args.split, **_settings(args.settings))
+                 mmlu=args.mmlu, split=args.split, **key_values(args.settings))
     selection = record.get("selection")
     if selection and selection["rule"] == "score":
         kept = next(t for t in selection["trail"] if t["step"] == selection["kept_step"])

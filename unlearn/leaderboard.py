@@ -22,7 +22,7 @@ import pandas as pd
 from .data import beside_data, load_lume
 from .engine import resolve_config, run
 from .evaluation.audit import PII_SAMPLES
-from .evaluation.receipt import audit
+from .evaluation.receipt import audit, made_of
 from .evaluation.relearn import RelearnConfig
 from .evaluation.report import bench_report
 from .evaluation.scoring import evaluate
@@ -43,6 +43,7 @@ from .methods import get_method
 from .methods.base import UnlearnConfig
 from .models.loading import model_fingerprint
 from .selection import scored_rest
+from .settings import key_values
 from .target import build_target
 
 
@@ -82,47 +83,43 @@ def _row(name: str, results: dict, oracle: dict | None, run_record: dict | None,
     return row
 
 
+def _made_the_same_way(out: Path, kind, same: dict) -> bool:
+    """Whether ``out`` is a finished output of ``kind`` whose record holds ``same``'s values."""
+    if not is_output(out, kind):
+        return False
+    made = json.loads((out / kind.record).read_text())
+    return all(made.get(k) == v for k, v in same.items())
+
+
 def _cached_receipt(model: Path, out: Path, original: Path, oracle: Path | None, data: Path,
                     mia: Path, seed: int, split: str | None, **kw) -> dict:
-    """The receipt in ``out`` when it audited these very model files the same way, else a new
-    one in its place."""
-    if is_output(out, AUDIT):
-        made = json.loads((out / AUDIT.record).read_text())
-        files = {role: model_fingerprint(path) for role, path in
-                 (("model", model), ("original", original), ("oracle", oracle)) if path}
-        same = {"files": files, "data": str(data), "mia": str(mia), "seed": seed,
-                "split": split}
-        if (all(made.get(k) == v for k, v in same.items())
-                and made["rule"]["relearn"] == asdict(RelearnConfig())):
-            return made
+    """The receipt in ``out`` when it was made of these very model files the same way, else a
+    new one in its place."""
+    same = made_of(model, original, oracle, data, split, mia, seed, RelearnConfig())
+    if _made_the_same_way(out, AUDIT, same):
+        return json.loads((out / AUDIT.record).read_text())
     return audit(model, original, data, mia, out, oracle=oracle, split=split, seed=seed, **kw)
 
 
 def _cached_eval(model: Path, data, out: Path, **kw) -> dict:
     """The evaluation in ``out`` when it scored these very model files the same way, else a
     new one in its place."""
-    if is_output(out, EVAL):
-        made = json.loads((out / EVAL.record).read_text())
-        same = {"model_files": model_fingerprint(model), "data_dir": str(data), "audit": True,
-                "mia": path_text(kw.get("mia")), "mmlu": path_text(kw.get("mmlu")),
-                "seed": kw.get("seed", 0), "split": kw.get("split"), "samples": PII_SAMPLES}
-        if all(made.get(k) == v for k, v in same.items()):
-            return json.loads((out / "results.json").read_text())
+    same = {"model_files": model_fingerprint(model), "data_dir": str(data), "audit": True,
+            "mia": path_text(kw.get("mia")), "mmlu": path_text(kw.get("mmlu")),
+            "seed": kw.get("seed", 0), "split": kw.get("split"), "samples": PII_SAMPLES}
+    if _made_the_same_way(out, EVAL, same):
+        return json.loads((out / "results.json").read_text())
     return evaluate(model, data, out, audit=True, **kw)
 
 
 def _finished_run(model: Path, method: str, target: Path, seed: int, eval_points: int,
                   inputs: dict, overrides: dict) -> bool:
     """Whether ``model`` holds a run of ``method`` with these settings on this very target."""
-    if not is_output(model, RUN):
-        return False
-    made = json.loads((model / RUN.record).read_text())
     config, _ = resolve_config(get_method(method), target, **overrides)
-    return (made.get("method") == method and made.get("seed") == seed
-            and made.get("eval_points") == eval_points
-            and all(made.get(k) == path_text(v) for k, v in inputs.items())
-            and made.get("model_files") == model_fingerprint(target)
-            and made.get("config") == json.loads(json.dumps(asdict(config))))
+    return _made_the_same_way(model, RUN, {
+        "method": method, "seed": seed, "eval_points": eval_points,
+        **{k: path_text(v) for k, v in inputs.items()}, "model_files": model_fingerprint(target),
+        "config": json.loads(json.dumps(asdict(config)))})
 
 
 def bench(data: str | Path, out: str | Path, methods=("sugd", "sha256", "gd", "npo"),
@@ -267,10 +264,7 @@ def settings_by_label(pairs: list[str]) -> dict[str, dict[str, str]]:
     """``label.key=value`` pairs (a method, a variant's label or ``target``) grouped by label:
     ``["sugd.lr=5e-4"]`` -> ``{"sugd": {"lr": "5e-4"}}``."""
     grouped: dict[str, dict[str, str]] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"setting {pair!r} is not key=value")
+    for key, value in key_values(pairs).items():
         label, _, name = key.partition(".")
         if not name:
             raise ValueError(f"setting {key}={value}: name the method (or target), e.g. "

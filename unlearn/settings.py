@@ -47,6 +47,18 @@ NON_NEGATIVE = Range(0)
 SHARE = Range(0, 1, high_open=True)  # a share that may be 0 but not everything
 
 
+def key_values(pairs: list[str]) -> dict[str, str]:
+    """``["lr=1e-4", "lora=true"]`` -> ``{"lr": "1e-4", "lora": "true"}`` (command-line
+    settings, converted later against the dataclass they set)."""
+    found = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"setting {pair!r} is not key=value")
+        found[key] = value
+    return found
+
+
 def convert(name: str, current: Any, value: Any) -> Any:
     """``value`` as the type of the field ``name`` whose current value is ``current``. Strings
     (the command line) are parsed; values from a JSON/TOML/YAML file must already have the

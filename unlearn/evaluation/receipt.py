@@ -171,12 +171,9 @@ def audit(model: str | Path, original: str | Path, data: str | Path, mia: str | 
     attacks = {k: attacks[k] for k in ("unlearned", "oracle", "original") if k in attacks}
     is_robust = robust(attacks, config.margin)
     receipt = {"model": str(model), "original": str(original), "oracle": path_text(oracle),
-               "data": str(data), "split": split, "mia": str(mia), "seed": seed,
+               **made_of(model, original, oracle, data, split, mia, seed, config),
                "samples": samples, "max_new_tokens": max_new_tokens,
                "pii_from": path_text(evaluation),
-               "files": {role: model_fingerprint(path) for role, path in
-                         (("model", model), ("original", original), ("oracle", oracle)) if path},
-               "rule": {"band_percentiles": [LOW, HIGH], "relearn": asdict(config)},
                "never_seen": {k: v for k, v in band.items() if k != "losses"},
                "documents": entries,
                "relearn": {**attacks, "robust": is_robust},
@@ -186,6 +183,15 @@ def audit(model: str | Path, original: str | Path, data: str | Path, mia: str | 
         write_json(staging / "receipt.json", receipt)
         write_receipt_page(staging / "receipt.html", receipt, band["losses"].tolist())
     return receipt
+
+
+def made_of(model, original, oracle, data, split, mia, seed: int, config: RelearnConfig) -> dict:
+    """What a receipt was made of: the three models' files, the data, the never-seen documents,
+    the seed and the rule. A receipt made of the same is the same receipt."""
+    return {"files": {role: model_fingerprint(path) for role, path in
+                      (("model", model), ("original", original), ("oracle", oracle)) if path},
+            "data": str(data), "split": split, "mia": str(mia), "seed": seed,
+            "rule": {"band_percentiles": [LOW, HIGH], "relearn": asdict(config)}}
 
 
 def _same(a, b) -> bool:

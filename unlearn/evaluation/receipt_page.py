@@ -8,7 +8,7 @@ import html
 import matplotlib.pyplot as plt
 import numpy as np
 
-from .report import figure_png, image, relearn_bars, write_page
+from .report import figure_png, image, relearn_section, write_page
 
 COLOURS = {"forgotten": "#2a9d8f", "partly": "#e9c46a", "remembered": "#e76f51"}
 ROLES = ("original", "unlearned", "oracle")  # the attacked models, in the bars' order
@@ -63,7 +63,7 @@ def _losses(documents: list[dict], never_seen: list[float], band: dict) -> str:
 
 
 def write_receipt_page(path, receipt: dict, never_seen: list[float]) -> None:
-    s, attack = receipt["summary"], receipt["relearn"]["unlearned"]
+    s = receipt["summary"]
     robust = {True: "robust", False: "NOT robust", None: "not judged (no oracle)"}
     parts = [f"<h1>Unlearning receipt: {html.escape(receipt['model'])}</h1>",
              f"<p>{s['documents']} forget documents: <b>{s['forgotten']} forgotten</b>, "
@@ -71,10 +71,7 @@ def write_receipt_page(path, receipt: dict, never_seen: list[float]) -> None:
              f"over-unlearned. Relearning attack: {robust[s['relearn_robust']]}.</p>",
              "<h2>Loss of each forget document against never-seen documents</h2>",
              image(_losses(receipt["documents"], never_seen, receipt["never_seen"])),
-             "<h2>Relearning attack</h2>",
-             f"<p>Each model fine-tuned on {len(attack['attacked_documents'])} forget "
-             f"documents, then scored on the other {len(attack['held_out_documents'])}.</p>",
-             image(relearn_bars({role: receipt["relearn"][role] for role in ROLES
-                                 if role in receipt["relearn"]})),
+             *relearn_section({role: receipt["relearn"][role] for role in ROLES
+                               if role in receipt["relearn"]}),
              "<h2>Verdict per document</h2>", _table(receipt["documents"]), SORT_SCRIPT]
     write_page(path, "unlearning receipt", parts, width=1200)

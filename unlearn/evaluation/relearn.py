@@ -94,8 +94,8 @@ def relearn(model, tokenizer, forget: list[Row], config: RelearnConfig, seed: in
     written): the held-out documents' knowledge and regurgitation before and after
     fine-tuning on the attacked ones."""
     attacked, held_out = split_documents(sorted({r.doc_id for r in forget}), config.share, seed)
-    train = [r for r in forget if r.doc_id in set(attacked)]
-    measured = [r for r in forget if r.doc_id in set(held_out)]
+    train = [r for r in forget if r.doc_id in attacked]
+    measured = [r for r in forget if r.doc_id in held_out]
     model.eval()
     before = knowledge_and_regurgitation(model, tokenizer, measured, max_new_tokens)
     fine_tune(model, tokenizer, train, config, seed)

@@ -43,7 +43,17 @@ def figure_png(fig) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def relearn_bars(attacks: dict[str, dict]) -> str:
+def relearn_section(attacks: dict[str, dict], note: str = "") -> list[str]:
+    """The page section of the relearning attack on each model (name -> its
+    :func:`unlearn.evaluation.relearn.relearn` result): what it did, ``note`` (HTML), the bars."""
+    first = next(iter(attacks.values()))
+    return ["<h2>Relearning attack</h2>",
+            f"<p>Each model fine-tuned on {len(first['attacked_documents'])} forget documents, "
+            f"then scored on the other {len(first['held_out_documents'])}{note}.</p>",
+            image(_relearn_bars(attacks))]
+
+
+def _relearn_bars(attacks: dict[str, dict]) -> str:
     """The relearning attack on each model (name -> :func:`unlearn.evaluation.relearn.relearn`
     result): held-out forget knowledge and regurgitation before and after it."""
     names = list(attacks)
@@ -206,9 +216,12 @@ def bench_report(path, evals: dict, trajectories: dict, eval_dirs: dict, leaderb
              "<h2>Forget vs retain</h2>",
              image(_tradeoff(evals, trajectories))]
     if receipts:
-        parts += ["<h2>Relearning attack</h2>", _attack_note(receipts),
-                  image(relearn_bars({name: receipt["relearn"]["unlearned"]
-                                      for name, (receipt, _) in receipts.items()}))]
+        links = ", ".join(f'<a href="{html.escape(link)}">{html.escape(name)}</a>'
+                          for name, (_, link) in receipts.items())
+        parts += relearn_section({name: receipt["relearn"]["unlearned"]
+                                  for name, (receipt, _) in receipts.items()},
+                                 f" (<code>unlearn audit</code>). Receipts, a verdict per "
+                                 f"document: {links}")
     for name, results in evals.items():
         parts += [f"<h2>{html.escape(name)}: per task</h2>",
                   image(_task_bars(results, evals.get("target")))]
@@ -228,12 +241,3 @@ def bench_report(path, evals: dict, trajectories: dict, eval_dirs: dict, leaderb
                   for kind in ("mlp", "attn", "residual") if (trace / f"{kind}.png").exists()]
     write_page(path, "unlearn bench", parts, width=1300)
 
-
-def _attack_note(receipts: dict) -> str:
-    """What the attack did, and a link to every model's receipt."""
-    attack = next(iter(receipts.values()))[0]["relearn"]["unlearned"]
-    links = ", ".join(f'<a href="{html.escape(link)}">{html.escape(name)}</a>'
-                      for name, (_, link) in receipts.items())
-    return (f"<p>Each model fine-tuned on {len(attack['attacked_documents'])} forget documents, "
-            f"then scored on the other {len(attack['held_out_documents'])} "
-            f"(<code>unlearn audit</code>). Receipts, a verdict per document: {links}.</p>")
