@@ -136,6 +136,29 @@ def test_kl_loss_is_ascent_plus_kl_from_the_reference(tiny_target, synth_dir):
 
 
 @torch.no_grad()
+def test_with_a_teacher_forget_rows_are_drawn_to_its_predictions_over_their_whole_text(
+        tiny_target, synth_dir):
+    model, batch = _batch(tiny_target, synth_dir)
+    out = forward(model, batch)
+    method = get_method("gd")(get_method("gd").Config())
+    ref = Reference(("teacher",))
+    ref.teacher = model  # a model is its own teacher: nothing to draw, only the retain term
+    retain = out.nll[2:].mean().item()
+    assert method.loss(model, batch, ref).item() == pytest.approx(retain, abs=1e-5)
+    ref.teacher = _perturbed(model)
+    log_t = F.log_softmax(ref.teacher(input_ids=batch.ids, attention_mask=batch.mask)
+                          .logits[:, :-1].float(), -1)
+    log_p = F.log_softmax(out.logits, -1)
+    real = batch.mask[:, 1:].bool()  # every token, the prompt's too: what a loss-MIA reads
+    # KL(teacher ‖ model) = Σ t (log t − log p) per token, averaged over each row's tokens
+    per_token = (log_t.exp() * (log_t - log_p)).sum(-1)
+    rows = [per_token[i][real[i]].mean().item() for i in range(2)]
+    assert min(rows) > 0.01
+    loss = method.loss(model, batch, ref).item()
+    assert loss == pytest.approx(sum(rows) / 2 + retain, rel=1e-4)
+
+
+@torch.no_grad()
 def test_rmu_steers_forget_activations_to_c_u_and_holds_retain_ones(tiny_target, synth_dir):
     model, batch = _batch(tiny_target, synth_dir)
     config = get_method("rmu").Config(layer=1, steering_coeff=6.0)

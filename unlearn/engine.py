@@ -27,7 +27,7 @@ from .methods import Method, get_method
 from .methods.base import Example
 from .methods.losses import Batch, Reference, forward
 from .models.layers import decoder_layers, is_attention, is_mlp, layer_indices, resolve_projections
-from .models.loading import load_model, model_fingerprint, trained_from_scratch
+from .models.loading import load_model, model_fingerprint, teacher_of, trained_from_scratch
 from .models.sequences import training_sequence
 from .selection import (
     Keeper,
@@ -175,17 +175,21 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
     interrupted call resumes it. ``adapter_only`` (with ``lora=true``) saves the PEFT adapter
     instead of the merged model. ``mia`` (an MIA directory) turns on selection by estimated
     score (``select``; see :mod:`unlearn.selection`) and bounds ascent at the loss of its
-    never-seen documents (``forget_target``); ``mmlu`` (MMLU-format questions) makes the
-    estimate more faithful; both default to ``data/mia`` and ``data/mmlu`` when present ("auto"),
-    None turns them off. ``split`` chooses one data split where ``data`` holds several (the
-    official parquet snapshot). Returns the ``run.json`` record.
+    never-seen documents (``forget_target``; the ``teacher`` setting draws forget rows to the
+    model ``model`` was fine-tuned from instead); ``mmlu``
+    (MMLU-format questions) makes the estimate more faithful; both default to ``data/mia`` and
+    ``data/mmlu`` when present ("auto"), None turns them off. ``split`` chooses one data split
+    where ``data`` holds several (the official parquet snapshot). Returns the ``run.json`` record.
     """
     model_dir, out = Path(model), Path(out)
     mia, mmlu = beside_data(data, mia, "mia"), beside_data(data, mmlu, "mmlu")
     method_cls = get_method(method)
     settings, profile = resolve_config(method_cls, model_dir, profile, config, **overrides)
+    teacher = (teacher_of(model_dir, settings.teacher)
+               if settings.forget_target == "auto" and "teacher" in method_cls.reference else None)
     claim_output(out, RUN, {"--model": model_dir, "--data": data, "--config": config,
-                            "--mia": mia, "--mmlu": mmlu, "trace": settings.trace or None,
+                            "--mia": mia, "--mmlu": mmlu, "--teacher": teacher,
+                            "trace": settings.trace or None,
                             "validation": settings.validation or None})
     algorithm = method_cls(settings)
     record = algorithm.procedure(run, model_dir, data, out, seed=seed, eval_every=eval_every,
@@ -193,7 +197,7 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
                                  split=split)
     if record is not None:  # a procedure over other runs (merge) has done the work
         return record
-    job = _Run(method, algorithm, model_dir, data, split, mia, mmlu, seed, eval_every,
+    job = _Run(method, algorithm, model_dir, data, split, mia, mmlu, teacher, seed, eval_every,
                eval_points, profile, staging_path(out) / "logs")
     return job.train(out, adapter_only)
 
@@ -204,11 +208,12 @@ class _Run:
     needs measured on the source model, the loop's hooks, and the ``run.json`` record."""
 
     def __init__(self, method: str, algorithm: Method, model_dir: Path, data, split, mia,
-                 mmlu, seed: int, eval_every: int, eval_points: int, profile: str,
-                 logging_dir: Path):
+                 mmlu, teacher: Path | None, seed: int, eval_every: int, eval_points: int,
+                 profile: str, logging_dir: Path):
         settings = self.settings = algorithm.config
         self.method, self.algorithm, self.model_dir = method, algorithm, model_dir
         self.data, self.split, self.mia, self.mmlu = data, split, mia, mmlu
+        self.teacher = teacher
         self.seed, self.profile = seed, profile
         self.lume = load_lume(self.data, self.split)
         set_seed(seed)
@@ -227,7 +232,8 @@ class _Run:
         self.total_steps = sum(len(e.steps) for e in self.plan)
         # a checkpoint resumes only the same job: method, settings, seed, these model files, data
         self.run_id = fingerprint(method, asdict(settings), seed, self.model_files, path_text(mia),
-                                  path_text(mmlu), [(e.ids, e.start) for e in self.forget + retain])
+                                  path_text(mmlu), teacher and model_fingerprint(teacher),
+                                  [(e.ids, e.start) for e in self.forget + retain])
         if zero3(self.accelerator):
             _check_zero3(settings, self.rule, self.eval_every)
         self.first_of_stage = {}
@@ -243,6 +249,7 @@ class _Run:
                        if settings.validation else None)
         self.reference = Reference(self.algorithm.reference)
         self.reference.load_frozen_copy(accelerator, self.model_dir, settings.lora)
+        self.reference.load_teacher(accelerator, self.teacher)
         if settings.gradient_checkpointing:
             # non-reentrant: gradients reach LoRA adapters and later layers with inputs frozen
             self.lm.gradient_checkpointing_enable(
@@ -257,15 +264,17 @@ class _Run:
         later): the calibration split, the level bounded ascent aims at, the anchor, NPO's
         reference log-probabilities. Returns the selection hook for the trainer."""
         settings, bare, tokenizer = self.settings, self.bare, self.tokenizer
-        needs_split = self.rule in ("score", "mia") or (settings.forget_target == "auto"
-                                                        and "forget_level" not in progress)
+        # a teacher gives each forget row its own target; without one, ascent aims at a level
+        levelled = settings.forget_target == "auto" and self.reference.teacher is None
+        needs_split = self.rule in ("score", "mia") or (levelled and "forget_level" not in progress)
         split = (calibration_split(self.mia_data, settings.select_split, self.seed, self.lume,
                                    bare, tokenizer)
                  if self.mia_data and needs_split else None)
         self.selector = make_rule(self.rule, settings, tokenizer, self.lume, split, self.mmlu,
                                   staging, self.seed, self.accelerator.is_main_process)
         if "forget_level" not in progress:  # kept for resuming
-            progress["forget_level"] = _forget_level(settings, bare, tokenizer, split)
+            progress["forget_level"] = (_forget_level(settings, bare, tokenizer, split)
+                                        if self.reference.teacher is None else None)
         self.reference.forget_level = progress["forget_level"]
         self.anchor = _anchor(settings, bare, tokenizer, progress, self.seed, self.accelerator)
         size = settings.batch_size  # before any step (or the resumed one)
@@ -280,7 +289,7 @@ class _Run:
         before_last_stage = sum(len(e.steps) for e in self.plan if e.stage < self.plan[-1].stage)
         self.every = check_every(settings, total_steps - before_last_stage)
         return _selection(self.selector, bare, progress, self.every, total_steps, before_last_stage,
-                          self.reference if settings.forget_target == "auto" else None,
+                          self.reference if levelled else None,
                           self.accelerator.log)
 
     def loss(self, micro: list[Example]):
@@ -378,6 +387,7 @@ class _Run:
             "history": history,
             "best_epoch": best["epoch"] if best else None,
             "forget_level": self.progress.get("forget_level"),  # before the first step
+            "teacher": path_text(self.teacher),
             "selection": selection,
         }
 

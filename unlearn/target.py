@@ -42,7 +42,11 @@ from .models.loading import load_model, load_tokenizer, model_fingerprint, train
 from .models.presets import PRESETS, TargetPreset
 from .models.sequences import from_start, length_sorted_batches, pad, training_sequence
 from .models.tokenizer import train_tokenizer
-from .training import Epoch, NonFiniteLoss, Segment, Trainer, resume_progress, save_final
+from .training import Epoch, NonFiniteLoss, Segment, Trainer, resume_progress, save_copy, save_final
+
+#: where a target that pretrains keeps the model as it was before memorising: the teacher
+#: unlearning draws forget rows to (unlearn.models.loading.teacher_of)
+BASE = "base"
 
 
 class _Examples:
@@ -212,7 +216,7 @@ def build_target(data: str | Path, out: str | Path, preset: str = "small",
         trainer = Trainer(accelerator, model, plan, _segments(plan, settings), staging,
                           weight_decay=settings.weight_decay, betas=(0.9, 0.95))
         hooks = _Hooks(trainer.model, accelerator, tokenizer, examples, plan, settings, mia_docs,
-                       progress)
+                       progress, staging / BASE)
         progress = _train(trainer, hooks, progress, settings, staging)
         trainer.save(progress)  # the finished weights, should evaluation below be interrupted
         bare = hooks.bare
@@ -225,6 +229,9 @@ def build_target(data: str | Path, out: str | Path, preset: str = "small",
             "seed": seed,
             "oracle": oracle,
             "init": path_text(init),
+            # the model before memorising, which never saw the documents: unlearning's teacher
+            "base": (BASE if progress.get("base_saved")
+                     else str(Path(init).resolve()) if init else None),
             "from_scratch": init is None or trained_from_scratch(init),
             "pretrain": path_text(pretrain),
             "mmlu": path_text(mmlu), "mia": path_text(mia),
@@ -268,11 +275,13 @@ def _model_and_tokenizer(init, staging: Path, accelerator, settings, tokenizer_t
 
 class _Hooks:
     """The trainer's hooks for a target: the loss (label smoothing while memorising only),
-    non-members measured once pretraining ends, and a stop once every row is memorised."""
+    non-members measured and the pretrained model saved to ``base`` once pretraining ends, and a
+    stop once every row is memorised."""
 
     def __init__(self, model, accelerator, tokenizer, examples, plan, settings, mia_docs,
-                 progress: dict):
+                 progress: dict, base: Path):
         self.model, self.tokenizer, self.examples, self.plan = model, tokenizer, examples, plan
+        self.accelerator, self.base = accelerator, base
         self.settings, self.mia_docs, self.progress = settings, mia_docs, progress
         self.bare = accelerator.unwrap_model(model)  # the module itself, to measure and save
         names = [e.name for e in plan]
@@ -297,6 +306,9 @@ class _Hooks:
             if last_pretrain and self.mia_docs is not None:
                 self.progress["after_pretrain"] = _mia_means(self.bare, self.tokenizer,
                                                              self.mia_docs)
+            if last_pretrain and self.memorises:
+                save_copy(self.accelerator, self.model, self.bare, self.tokenizer, self.base)
+                self.progress["base_saved"] = True
             memorise_epoch = index - self.first_memorise
             if phase != "memorise" or (memorise_epoch + 1) % self.settings.check_every:
                 return False

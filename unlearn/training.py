@@ -128,6 +128,21 @@ def save_final(accelerator: Accelerator, prepared, model, tokenizer, staging: Pa
     accelerator.wait_for_everyone()
 
 
+def save_copy(accelerator: Accelerator, prepared, model, tokenizer, directory: Path) -> None:
+    """Write ``model`` as it is now (a training run goes on) to ``directory``, whole or not at
+    all: it appears by a rename once written. Every process must call this (see save_final)."""
+    weights = zero3_state_dict(accelerator, prepared)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        writing = directory.with_name(directory.name + ".new")
+        shutil.rmtree(writing, ignore_errors=True)
+        model.save_pretrained(writing, state_dict=weights)
+        tokenizer.save_pretrained(writing)
+        shutil.rmtree(directory, ignore_errors=True)
+        writing.rename(directory)
+    accelerator.wait_for_everyone()
+
+
 class CheckpointError(ValueError):
     """A checkpoint that is damaged, or holds what a safe loader refuses (code to run)."""
 

@@ -49,6 +49,11 @@ class UnlearnConfig:
     the first step and again at every selection check (unbounded without an MIA set); ``none``
     is the papers' unbounded ascent; a number is a fixed loss to aim at.
 
+    ``teacher`` names the model the source was fine-tuned from, which never saw the documents
+    (``auto``: the base a target built by ``unlearn target`` memorised from, its ``base``).
+    With one, ``forget_target=auto`` draws each forget row to the teacher's predictions over its
+    whole text (KL(teacher ‖ model)) instead of aiming at a level.
+
     ``anchor_weight`` holds general text where it was (:mod:`unlearn.anchor`): the source model
     writes ``anchor_samples`` passages of its own before the first step, and every micro-batch
     adds that weight times the rise of their loss above its start. 0 (the default) trains the
@@ -83,6 +88,7 @@ class UnlearnConfig:
     lora_targets: str = "q_proj,v_proj,up_proj,down_proj"
     retain_weight: float = 1.0  # weight of the retain term (methods that have one)
     forget_target: str = "auto"  # auto | none | a loss: where ascent aims (see above)
+    teacher: str = "none"  # none | auto | a model directory: forget rows drawn to it (see above)
     anchor_weight: float = 0.0  # weight of the hold on general text (0: none; see above)
     anchor_samples: int = 32  # passages the source model writes for that hold
     max_len: int = 512  # tokens per training row; longer rows are cut

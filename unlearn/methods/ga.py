@@ -17,10 +17,11 @@ class GAConfig(UnlearnConfig):
 class GradientAscent(Method):
     name = "ga"
     Config = GAConfig
+    reference = ("teacher",)  # forget rows drawn to it when the run has one
     small_target = dict(lr=1e-4)
 
     def stages(self, forget, retain, rng):
         return super().stages(forget, [], rng)  # no retain rows: they would only cost compute
 
     def loss(self, model, batch, ref):
-        return mean_over(forget_term(forward(model, batch), ref.forget_level), batch.forget)
+        return mean_over(forget_term(forward(model, batch), batch, ref), batch.forget)

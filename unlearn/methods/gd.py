@@ -17,9 +17,10 @@ class GDConfig(UnlearnConfig):
 class GradientDifference(Method):
     name = "gd"
     Config = GDConfig
+    reference = ("teacher",)  # forget rows drawn to it when the run has one
     small_target = dict(lr=1e-4)
 
     def loss(self, model, batch, ref):
         out = forward(model, batch)
-        return (mean_over(forget_term(out, ref.forget_level), batch.forget)
+        return (mean_over(forget_term(out, batch, ref), batch.forget)
                 + self.config.retain_weight * mean_over(out.nll, batch.retain))

@@ -19,10 +19,10 @@ class KLMinimisation(Method):
     name = "kl"
     Config = KLConfig
     small_target = dict(lr=1e-4)
-    reference = ("logits",)
+    reference = ("logits", "teacher")
 
     def loss(self, model, batch, ref):
         out = forward(model, batch)
         kl = kl_to_reference(out, ref.logits(batch), batch, batch.retain)
-        forget = mean_over(forget_term(out, ref.forget_level), batch.forget)
+        forget = mean_over(forget_term(out, batch, ref), batch.forget)
         return forget + self.config.retain_weight * kl

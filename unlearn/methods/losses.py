@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..accel import prepare_frozen
+from ..accel import prepare_frozen, zero3
 from ..models.forward import next_token_nll
 from ..models.loading import load_model
 from ..models.sequences import IGNORE, from_start, pad
@@ -75,14 +75,23 @@ def mean_over(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return values[rows].mean()
 
 
-def forget_term(out: Outputs, level: float | None) -> torch.Tensor:
-    """Each row's forget objective: ascent on its output tokens (−NLL), or with a ``level``
-    |NLL(output) − level| + |NLL(whole text) − level|: the output forgotten and the row's text
-    drawn, prompt included, to the loss of never-seen text and no further. Left below it the
-    document is remembered; pushed far above it, it stands out again to a loss-MIA."""
-    if level is None:
+def forget_term(out: Outputs, batch: Batch, ref: Reference) -> torch.Tensor:
+    """Each row's forget objective (meaningful on forget rows; the caller selects them).
+
+    - With a ``ref.teacher`` (the model before it was fine-tuned on the documents): the mean
+      KL(teacher ‖ model) over the row's tokens, prompt included. The row is drawn to what a
+      model that never saw it predicts, and no further: its loss lands where never-seen text of
+      its kind sits, and the gradient fades as it gets there, instead of ascending without end.
+    - With a ``ref.forget_level``: |NLL(output) − level| + |NLL(whole text) − level|, the
+      output forgotten and the row's text drawn to the loss of never-seen text. Left below it
+      the document is remembered; pushed far above it, it stands out again to a loss-MIA.
+    - Otherwise the papers' ascent on its output tokens (−NLL).
+    """
+    if ref.teacher is not None:
+        return ref.teacher_kl(out, batch)
+    if ref.forget_level is None:
         return -out.nll
-    return (out.nll - level).abs() + (out.text_nll - level).abs()
+    return (out.nll - ref.forget_level).abs() + (out.text_nll - ref.forget_level).abs()
 
 
 def npo_term(out: Outputs, batch: Batch, ref: Reference, beta: float) -> torch.Tensor:
@@ -105,9 +114,10 @@ def kl_to_reference(out: Outputs, ref_logits: torch.Tensor, batch: Batch,
 
 
 #: what a method may ask of the reference (its ``Method.reference``): the frozen model's
-#: "logits" or "hidden" states during training, or each forget row's summed output NLL under it,
-#: measured once before the first step ("forget_logprob")
-NEEDS = ("logits", "hidden", "forget_logprob")
+#: "logits" or "hidden" states during training, each forget row's summed output NLL under it,
+#: measured once before the first step ("forget_logprob"), or the "teacher" its forget rows are
+#: drawn to (:func:`forget_term`), when the run has one
+NEEDS = ("logits", "hidden", "forget_logprob", "teacher")
 
 
 class Reference:
@@ -128,6 +138,8 @@ class Reference:
         self.forget_nll_sum: dict[int, float] = {}
         # the median NLL of never-seen text: where bounded ascent aims (forget_target)
         self.forget_level: float | None = None
+        # the model before it was fine-tuned on the documents: forget rows are drawn to it
+        self.teacher, self.teacher_on_every_row = None, False
 
     def load_frozen_copy(self, accelerator, model_dir: Path, lora: bool) -> None:
         """Keep a frozen copy of the source model when the method reads it during training and
@@ -148,6 +160,35 @@ class Reference:
             with accelerator.autocast():
                 self.forget_nll_sum.update(zip(batch.rows, forward(model, batch).nll_sum.tolist()))
         model.train()
+
+    def load_teacher(self, accelerator, teacher_dir: Path | None) -> None:
+        """Load the model before fine-tuning (see :func:`forget_term`) when the method draws
+        forget rows to one (``models.loading.teacher_of`` found it and checked its tokens)."""
+        if teacher_dir is None or "teacher" not in self.needs:
+            return
+        self.teacher = prepare_frozen(accelerator, load_model(teacher_dir, torch.float32)[0])
+        self.teacher_on_every_row = zero3(accelerator)
+
+    @torch.no_grad()
+    def _teacher_logits(self, batch: Batch, rows: torch.Tensor) -> torch.Tensor:
+        # under ZeRO-3 every process runs every forward pass, whether it has forget rows or not
+        keep = torch.ones_like(rows) if self.teacher_on_every_row else rows
+        logits = self.teacher(input_ids=batch.ids[keep], attention_mask=batch.mask[keep]).logits
+        return logits[rows[keep], :-1]
+
+    def teacher_kl(self, out: Outputs, batch: Batch) -> torch.Tensor:
+        """Per row, KL(teacher ‖ model) averaged over its real tokens, prompt included; 0 for
+        retain rows (the teacher does not read them)."""
+        rows = batch.forget
+        kl = out.text_nll * 0.0  # on the graph, so an all-retain batch still backpropagates
+        if not rows.any() and not self.teacher_on_every_row:
+            return kl
+        log_p = F.log_softmax(self._teacher_logits(batch, rows).float(), -1)
+        log_q = F.log_softmax(out.logits[rows].float(), -1)
+        per_token = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
+        real = batch.mask[rows, 1:].float()
+        return kl.index_put((rows.nonzero(as_tuple=True)[0],),
+                            (per_token * real).sum(1) / real.sum(1).clamp(min=1))
 
     def _frozen(self):
         if self.frozen is not None:

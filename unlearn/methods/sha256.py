@@ -44,6 +44,7 @@ class SHA256Config(UnlearnConfig):
 class SHA256(Method):
     name = "sha256"
     Config = SHA256Config
+    reference = ("teacher",)  # forget rows drawn to it when the run has one
     # OLMo-1B's layers 0-5 are its first 6 of 16: the small target's first 3 of 8; smaller
     # batches and a higher rate give a from-scratch target enough steps (figures: README)
     small_target = dict(layers="0-2", lr=1e-3, grad_accum=2, epochs=12)
@@ -78,7 +79,7 @@ class SHA256(Method):
                 self.reference_losses.append(retain.item())
             elif self.baseline_retain_loss is not None:
                 m = retain_weight(retain.item() - self.baseline_retain_loss)
-        return mean_over(forget_term(out, ref.forget_level), batch.forget) + m * retain
+        return mean_over(forget_term(out, batch, ref), batch.forget) + m * retain
 
     def state(self) -> dict:
         return {"reference_losses": self.reference_losses}

@@ -46,6 +46,7 @@ class SUGDConfig(UnlearnConfig):
 class SUGD(Method):
     name = "sugd"
     Config = SUGDConfig
+    reference = ("teacher",)  # forget rows drawn to it when the run has one
     # last 8 of OLMo-7B's 32 layers is the top quarter: the top 2 of the small target's 8.
     # From scratch, weights move far less per step at lr 1e-5 than a pretrained model's, so the
     # rate is raised until a chunk is forgotten within its 7 epochs (bench/methods.py).
@@ -69,4 +70,4 @@ class SUGD(Method):
     def loss(self, model, batch, ref):
         out = forward(model, batch)
         retain = out.nll * self.config.positive_factor
-        return torch.where(batch.forget, forget_term(out, ref.forget_level), retain).mean()
+        return torch.where(batch.forget, forget_term(out, batch, ref), retain).mean()

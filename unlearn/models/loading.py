@@ -97,3 +97,33 @@ def trained_from_scratch(model_dir: str | Path) -> bool:
         return False
     made = json.loads(record.read_text())
     return made.get("from_scratch", made.get("init") is None)
+
+
+def teacher_of(model_dir: str | Path, teacher: str = "auto") -> Path | None:
+    """The model ``model_dir`` was fine-tuned from, which never saw the documents it memorised:
+    unlearning draws forget rows to its predictions (``teacher``). "auto": for a target this
+    package built, the base it memorised from (``target.json``'s ``base``; older records:
+    ``init``), and None for any other model; "none": no teacher; else a model directory (a
+    user's model before their fine-tune), which must read the same tokens."""
+    if teacher == "none":
+        return None
+    if teacher != "auto":
+        found = Path(teacher)
+        if not (found / "config.json").is_file():
+            raise ModelError(f"{teacher}: teacher model directory not found (no config.json); "
+                             f"pass the model this one was fine-tuned from, or teacher=none")
+        vocab = [AutoConfig.from_pretrained(p, local_files_only=True).vocab_size
+                 for p in (model_dir, found)]
+        if vocab[0] != vocab[1]:
+            raise ModelError(f"{teacher}: the teacher's vocabulary ({vocab[1]}) differs from "
+                             f"{model_dir}'s ({vocab[0]}); pass the model this one was "
+                             f"fine-tuned from, or teacher=none")
+        return found
+    record = Path(model_dir) / "target.json"
+    if not record.is_file():
+        return None
+    made = json.loads(record.read_text())
+    for found in (made.get("base") and Path(model_dir) / made["base"], made.get("init")):
+        if found and (Path(found) / "config.json").is_file():
+            return Path(found)
+    return None
