@@ -71,3 +71,13 @@ def test_import_then_check_your_own_documents(tmp_path, capsys):
     assert "no mia/" in capsys.readouterr().out
     assert main(["data", "check", str(tmp_path / "d")]) == 0
     assert '"custom/sc": 1' in capsys.readouterr().out
+
+
+def test_target_oracle_retrains_the_base_on_the_retain_rows_alone(tmp_path, tiny_target,
+                                                                  synth_dir):
+    base = tiny_target[0] / "base"
+    assert main(["target", "--data", str(synth_dir), "--out", str(tmp_path / "exact"),
+                 "--init", str(base), "--oracle", "--pretrain", "none", "--mmlu", "none",
+                 "--preset", "tiny", "epochs=1"]) == 0
+    made = json.loads((tmp_path / "exact" / "target.json").read_text())
+    assert made["oracle"] is True and made["base"] == str(base.resolve())

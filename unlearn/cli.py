@@ -114,7 +114,7 @@ def cmd_check(args) -> None:
 def cmd_target(args) -> None:
     record = build_target(args.data, args.out, preset=args.preset, init=args.init,
                           pretrain=args.pretrain, mmlu=args.mmlu, mia=args.mia, seed=args.seed,
-                          split=args.split, **key_values(args.settings))
+                          split=args.split, oracle=args.oracle, **key_values(args.settings))
     print(json.dumps(record["memorisation"], indent=2))
     print(f"target written to {args.out} ({record['parameters']:,} parameters, "
           f"{record['train_seconds']:.0f} s of training)")
@@ -245,6 +245,9 @@ def _add_target(sub) -> None:
                    help="architecture and recipe of a target trained from scratch")
     t.add_argument("--init", metavar="HF_DIR",
                    help="fine-tune this local HF causal LM instead of training from scratch")
+    t.add_argument("--oracle", action="store_true",
+                   help="learn the retain rows only: the model that never saw the forget set "
+                        "(with --init, exact retraining from the model you fine-tuned from)")
     _add_beside_data(t, {"pretrain": "general corpus to pretrain on first",
                          "mmlu": "MMLU-format general-knowledge questions to learn",
                          "mia": "MIA set to measure (never trained on)"})
