@@ -591,7 +591,8 @@ def test_a_target_keeps_its_base_and_a_run_draws_forget_rows_to_it(tiny_target, 
     assert after["drawn"] < 0.5 * before < after["ascended"]
 
 
-def test_a_teacher_with_another_vocabulary_is_refused(tiny_target, synth_dir, tmp_path):
+def test_a_teacher_of_another_vocabulary_or_that_nothing_reads_is_refused(tiny_target, synth_dir,
+                                                                         tmp_path):
     from unlearn.models.loading import ModelError
     model, tokenizer = load_model(tiny_target[0])
     config = AutoConfig.for_model("olmo", vocab_size=model.config.vocab_size + 8, hidden_size=32,
@@ -604,3 +605,8 @@ def test_a_teacher_with_another_vocabulary_is_refused(tiny_target, synth_dir, tm
         run("gd", tiny_target[0], synth_dir, tmp_path / "u", mia=None, epochs=1,
             teacher=str(tmp_path / "other"))
     assert not (tmp_path / "u").exists() and not (tmp_path / ".u.partial").exists()
+    base = str(tiny_target[0] / "base")
+    for method, settings in (("npo", {}), ("gd", {"forget_target": "none"})):
+        with pytest.raises(ValueError, match=r"only ga, gd, kl, sha256, sugd with forget_targ"):
+            run(method, tiny_target[0], synth_dir, tmp_path / "u", mia=None, epochs=1,
+                teacher=base, **settings)

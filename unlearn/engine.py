@@ -23,7 +23,7 @@ from .anchor import Anchor, sample_passages
 from .data import beside_data, load_lume, load_mia
 from .io import RUN, atomic_directory, claim_output, fingerprint, path_text, staging_path
 from .measure.official import score_model
-from .methods import Method, get_method
+from .methods import METHODS, Method, get_method
 from .methods.base import Example
 from .methods.losses import Batch, Reference, forward
 from .models.layers import decoder_layers, is_attention, is_mlp, layer_indices, resolve_projections
@@ -185,8 +185,7 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
     mia, mmlu = beside_data(data, mia, "mia"), beside_data(data, mmlu, "mmlu")
     method_cls = get_method(method)
     settings, profile = resolve_config(method_cls, model_dir, profile, config, **overrides)
-    teacher = (teacher_of(model_dir, settings.teacher)
-               if settings.forget_target == "auto" and "teacher" in method_cls.reference else None)
+    teacher = _teacher(method_cls, settings, model_dir)
     claim_output(out, RUN, {"--model": model_dir, "--data": data, "--config": config,
                             "--mia": mia, "--mmlu": mmlu, "--teacher": teacher,
                             "trace": settings.trace or None,
@@ -200,6 +199,17 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
     job = _Run(method, algorithm, model_dir, data, split, mia, mmlu, teacher, seed, eval_every,
                eval_points, profile, staging_path(out) / "logs")
     return job.train(out, adapter_only)
+
+
+def _teacher(method_cls: type[Method], settings, model_dir: Path) -> Path | None:
+    """The model forget rows are drawn to (``teacher``), None without one; a teacher named where
+    nothing would read it is refused rather than ignored."""
+    reads = "teacher" in method_cls.reference and settings.forget_target == "auto"
+    if settings.teacher not in ("none", "auto") and not reads:
+        readers = sorted(name for name, cls in METHODS.items() if "teacher" in cls.reference)
+        raise ValueError(f"teacher={settings.teacher}: only {', '.join(readers)} with "
+                         f"forget_target=auto draw forget rows to a teacher; drop the setting")
+    return teacher_of(model_dir, settings.teacher) if reads else None
 
 
 class _Run:

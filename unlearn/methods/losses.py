@@ -102,15 +102,19 @@ def npo_term(out: Outputs, batch: Batch, ref: Reference, beta: float) -> torch.T
     return -(2 / beta) * F.logsigmoid(-beta * log_ratio)
 
 
+def token_kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(reference ‖ model) at each position of two aligned logit tensors (float32)."""
+    return F.kl_div(F.log_softmax(logits.float(), -1), F.log_softmax(ref_logits.float(), -1),
+                    log_target=True, reduction="none").sum(-1)
+
+
 def kl_to_reference(out: Outputs, ref_logits: torch.Tensor, batch: Batch,
                     rows: torch.Tensor) -> torch.Tensor:
     """KL(reference ‖ model) per output token, averaged over the output tokens of ``rows``."""
     scored = (batch.labels[:, 1:] != IGNORE) & rows[:, None]
     if not scored.any():
         return out.logits.sum() * 0.0
-    log_p = F.log_softmax(out.logits[scored].float(), -1)
-    log_q = F.log_softmax(ref_logits[scored].float(), -1)
-    return F.kl_div(log_p, log_q, log_target=True, reduction="batchmean")
+    return token_kl(ref_logits[scored], out.logits[scored]).mean()
 
 
 #: what a method may ask of the reference (its ``Method.reference``): the frozen model's
@@ -183,9 +187,7 @@ class Reference:
         kl = out.text_nll * 0.0  # on the graph, so an all-retain batch still backpropagates
         if not rows.any() and not self.teacher_on_every_row:
             return kl
-        log_p = F.log_softmax(self._teacher_logits(batch, rows).float(), -1)
-        log_q = F.log_softmax(out.logits[rows].float(), -1)
-        per_token = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
+        per_token = token_kl(self._teacher_logits(batch, rows), out.logits[rows])
         real = batch.mask[rows, 1:].float()
         return kl.index_put((rows.nonzero(as_tuple=True)[0],),
                             (per_token * real).sum(1) / real.sum(1).clamp(min=1))
