@@ -40,6 +40,12 @@ RECIPES = {
     "train-part": dict(data=Path("runs/bench/lume-train-part"), pretrain=LUME / "train",
                        mia=Path("runs/bench/lume-train-part/mia"), base={"epochs": "0"},
                        settings={}),
+    # the same, from a base pretrained on the rest of train only: it never saw the part, as the
+    # lume recipe's base never saw validation (a teacher's condition; bench/lume_train_part.py)
+    "train-part-clean": dict(data=Path("runs/bench/lume-train-part"),
+                             pretrain=Path("runs/bench/lume-train-rest"),
+                             mia=Path("runs/bench/lume-train-part/mia"), base={"epochs": "0"},
+                             settings={}),
 }
 
 
