@@ -176,10 +176,10 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
     instead of the merged model. ``mia`` (an MIA directory) turns on selection by estimated
     score (``select``; see :mod:`unlearn.selection`) and bounds ascent at the loss of its
     never-seen documents (``forget_target``; the ``teacher`` setting draws forget rows to the
-    model ``model`` was fine-tuned from instead); ``mmlu``
-    (MMLU-format questions) makes the estimate more faithful; both default to ``data/mia`` and
-    ``data/mmlu`` when present ("auto"), None turns them off. ``split`` chooses one data split
-    where ``data`` holds several (the official parquet snapshot). Returns the ``run.json`` record.
+    model ``model`` was fine-tuned from instead); ``mmlu`` (MMLU-format questions) makes the
+    estimate more faithful; both default to ``data/mia`` and ``data/mmlu`` when present ("auto"),
+    None turns them off. ``split`` chooses one data split where ``data`` holds several (the
+    official parquet snapshot). Returns the ``run.json`` record.
     """
     model_dir, out = Path(model), Path(out)
     mia, mmlu = beside_data(data, mia, "mia"), beside_data(data, mmlu, "mmlu")
@@ -275,7 +275,7 @@ class _Run:
         reference log-probabilities. Returns the selection hook for the trainer."""
         settings, bare, tokenizer = self.settings, self.bare, self.tokenizer
         # a teacher gives each forget row its own target; without one, ascent aims at a level
-        levelled = settings.forget_target == "auto" and self.reference.teacher is None
+        levelled = settings.forget_target == "auto" and self.teacher is None
         needs_split = self.rule in ("score", "mia") or (levelled and "forget_level" not in progress)
         split = (calibration_split(self.mia_data, settings.select_split, self.seed, self.lume,
                                    bare, tokenizer)
@@ -283,8 +283,8 @@ class _Run:
         self.selector = make_rule(self.rule, settings, tokenizer, self.lume, split, self.mmlu,
                                   staging, self.seed, self.accelerator.is_main_process)
         if "forget_level" not in progress:  # kept for resuming
-            progress["forget_level"] = (_forget_level(settings, bare, tokenizer, split)
-                                        if self.reference.teacher is None else None)
+            progress["forget_level"] = _forget_level(settings, bare, tokenizer, split,
+                                                     self.teacher)
         self.reference.forget_level = progress["forget_level"]
         self.anchor = _anchor(settings, bare, tokenizer, progress, self.seed, self.accelerator)
         size = settings.batch_size  # before any step (or the resumed one)
@@ -402,9 +402,11 @@ class _Run:
         }
 
 
-def _forget_level(settings, model, tokenizer, split) -> float | None:
-    """The loss bounded ascent aims at (``forget_target``), None for unbounded ascent."""
-    if settings.forget_target == "none" or (settings.forget_target == "auto" and not split):
+def _forget_level(settings, model, tokenizer, split, teacher: Path | None) -> float | None:
+    """The loss bounded ascent aims at (``forget_target``), None for unbounded ascent or where a
+    ``teacher`` gives each forget row its own target."""
+    if teacher is not None or settings.forget_target == "none" or (
+            settings.forget_target == "auto" and not split):
         return None
     if settings.forget_target != "auto":
         return float(settings.forget_target)

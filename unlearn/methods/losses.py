@@ -166,9 +166,10 @@ class Reference:
         model.train()
 
     def load_teacher(self, accelerator, teacher_dir: Path | None) -> None:
-        """Load the model before fine-tuning (see :func:`forget_term`) when the method draws
-        forget rows to one (``models.loading.teacher_of`` found it and checked its tokens)."""
-        if teacher_dir is None or "teacher" not in self.needs:
+        """Load the model before fine-tuning (see :func:`forget_term`), when the run has one
+        (the engine gives one only to a method that reads it; ``models.loading.teacher_of``
+        found it and checked its tokens)."""
+        if teacher_dir is None:
             return
         self.teacher = prepare_frozen(accelerator, load_model(teacher_dir, torch.float32)[0])
         self.teacher_on_every_row = zero3(accelerator)
