@@ -24,26 +24,23 @@ import torch
 
 import unlearn
 from unlearn.data import load_lume
-from unlearn.measure.nll import document_nll
 from unlearn.measure.official import score_model
 from unlearn.methods.base import UnlearnConfig
 from unlearn.models.loading import load_model
-from unlearn.selection import scored_rest
+from unlearn.selection import evaluating, scored_rest
 
 
 def measure(model_dir: Path, lume, rest) -> dict:
     """The final score and its terms on the scored MIA documents, and both NLL medians."""
     model, tokenizer = load_model(model_dir, dtype=torch.float32)
-    model.eval()
-    with torch.no_grad():
-        results = score_model(model, tokenizer, lume, rest).results
-        nll = {kind: statistics.median(document_nll(model, tokenizer,
-                                                    [d.document for d in getattr(rest, kind)]))
-               for kind in ("member", "nonmember")}
+    with evaluating(model):
+        scores = score_model(model, tokenizer, lume, rest)
+    results, nll = scores.results, scores.mia_nll  # the NLLs the loss-MIA read
     return {"final_score": results["final-score"],
             "task_aggregate": results["harmonic-mean-task-aggregate"],
-            "mia_auc": results["mia_loss_acc"], "member_nll": nll["member"],
-            "nonmember_nll": nll["nonmember"]}
+            "mia_auc": results["mia_loss_acc"],
+            "member_nll": statistics.median(nll["member"]),
+            "nonmember_nll": statistics.median(nll["nonmember"])}
 
 
 def main() -> None:
