@@ -69,7 +69,7 @@ PRESETS = {
     # fp32: on matrices this small bf16 casts cost more than they save
     "tiny": TargetPreset(vocab_size=1024, hidden_size=128, num_layers=4, num_heads=4,
                          intermediate_size=384, max_len=256, pretrain_tokens=30_000,
-                         pretrain_lr=3e-3, epochs=60, lr=3e-3, warmup_steps=10, check_every=5,
+                         pretrain_lr=3e-3, epochs=100, lr=3e-3, warmup_steps=10, check_every=5,
                          batch_tokens=2048, pretrain_batch_tokens=2048, max_rows=8,
                          precision="fp32"),
     # the recipe that memorises LUME while never-seen text keeps its loss (bench/target.py lume)
