@@ -24,8 +24,8 @@ from unlearn.models import load_model
 # a few hot steps on the tiny target: enough for every method to move the losses by nats
 STEPS = dict(epochs=2, batch_size=4, lr=3e-3, mia=None)  # mia=None: the fixed schedule
 SETTINGS = {"sugd": dict(chunk_size=64, positive_ratio=1),  # one chunk, not one per 32 rows
-            # RMU moves the output only through what three down-projections pass on: at 3e-3 a
-            # fully memorised tiny target barely shifts (measured: forget +0.17, retain +0.00)
+            # RMU reaches the output only through what three down-projections pass on: at
+            # the shared rate a fully memorised tiny target's forget rows barely move
             "rmu": dict(lr=1e-2)}
 NO_RETAIN_TERM = {"ga"}
 # a retain term holds the retain rows: their loss rises by well under the forget rows' rise.

@@ -160,8 +160,9 @@ def test_label_smoothing_keeps_a_floor_under_every_token_while_memorising(
         tiny_target, synth_dir, tmp_path):
     """Memorising makes a small model certain everywhere; smoothing the labels while it
     memorises keeps probability on the tokens it does not expect, so a never-seen document's
-    least likely token stays far less unlikely."""
-    document = load_mia(synth_dir / "mia").nonmember[0].document
+    least likely token stays far less unlikely (averaged over a few documents: the lowest of one
+    is an extreme, the noisiest figure a model gives)."""
+    documents = [d.document for d in load_mia(synth_dir / "mia").nonmember[:4]]
 
     def lowest_log_probability(label_smoothing: float) -> float:
         out = tmp_path / f"smoothing-{label_smoothing}"
@@ -169,8 +170,9 @@ def test_label_smoothing_keeps_a_floor_under_every_token_while_memorising(
                      epochs=3, check_every=100, label_smoothing=label_smoothing)
         model, tokenizer = load_model(out)
         with torch.no_grad():
-            logits = model(tokenizer(document, return_tensors="pt").input_ids).logits
-        return torch.log_softmax(logits, -1).min().item()
+            lowest = [torch.log_softmax(model(tokenizer(d, return_tensors="pt").input_ids)
+                                        .logits, -1).min().item() for d in documents]
+        return sum(lowest) / len(lowest)
 
     assert lowest_log_probability(0.3) > lowest_log_probability(0.0) + 3
 
