@@ -2,14 +2,15 @@
 
     python bench/drift.py --target T --oracle O --data D --mia D --name N LABEL METHOD [k=v ...]
 
-Runs METHOD with the settings given on the target (a finished run in OUT/LABEL is reused),
-scores the kept model the LUME way on the MIA documents its calibration left out, and sets the
-final score against the oracle's. Beside the score it prints what the loss-MIA reads: the median
-NLL of the member documents and of the never-seen non-members, for the source model, the oracle
-and the run, and so how far never-seen text drifted while the members were pushed up. A run can
-lift its members to the loss never-seen text had before unlearning and still lose the MIA: the
-non-members moved further. Appends one row per call to bench/results/drift-<name>.json (the
-source's and the oracle's figures are measured by the first call and kept there).
+Runs METHOD with the settings given on the target (a finished run in OUT/LABEL made with these
+very settings on this target is reused), scores the kept model the LUME way on the MIA documents
+its calibration left out, and sets the final score against the oracle's. Beside the score it
+prints what the loss-MIA reads: the median NLL of the member documents and of the never-seen
+non-members, for the source model, the oracle and the run, and so how far never-seen text
+drifted while the members were pushed up. A run can lift its members to the loss never-seen text
+had before unlearning and still lose the MIA: the non-members moved further. Appends one row per
+call to bench/results/drift-<name>.json (the source's and the oracle's figures are measured by
+the first call and kept there).
 """
 
 from __future__ import annotations
@@ -24,10 +25,13 @@ import torch
 
 import unlearn
 from unlearn.data import load_lume
+from unlearn.io import write_json
+from unlearn.leaderboard import finished_run
 from unlearn.measure.official import score_model
 from unlearn.methods.base import UnlearnConfig
 from unlearn.models.loading import load_model
 from unlearn.selection import evaluating, scored_rest
+from unlearn.settings import key_values
 
 
 def measure(model_dir: Path, lume, rest) -> dict:
@@ -52,12 +56,13 @@ def main() -> None:
     p.add_argument("method")
     p.add_argument("settings", nargs="*", metavar="key=value")
     args = p.parse_args()
-    settings = dict(s.split("=", 1) for s in args.settings)
+    settings = key_values(args.settings)
     lume = load_lume(args.data)
     share = float(settings.get("select_split", UnlearnConfig.select_split))
     rest = scored_rest(args.mia, share, 0, lume, args.target)
     run_dir = Path(args.out) / args.label
-    if not (run_dir / "run.json").is_file():
+    if not finished_run(run_dir, args.method, Path(args.target), 0, 0, {"mia": args.mia},
+                        settings):
         unlearn.run(args.method, args.target, args.data, run_dir, mia=args.mia, **settings)
     record = json.loads((run_dir / "run.json").read_text())
     results = Path(__file__).parent / "results" / f"drift-{args.name}.json"
@@ -83,7 +88,7 @@ def main() -> None:
           f"{summary['member_rise']:+.2f}, never-seen text drifted "
           f"{summary['nonmember_drift']:+.2f}, {record['train_seconds']:.0f} s")
     board["runs"].append({"command": " ".join(["python", *sys.argv]), **summary})
-    results.write_text(json.dumps(board, indent=2))
+    write_json(results, board)
 
 
 if __name__ == "__main__":

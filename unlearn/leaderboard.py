@@ -112,7 +112,7 @@ def _cached_eval(model: Path, data, out: Path, **kw) -> dict:
     return evaluate(model, data, out, audit=True, **kw)
 
 
-def _finished_run(model: Path, method: str, target: Path, seed: int, eval_points: int,
+def finished_run(model: Path, method: str, target: Path, seed: int, eval_points: int,
                   inputs: dict, overrides: dict) -> bool:
     """Whether ``model`` holds a run of ``method`` with these settings on this very target."""
     config, _ = resolve_config(get_method(method), target, **overrides)
@@ -214,7 +214,7 @@ def _bench_seed(data: Path, base: Path, models: dict, methods, lume, mia, mmlu, 
         label, _, name = entry.partition(":")  # `label:method`: a variant of a method
         model = base / label
         inputs = dict(mia=mia, mmlu=mmlu, split=split)
-        if not _finished_run(model, name or label, models["target"], seed, eval_points,
+        if not finished_run(model, name or label, models["target"], seed, eval_points,
                              inputs, settings.get(label, {})):
             run(name or label, models["target"], data, model, seed=seed,
                 eval_points=eval_points, **inputs, **settings.get(label, {}))
