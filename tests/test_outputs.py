@@ -119,9 +119,17 @@ COMMANDS = {
                             "--max-facts", "1", "--samples", "1"],
     "bench": lambda w, o: ["bench", "--data", w["data"], "--out", o, "--preset", "tiny",
                            "--methods", "ga"],
+    # always refused: a method label that is a path, an audit of a model that was not changed
+    "bench-label": lambda w, o: ["bench", "--data", w["data"], "--target", w["model"],
+                                 "--methods", f"{o}:ga", "--out", w["bench"], "--no-receipts",
+                                 "--eval-points", "0", f"{o}.epochs=1"],
+    "audit-same": lambda w, o: ["audit", "--model", w["model"], "--original", w["model"],
+                                "--oracle", w["model"], "--data", w["data"],
+                                "--mia", w["data"] + "/mia", "--out", o],
 }
 RECORDS = {"synth": "synth.json", "target": "target.json", "run": "run.json",
-           "eval": "eval.json", "locate": "trace.json", "bench": "bench.json"}
+           "eval": "eval.json", "locate": "trace.json", "bench": "bench.json",
+           "bench-label": None, "audit-same": None}
 PLACES = ["data", "data/mia", "model", "user", "user/thesis.txt", ".", "made-synth",
           "made-run", "made-eval"]
 
@@ -134,7 +142,8 @@ def world_template(tiny_target, synth_dir, tmp_path_factory):
     shutil.copytree(tiny_target[0], root / "model")
     (root / "user").mkdir()
     (root / "user" / "thesis.txt").write_text("four years of work")
-    world = {"data": str(root / "data"), "model": str(root / "model")}
+    world = {"data": str(root / "data"), "model": str(root / "model"),
+             "bench": str(root / "bench")}
     for command in ("synth", "run", "eval"):
         assert main(COMMANDS[command](world, str(root / f"made-{command}"))) == 0
     return root
@@ -153,12 +162,14 @@ def test_no_command_changes_a_file_it_may_not_replace(world_template, steps):
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "w"
         shutil.copytree(world_template, root)
-        world = {"data": str(root / "data"), "model": str(root / "model")}
+        world = {"data": str(root / "data"), "model": str(root / "model"),
+                 "bench": str(root / "bench")}
         for command, place in steps:
             out = root / place
             argv = COMMANDS[command](world, str(out))
             inputs = [Path(a) for a in argv if a in world.values()]
-            may_replace = (out.is_dir() and (out / RECORDS[command]).is_file()
+            may_replace = (RECORDS[command] is not None and out.is_dir()
+                           and (out / RECORDS[command]).is_file()
                            and not any(out == i or out in i.parents or i in out.parents
                                        for i in inputs))
             before = _tree(root)

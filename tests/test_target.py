@@ -6,7 +6,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from unlearn import target as target_module
-from unlearn import training
 from unlearn.data import DataError, load_lume, load_mia
 from unlearn.measure.generation import can_still_match, generate_one_by_one, greedy_generate
 from unlearn.measure.metrics import knowledge
@@ -98,7 +97,7 @@ def test_same_seed_same_weights_and_resume_after_crash(synth_dir, tmp_path, monk
     reference = AutoModelForCausalLM.from_pretrained(tmp_path / "a").state_dict()
 
     # crash in the middle of memorising, with a checkpoint after every epoch
-    monkeypatch.setattr(training, "CHECKPOINT_MINUTES", 0.0)
+    monkeypatch.setenv("UNLEARN_CHECKPOINT_MINUTES", "0")
     original_pad, calls = target_module.pad, {"n": 0}
 
     def crashing_pad(*args, **kwargs):

@@ -220,7 +220,7 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_update(tiny_target
 def _interrupted_run(monkeypatch, steps: int, method: str, *args, **kwargs) -> None:
     """``run`` killed as it starts its ``steps``-th optimizer step, with a checkpoint after every
     epoch before that."""
-    monkeypatch.setattr(training, "CHECKPOINT_MINUTES", 0.0)
+    monkeypatch.setenv("UNLEARN_CHECKPOINT_MINUTES", "0")
     original, calls = training.Trainer.step, {"n": 0}
 
     def crashing(*a, **kw):

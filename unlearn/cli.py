@@ -14,15 +14,17 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .data import DataError, import_documents, importing, load_lume, synthesize
+from .data import DataError, check_data, import_documents, importing, load_lume, synthesize
 from .data import synth as synth_module
 from .data.importing import CUSTOM_TASK
 from .evaluation.audit import PII_SAMPLES
 from .evaluation.relearn import RelearnConfig
+from .io import release_all
 from .methods import METHODS, UnlearnConfig
 from .models import PRESETS, ModelError
 from .settings import key_values
 from .target import build_target
+from .training import checkpoint_minutes
 
 DESCRIPTION = ("Remove chosen documents from a trained causal language model, keep what it "
                "should still know, and prove it (SemEval-2025 Task 4, LUME). Each command has "
@@ -103,9 +105,9 @@ def cmd_import(args) -> None:
 
 
 def cmd_check(args) -> None:
-    data = load_lume(args.dir, args.split)
-    print(json.dumps(data.summary(), indent=2))
-    absent = data.absent_terms()
+    found = check_data(args.dir, args.split, mia=args.mia, mmlu=args.mmlu)
+    absent = found.pop("absent")
+    print(json.dumps(found, indent=2))
     if absent:
         print(f"note: no rows for {', '.join(absent)}; the task aggregate is the harmonic mean "
               f"of the other terms")
@@ -230,6 +232,8 @@ def _add_data(sub) -> None:
     c.add_argument("dir", help="the LUME data directory")
     c.add_argument("--split", choices=("train", "validation"),
                    help="the data split, where DIR holds several (the official parquet snapshot)")
+    _add_beside_data(c, {"mia": "MIA directory to check too",
+                         "mmlu": "MMLU-format directory to check too"})
     c.set_defaults(func=cmd_check)
 
 
@@ -424,11 +428,26 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+MAX_LINE, MAX_LINES = 300, 25  # an error message's size, whatever the input put in it
+
+
+def _message(error: BaseException) -> str:
+    """An error's text as shown: each line cut to a readable length, and at most a screenful
+    of lines (a hostile input may hold megabytes that the message repeats)."""
+    lines = str(error).splitlines() or [type(error).__name__]
+    shown = [line if len(line) <= MAX_LINE else line[:MAX_LINE - 3] + "..."
+             for line in lines[:MAX_LINES]]
+    if len(lines) > MAX_LINES:
+        shown.append(f"... and {len(lines) - MAX_LINES} more lines")
+    return "\n".join(shown)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if _rank() != 0:  # one process reports; the others work silently beside it
         sys.stdout = open(os.devnull, "w")
     try:
+        checkpoint_minutes()  # a bad value is refused before any command starts
         args.func(args)
     except KeyboardInterrupt:
         print(f"unlearn {args.command}: interrupted; rerun the same command to resume",
@@ -441,8 +460,10 @@ def main(argv: list[str] | None = None) -> int:
               f"lora=true", file=sys.stderr)
         return 2
     except (DataError, ModelError, ValueError, FloatingPointError, OSError) as e:
-        print(f"unlearn {args.command}: error: {e}", file=sys.stderr)
+        print(f"unlearn {args.command}: error: {_message(e)}", file=sys.stderr)
         return 2
+    finally:
+        release_all()
     return 0
 
 

@@ -14,8 +14,9 @@ from pathlib import Path
 import pandas as pd
 
 from .data import synthesize
-from .io import BENCH, begin_in_place, claim_output
+from .io import BENCH, claim_output, in_place
 from .leaderboard import bench
+from .settings import check_seed
 
 DEMO_METHODS = ("sugd", "sha256", "gd")
 # sized for `make demo` under 15 minutes on 2 cores, install included (timings: README); the
@@ -32,13 +33,14 @@ def demo(out: str | Path = "runs/demo", preset: str = "small", seed: int = 0) ->
     """Run the demo into ``out`` (data in ``out/data``, models in ``out/cache``) and return the
     leaderboard of :func:`unlearn.bench.bench`."""
     out = Path(out)
+    check_seed(seed)
     claim_output(out, BENCH)  # the demo is a bench whose data lives in its own OUT
-    begin_in_place(out, BENCH, {"demo": True})
-    data = out / "data"
-    if not (data / "synth.json").exists():
-        synthesize(data, seed=seed, docs_per_task=DEMO_DOCS_PER_TASK)
-    board = bench(data, out, methods=DEMO_METHODS, preset=preset,
-                  target_settings=DEMO_TARGET.get(preset), eval_points=DEMO_EVAL_POINTS)
+    with in_place(out, BENCH, {"demo": True}):
+        data = out / "data"
+        if not (data / "synth.json").exists():
+            synthesize(data, seed=seed, docs_per_task=DEMO_DOCS_PER_TASK)
+        board = bench(data, out, methods=DEMO_METHODS, preset=preset,
+                      target_settings=DEMO_TARGET.get(preset), eval_points=DEMO_EVAL_POINTS)
     frame = pd.DataFrame(board["rows"]).reindex(columns=COLUMNS)
     print()
     print(frame.to_string(index=False, float_format="{:.3f}".format, na_rep="-"))

@@ -27,7 +27,13 @@ from .methods import METHODS, Method, get_method
 from .methods.base import Example
 from .methods.losses import Batch, Reference, forward
 from .models.layers import decoder_layers, is_attention, is_mlp, layer_indices, resolve_projections
-from .models.loading import load_model, model_fingerprint, teacher_of, trained_from_scratch
+from .models.loading import (
+    check_model_dir,
+    load_model,
+    model_fingerprint,
+    teacher_of,
+    trained_from_scratch,
+)
 from .models.sequences import training_sequence
 from .selection import (
     Keeper,
@@ -38,13 +44,14 @@ from .selection import (
     never_seen_level,
     resolve_rule,
 )
-from .settings import read_settings_file
+from .settings import check_seed, read_settings_file
 from .tracing.command import read_layers
 from .training import (
     Epoch,
     NonFiniteLoss,
     Segment,
     Trainer,
+    checkpoint_minutes,
     resume_progress,
     save_final,
     scalars,
@@ -182,6 +189,9 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
     official parquet snapshot). Returns the ``run.json`` record.
     """
     model_dir, out = Path(model), Path(out)
+    check_seed(seed)
+    checkpoint_minutes()
+    check_model_dir(model_dir)
     mia, mmlu = beside_data(data, mia, "mia"), beside_data(data, mmlu, "mmlu")
     method_cls = get_method(method)
     settings, profile = resolve_config(method_cls, model_dir, profile, config, **overrides)

@@ -9,6 +9,8 @@ package marks as its own; the finished directory replaces OUT in one rename.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import math
@@ -21,6 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 _MARKER = ".unlearn-job"  # inside a staging directory: which command's work it holds
+_LOCK_TEXT = "unlearn pid"  # how a lock file beside OUT begins: ``unlearn pid N``
+# the lock files this process holds: their descriptor, and how many blocks writing OUT
+# (atomic_directory, in_place) are open; the lock goes when the last one closes
+_LOCKS: dict[Path, list[int]] = {}
+# a failed write with less free space than this is taken for a full disk
+_NEARLY_FULL = 64 * 2**20
 
 
 class OutputError(ValueError):
@@ -63,6 +71,12 @@ def staging_path(out: str | Path) -> Path:
     return out.parent / f".{out.name}.partial"
 
 
+def lock_path(out: str | Path) -> Path:
+    """The file whose lock says a command is writing ``out`` (and its staging directory)."""
+    out = Path(out)
+    return out.parent / f".{out.name}.lock"
+
+
 def is_output(path: str | Path, kind: Output) -> bool:
     """Whether ``path`` is a finished output of ``kind`` (its record file is there)."""
     return (Path(path) / kind.record).is_file()
@@ -99,14 +113,113 @@ def claim_output(out: str | Path, kind: Output,
             problem = _overlap(out, name, Path(given), in_place)
             if problem:
                 raise OutputError(problem)
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
+    if out.is_symlink():
+        raise OutputError(f"{out}: is a symbolic link (to {os.readlink(out)}); --out names a "
+                          f"directory to create, not a link: give the real path or a new one")
+    if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a directory; --out names a directory to "
                           f"create: choose a new path")
     if out.is_dir() and any(out.iterdir()) and not is_output(out, kind):
         raise OutputError(f"{out}: exists and is not an output of `{kind.command}` (it has no "
                           f"{kind.record}); choose a new --out, or move it away yourself")
     _check_staging(staging_path(out), kind)
+    if out.parent.is_dir():  # else nothing can be writing it yet: atomic_directory locks it
+        lock_output(out)
     return out
+
+
+def lock_output(out: str | Path) -> None:
+    """Hold the lock on writing ``out`` until :func:`release_output`, or refuse at once when
+    another process holds it. The lock is the kernel's (``flock``): a command killed at any
+    moment leaves a lock file that the next command simply takes over. In a distributed run
+    the first process holds it for all (they share one staging directory)."""
+    path = lock_path(out).absolute()
+    if path in _LOCKS or int(os.environ.get("RANK", "0")) != 0:
+        return
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise OutputError(f"{path}: exists and was not made by unlearn; move it away and rerun")
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        holder = os.read(fd, 200).decode(errors="replace").strip()
+        if holder and not holder.startswith(_LOCK_TEXT):
+            os.close(fd)
+            raise OutputError(f"{path}: exists and was not made by unlearn; move it away and "
+                              f"rerun")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            pid = holder.removeprefix(_LOCK_TEXT).strip() or "unknown"
+            raise OutputError(f"{out}: is being written by another unlearn command (pid {pid}); "
+                              f"wait for it to finish, or choose another --out") from None
+        try:  # the holder before us may have released (and removed) the file meanwhile
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{_LOCK_TEXT} {os.getpid()}\n".encode(), 0)
+    _LOCKS[path] = [fd, 0]
+
+
+@contextmanager
+def _holding(out: Path) -> Iterator[None]:
+    """Hold the lock on ``out`` while the block runs (a block inside another one that writes
+    ``out``, as ``unlearn demo``'s bench, leaves it to the outer one to let go)."""
+    lock_output(out)
+    held = _LOCKS.get(lock_path(out).absolute())
+    if held is not None:
+        held[1] += 1
+    try:
+        yield
+    finally:
+        if held is not None:
+            held[1] -= 1
+            if not held[1]:
+                release_output(out)
+
+
+def release_output(out: str | Path) -> None:
+    """Let go of the lock :func:`lock_output` took on ``out`` (the lock file goes too)."""
+    _release(lock_path(out).absolute())
+
+
+def release_all() -> None:
+    """Let go of every output lock this process holds (a command has ended)."""
+    for path in list(_LOCKS):
+        _release(path)
+
+
+def _release(path: Path) -> None:
+    held = _LOCKS.pop(path, None)
+    if held is not None:
+        path.unlink(missing_ok=True)  # while still locked: a waiter then sees it gone
+        os.close(held[0])
+
+
+@contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Report a failed write by a library as the OSError it stands for: torch says
+    ``[enforce fail at inline_container.cc]``, safetensors ``os error 28``; a full disk then
+    reads ``[Errno 28] No space left on device: PATH``, as a write of Python's own would."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as e:
+        text = str(e)
+        if not any(sign in text for sign in ("os error", "No space left", "inline_container",
+                                             "file write failed")):
+            raise
+        where = Path(path)
+        while not where.exists() and where != where.parent:
+            where = where.parent
+        if "os error 28" in text or "No space left" in text or (
+                shutil.disk_usage(where).free < _NEARLY_FULL):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
+        raise OSError(errno.EIO, f"writing failed ({text.splitlines()[0][:120]})",
+                      str(path)) from None
 
 
 def _check_staging(staging: Path, kind: Output) -> None:
@@ -121,11 +234,16 @@ def _check_staging(staging: Path, kind: Output) -> None:
                           f"rerunning that command, or delete {staging} yourself")
 
 
-def begin_in_place(out: Path, kind: Output, record: dict) -> None:
-    """Start (or continue) an output that is filled in place: OUT with its record file, which
-    marks it as ``kind``'s from the first moment (see :func:`claim_output`)."""
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / kind.record, record)
+@contextmanager
+def in_place(out: Path, kind: Output, record: dict) -> Iterator[Path]:
+    """Start (or continue) an output that is filled in place, held (:func:`lock_output`)
+    while the block runs: OUT with its record file, which marks it as ``kind``'s from the first
+    moment (see :func:`claim_output`)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _holding(out):
+        out.mkdir(exist_ok=True)
+        write_json(out / kind.record, record)
+        yield out
 
 
 def _umask() -> int:
@@ -197,14 +315,15 @@ def atomic_directory(out: str | Path, kind: Output, resumable: bool = False,
         yield staging_path(out)
         return
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = _make_staging(out, kind, resumable)
-    try:
-        yield staging
-    except BaseException:
-        if not resumable:
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
-    _publish(staging, out, kind)
+    with _holding(out):
+        staging = _make_staging(out, kind, resumable)
+        try:
+            yield staging
+        except BaseException:
+            if not resumable:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        _publish(staging, out, kind)
 
 
 def read_utf8(path: Path) -> str:

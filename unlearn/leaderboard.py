@@ -13,6 +13,7 @@ a report.
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from dataclasses import asdict
 from pathlib import Path
@@ -31,9 +32,9 @@ from .io import (
     BENCH,
     EVAL,
     RUN,
-    begin_in_place,
     claim_output,
     fingerprint,
+    in_place,
     is_output,
     path_text,
     write_json,
@@ -41,9 +42,10 @@ from .io import (
 from .measure.official import task_names
 from .methods import get_method
 from .methods.base import UnlearnConfig
-from .models.loading import model_fingerprint
+from .models import PRESETS
+from .models.loading import check_model_dir, model_fingerprint, same_weights
 from .selection import scored_rest
-from .settings import key_values
+from .settings import SEED_RANGE, key_values, shown
 from .target import build_target
 
 
@@ -98,7 +100,8 @@ def _cached_receipt(model: Path, out: Path, original: Path, oracle: Path | None,
     same = made_of(model, original, oracle, data, split, mia, seed, RelearnConfig())
     if _made_the_same_way(out, AUDIT, same):
         return json.loads((out / AUDIT.record).read_text())
-    return audit(model, original, data, mia, out, oracle=oracle, split=split, seed=seed, **kw)
+    return audit(model, original, data, mia, out, oracle=oracle, split=split, seed=seed,
+                 allow_unchanged=True, **kw)
 
 
 def _cached_eval(model: Path, data, out: Path, **kw) -> dict:
@@ -150,49 +153,99 @@ def bench(data: str | Path, out: str | Path, methods=("sugd", "sha256", "gd", "n
     data, out = Path(data), Path(out)
     mia, mmlu, pretrain = (beside_data(data, mia, "mia"), beside_data(data, mmlu, "mmlu"),
                            beside_data(data, pretrain, "pretrain"))
-    if oracle is not None and target is None:
-        raise ValueError("oracle= needs target=: a built target comes with its own oracle")
+    settings = settings or {}
+    _check_inputs(methods, settings, seeds, eval_points, target, oracle, preset, target_settings)
     # extended in place, never replaced: OUT may hold its inputs (the demo's data), not be one
     claim_output(out, BENCH, {"--data": data, "--mia": mia, "--mmlu": mmlu,
                               "--pretrain": pretrain, "--trace": trace, "cache": cache,
                               "--target": target, "--oracle": oracle}, in_place=True)
     lume = load_lume(data, split)
-    settings = settings or {}
     held_out = _calibration_share(settings, methods, mia)
-    begin_in_place(out, BENCH, {"data": str(data), "split": split, "methods": list(methods),
-                                "preset": preset,
-                                "seeds": seeds, "settings": settings,
-                                "target_settings": target_settings,
-                                "target": path_text(target), "oracle": path_text(oracle),
-                                "receipts": receipts})
-    runs, trajectories = [], {}
-    for seed in range(seeds):
-        if target is None:
-            key = fingerprint([(r.id, r.input, r.output) for r in lume.rows], preset,
-                              str(pretrain), str(mmlu), target_settings)
-            models = _build(data, Path(cache or out / "cache") / f"{preset}-{key}-seed{seed}",
-                            preset, pretrain, mmlu, mia, seed, target_settings or {}, split)
-        else:
-            models = {"target": Path(target), "oracle": Path(oracle) if oracle else None}
-        rows, evals, runs_of_seed, audited = _bench_seed(
-            data, out / f"seed{seed}", models, methods, lume, mia, mmlu, held_out, seed,
-            eval_points, settings, split, receipts)
-        if seed == 0:
-            first, trajectories = evals, {label: _trajectory(record)
-                                          for label, record in runs_of_seed.items()}
-            first_receipts = {label: (receipt, f"seed0/audit-{label}/receipt.html")
-                              for label, receipt in audited.items()}
-        runs.append(rows)
-    board = _leaderboard(runs)
+    made = {"data": str(data), "split": split, "methods": list(methods), "preset": preset,
+            "seeds": seeds, "settings": settings, "target_settings": target_settings,
+            "target": path_text(target), "oracle": path_text(oracle), "receipts": receipts}
+    with in_place(out, BENCH, made):
+        runs, first, trajectories, first_receipts = [], {}, {}, {}
+        for seed in range(seeds):
+            if target is None:
+                key = fingerprint([(r.id, r.input, r.output) for r in lume.rows], preset,
+                                  str(pretrain), str(mmlu), target_settings)
+                models = _build(data, Path(cache or out / "cache") / f"{preset}-{key}-seed{seed}",
+                                preset, pretrain, mmlu, mia, seed, target_settings or {}, split)
+            else:
+                models = {"target": Path(target), "oracle": Path(oracle) if oracle else None}
+            rows, evals, runs_of_seed, audited = _bench_seed(
+                data, out / f"seed{seed}", models, methods, lume, mia, mmlu, held_out, seed,
+                eval_points, settings, split, receipts)
+            if seed == 0:
+                first, trajectories = evals, {label: _trajectory(record)
+                                              for label, record in runs_of_seed.items()}
+                first_receipts = {label: (receipt, f"seed0/audit-{label}/receipt.html")
+                                  for label, receipt in audited.items()}
+            runs.append(rows)
+        board = _leaderboard(runs)
+        trace = trace or next((s["trace"] for s in settings.values() if s.get("trace")), None)
+        _write_board(out, board, first, trajectories, first_receipts, trace)
+    return board
+
+
+def _write_board(out: Path, board: dict, evals: dict, trajectories: dict, receipts: dict,
+                 trace) -> None:
+    """``leaderboard.{csv,md,json}`` and ``report.html`` (seed 0's evaluations, trajectories
+    and receipts; the causal-tracing heatmaps of ``trace`` when given)."""
     frame = pd.DataFrame(board["rows"])
     frame.to_csv(out / "leaderboard.csv", index=False)
     (out / "leaderboard.md").write_text(_markdown(frame))
     write_json(out / "leaderboard.json", board)
-    trace = trace or next((s["trace"] for s in settings.values() if s.get("trace")), None)
-    bench_report(out / "report.html", first, trajectories,
-                 {k: out / "seed0" / f"eval-{k}" for k in first}, frame,
-                 Path(trace) if trace else None, first_receipts)
-    return board
+    bench_report(out / "report.html", evals, trajectories,
+                 {k: out / "seed0" / f"eval-{k}" for k in evals}, frame,
+                 Path(trace) if trace else None, receipts)
+
+
+LABEL = re.compile(r"[A-Za-z0-9_-]+")  # a method's label names directories under OUT
+RESERVED_LABELS = ("target", "oracle", "base")  # the models a bench builds or is given
+
+
+def _check_inputs(methods, settings: dict[str, dict], seeds: int, eval_points: int, target,
+                  oracle, preset: str, target_settings: dict | None) -> None:
+    """Refuse, before any work, what would fail later or write outside OUT: a label that is
+    not a plain name (``../x`` or an absolute path would name another directory), an unknown
+    method, settings of no method given or not its own, a bad seed count, and model
+    directories that cannot load or are one model in two roles."""
+    labels = []
+    for entry in methods:
+        label, _, name = entry.partition(":")
+        if not LABEL.fullmatch(label) or label in RESERVED_LABELS:
+            raise ValueError(f"method label {shown(label)!r}: use letters, digits, '_' and '-' "
+                             f"only (it names a directory under --out), other than "
+                             f"{', '.join(RESERVED_LABELS)}")
+        if label in labels:
+            raise ValueError(f"method label {label!r} is given twice; give each run its own "
+                             f"label:method")
+        labels.append(label)
+        get_method(name or label).Config().override(**settings.get(label, {}))
+    stray = sorted(set(settings) - set(labels))
+    if stray:
+        raise ValueError(f"settings for {shown(', '.join(stray))}: no such method label in "
+                         f"--methods ({', '.join(labels)})")
+    if not 1 <= seeds <= len(SEED_RANGE):
+        raise ValueError(f"seeds={seeds}: must be at least 1")
+    if eval_points < 0:
+        raise ValueError(f"eval_points={eval_points}: must be at least 0")
+    if target is None:
+        if oracle is not None:
+            raise ValueError("oracle= needs target=: a built target comes with its own oracle")
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        PRESETS[preset].override(**(target_settings or {}))
+        return
+    for model in (target, oracle):
+        if model is not None:
+            check_model_dir(model)
+    if oracle is not None and same_weights(target, oracle):
+        raise ValueError(f"--oracle {oracle} holds the same weights as --target {target}: the "
+                         f"oracle is a model never trained on the forget set; give that model, "
+                         f"or leave --oracle out")
 
 
 def _bench_seed(data: Path, base: Path, models: dict, methods, lume, mia, mmlu, held_out,

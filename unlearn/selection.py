@@ -25,7 +25,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .data import load_mia, load_mmlu
 from .data.lume import LumeData, MiaData, Row
-from .io import write_json
+from .io import write_json, writing
 from .measure.generation import greedy_generate
 from .measure.memorisation import score_rows
 from .measure.mmlu import mmlu_accuracy
@@ -75,6 +75,19 @@ class Calibration:
         return document_nll(model, self.tokenizer, self.nonmembers, desc="select mia")
 
 
+def _save_whole(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """``torch.save`` whole or not at all: written beside ``path``, then renamed over it (a
+    full disk leaves the kept weights as they were, not a truncated file)."""
+    new = path.with_name(path.name + ".new")
+    try:
+        with writing(new):
+            torch.save(tensors, new)
+    except BaseException:
+        new.unlink(missing_ok=True)
+        raise
+    new.replace(path)
+
+
 class Keeper:
     """Keeps, in the staging directory, the trainable weights at which ``measure(model)`` was
     lowest; checkpoints of a resumed run find it there."""
@@ -91,7 +104,7 @@ class Keeper:
         # a tie goes to the later model: as good by the measure, and further along (a rule
         # whose measure never moves keeps the fixed schedule's result, not its first step)
         if self.writes and eligible and (best is None or value <= best["value"]):
-            torch.save({k: v.detach().cpu().clone() for k, v in model.named_parameters()
+            _save_whole({k: v.detach().cpu().clone() for k, v in model.named_parameters()
                         if v.requires_grad}, self.path)
             write_json(self.record, {**where, "value": value})
         return value

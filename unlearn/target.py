@@ -38,11 +38,27 @@ from .measure.memorisation import score_rows, task_means
 from .measure.mmlu import mmlu_accuracy
 from .measure.nll import document_nll, token_stats
 from .models.forward import next_token_nll
-from .models.loading import load_model, load_tokenizer, model_fingerprint, trained_from_scratch
+from .models.loading import (
+    check_model_dir,
+    load_model,
+    load_tokenizer,
+    model_fingerprint,
+    trained_from_scratch,
+)
 from .models.presets import PRESETS, TargetPreset
 from .models.sequences import from_start, length_sorted_batches, pad, training_sequence
 from .models.tokenizer import train_tokenizer
-from .training import Epoch, NonFiniteLoss, Segment, Trainer, resume_progress, save_copy, save_final
+from .settings import check_seed
+from .training import (
+    Epoch,
+    NonFiniteLoss,
+    Segment,
+    Trainer,
+    checkpoint_minutes,
+    resume_progress,
+    save_copy,
+    save_final,
+)
 
 #: where a target that pretrains keeps the model as it was before memorising: the teacher
 #: unlearning draws forget rows to (unlearn.models.loading.teacher_of)
@@ -182,9 +198,7 @@ def build_target(data: str | Path, out: str | Path, preset: str = "small",
     Returns the ``target.json`` record. Rerunning after an interruption resumes.
     """
     data, out = Path(data), Path(out)
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    settings = PRESETS[preset].override(**overrides)
+    settings = _checked_settings(preset, overrides, seed, init)
     pretrain, mmlu, mia = (beside_data(data, pretrain, "pretrain"),
                            beside_data(data, mmlu, "mmlu"), beside_data(data, mia, "mia"))
     claim_output(out, TARGET, {"--data": data, "--init": init, "--pretrain": pretrain,
@@ -245,6 +259,19 @@ def build_target(data: str | Path, out: str | Path, preset: str = "small",
         }
         save_final(accelerator, trainer.model, bare, tokenizer, staging, "target.json", record)
     return record
+
+
+def _checked_settings(preset: str, overrides: dict, seed: int, init) -> TargetPreset:
+    """The preset with ``overrides``, once the seed, the checkpoint interval and the ``init``
+    model directory have been checked: before the staging directory, so a refusal leaves
+    nothing behind."""
+    check_seed(seed)
+    checkpoint_minutes()
+    if init is not None:
+        check_model_dir(init)
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[preset].override(**overrides)
 
 
 def _train(trainer: Trainer, hooks: _Hooks, progress: dict, settings: TargetPreset,

@@ -33,10 +33,24 @@ from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from .accel import zero3_state_dict
-from .io import reset_staging, write_json
+from .io import reset_staging, write_json, writing
+from .settings import shown
 
-# Minutes between checkpoints (taken at the next epoch boundary); the environment may change it.
-CHECKPOINT_MINUTES = float(os.environ.get("UNLEARN_CHECKPOINT_MINUTES", "2"))
+CHECKPOINT_MINUTES_VARIABLE = "UNLEARN_CHECKPOINT_MINUTES"
+
+
+def checkpoint_minutes() -> float:
+    """Minutes between checkpoints (taken at the next epoch boundary): 2, or what the
+    environment variable ``UNLEARN_CHECKPOINT_MINUTES`` says (0: every epoch)."""
+    text = os.environ.get(CHECKPOINT_MINUTES_VARIABLE, "2")
+    try:
+        minutes = float(text)
+    except ValueError:
+        minutes = math.nan
+    if not minutes >= 0 or math.isinf(minutes):
+        raise ValueError(f"{CHECKPOINT_MINUTES_VARIABLE}={shown(text)}: expected a number of "
+                         f"minutes, at least 0 (e.g. 2); set it so or unset it")
+    return minutes
 
 
 SCHEDULES = ("linear", "cosine", "constant")  # the learning rate's shape after warm-up
@@ -121,9 +135,12 @@ def save_final(accelerator: Accelerator, prepared, model, tokenizer, staging: Pa
     weights = zero3_state_dict(accelerator, prepared)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        # the checkpoints go only once the model is written: a full disk meanwhile leaves
+        # the point to resume from (and the record last: without it nothing is finished)
+        with writing(staging):
+            model.save_pretrained(staging, state_dict=weights)
+            tokenizer.save_pretrained(staging)
         remove_checkpoints(staging)
-        model.save_pretrained(staging, state_dict=weights)
-        tokenizer.save_pretrained(staging)
         write_json(staging / record_name, record)
     accelerator.wait_for_everyone()
 
@@ -134,12 +151,17 @@ def save_copy(accelerator: Accelerator, prepared, model, tokenizer, directory: P
     weights = zero3_state_dict(accelerator, prepared)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        writing = directory.with_name(directory.name + ".new")
-        shutil.rmtree(writing, ignore_errors=True)
-        model.save_pretrained(writing, state_dict=weights)
-        tokenizer.save_pretrained(writing)
+        new = directory.with_name(directory.name + ".new")
+        shutil.rmtree(new, ignore_errors=True)
+        try:
+            with writing(new):
+                model.save_pretrained(new, state_dict=weights)
+                tokenizer.save_pretrained(new)
+        except BaseException:
+            shutil.rmtree(new, ignore_errors=True)  # a half-written copy only takes room
+            raise
         shutil.rmtree(directory, ignore_errors=True)
-        writing.rename(directory)
+        new.rename(directory)
     accelerator.wait_for_everyone()
 
 
@@ -213,7 +235,13 @@ class Trainer:
         # Nothing in a checkpoint runs code when loaded: weights as safetensors (a tied
         # LM-head weight is stored once and restored by safetensors' load_model), optimizer
         # and RNG state loaded by accelerate with torch.load(weights_only=True), JSON for the rest
-        self.acc.save_state(str(new), safe_serialization=True)
+        try:
+            with writing(new):
+                self.acc.save_state(str(new), safe_serialization=True)
+        except BaseException:  # the previous checkpoint stays the one to resume from
+            if self.acc.is_main_process:
+                shutil.rmtree(new, ignore_errors=True)
+            raise
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             write_json(new / "scheduler.json", self.scheduler.state_dict())
@@ -333,7 +361,7 @@ class Trainer:
         bar = tqdm(total=sum(len(e.steps) for e in self.plan),
                    initial=sum(len(e.steps) for e in self.plan[:start]), unit="step",
                    dynamic_ncols=True)
-        last_save = time.monotonic()
+        last_save, every = time.monotonic(), checkpoint_minutes() * 60
         global_step = sum(len(e.steps) for e in self.plan[:start])
         for index in range(start, len(self.plan)):
             epoch = self.plan[index]
@@ -369,7 +397,7 @@ class Trainer:
             progress["epoch"] = index + 1
             if stop:
                 break
-            if self._any_process(time.monotonic() - last_save > CHECKPOINT_MINUTES * 60):
+            if self._any_process(time.monotonic() - last_save > every):
                 self.save(progress)
                 last_save = time.monotonic()
         bar.close()

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..io import IMPORT, atomic_directory, claim_output, write_json
+from ..settings import check_seed
 from .lume import DataError, Document, MiaData, read_records, read_text, row_kind
 
 CUSTOM_TASK = "custom"
@@ -43,7 +44,13 @@ def read_source(path: str | Path, role: str, task: str) -> list[SourceDocument]:
     folder of ``.txt`` files (id: the file name without ``.txt``); raises DataError."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(path.glob("*.txt"))
+        entries = sorted(path.iterdir())
+        files = [e for e in entries if e.is_file() and e.suffix == ".txt"]
+        skipped = [e for e in entries if e not in files]
+        if skipped:  # a document dropped in silence would stay in the model
+            raise DataError([f"{e}: {'a folder' if e.is_dir() else 'not a .txt file'} in the "
+                             f"{role} folder, which holds only .txt documents; move it out, or "
+                             f"give it as .txt" for e in skipped])
         found = [SourceDocument(f.stem, read_text(f).strip(), task, str(f)) for f in files]
         if not files:
             raise DataError([f"{path}: no .txt files; a folder given as {role} documents holds "
@@ -136,6 +143,7 @@ def import_documents(forget: str | Path, retain: str | Path, out: str | Path,
     """Write the LUME-format directory ``out`` (module docstring) from the ``forget`` and
     ``retain`` documents, the never-seen ``nonmember`` ones (for ``mia/``) and ``questions``.
     Every input is only read; nothing is left at ``out`` when one is at fault. Returns ``out``."""
+    check_seed(seed)
     claim_output(out, IMPORT, {"--forget": forget, "--retain": retain,
                                "--nonmember": nonmember, "--questions": questions})
     sources = {"forget": read_source(forget, "forget", task),

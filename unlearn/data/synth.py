@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..io import SYNTH, atomic_directory, claim_output
+from ..settings import check_seed
 from .mmlu import LETTERS, Question, write_questions
 
 MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September",
@@ -243,6 +244,7 @@ def synthesize(out: str | Path, seed: int = 0, docs_per_task: int = 40,
     ``pretrain_factor × docs_per_task`` further documents per task form the pretraining corpus,
     and ``docs_per_task`` never-seen documents of each task's style are the MIA non-members.
     """
+    check_seed(seed)
     if docs_per_task < 2:
         raise ValueError("docs_per_task must be at least 2 (one forget and one retain document)")
     claim_output(out, SYNTH)

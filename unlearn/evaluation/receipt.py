@@ -33,7 +33,14 @@ from ..io import AUDIT, EVAL, atomic_directory, claim_output, is_output, path_te
 from ..measure.generation import greedy_generate
 from ..measure.metrics import knowledge, regurgitation
 from ..measure.nll import document_nll
-from ..models.loading import best_device, load_model, model_fingerprint
+from ..models.loading import (
+    best_device,
+    check_model_dir,
+    load_model,
+    model_fingerprint,
+    same_weights,
+)
+from ..settings import check_seed
 from .audit import PII_SAMPLES, forgotten_people, pii_extraction
 from .receipt_page import write_receipt_page
 from .relearn import RelearnConfig, relearn
@@ -122,7 +129,7 @@ def audit(model: str | Path, original: str | Path, data: str | Path, mia: str | 
           out: str | Path, oracle: str | Path | None = None, split: str | None = None,
           seed: int = 0, samples: int = PII_SAMPLES, max_new_tokens: int = 256,
           relearn_config: RelearnConfig | None = None, attacks: dict | None = None,
-          evaluation: str | Path | None = None) -> dict:
+          evaluation: str | Path | None = None, allow_unchanged: bool = False) -> dict:
     """Write ``out/receipt.json`` and ``out/receipt.html`` for the unlearned ``model``: a
     verdict per forget document of ``data`` (rule: module docstring and README), judged against
     the never-seen documents of the MIA set ``mia``, with its loss under ``original`` (the model
@@ -134,8 +141,16 @@ def audit(model: str | Path, original: str | Path, data: str | Path, mia: str | 
     seed, by role (``original``, ``oracle``, ``unlearned``), as ``unlearn bench`` runs them
     once for all its methods; a model given in two roles is attacked once; ``evaluation`` (an
     ``unlearn eval --audit`` output of ``model`` on ``data`` with this seed and ``samples``)
-    gives the PII findings instead of sampling them again."""
+    gives the PII findings instead of sampling them again.
+
+    A receipt certifies a change, so ``model`` and ``oracle`` must differ from ``original``
+    (a copy of it counts as it). ``allow_unchanged=True`` lets ``model`` be ``original``:
+    ``unlearn bench`` audits its target so, beside the methods, and shows a method that kept
+    the untouched model as such. Every model directory and the seed are checked before any
+    work."""
     started = time.perf_counter()
+    check_seed(seed)
+    _check_roles(model, original, oracle, allow_unchanged)
     claim_output(out, AUDIT, {"--model": model, "--original": original, "--data": data,
                               "--mia": mia, "--oracle": oracle, "--evaluation": evaluation})
     config = relearn_config or RelearnConfig()
@@ -183,6 +198,22 @@ def audit(model: str | Path, original: str | Path, data: str | Path, mia: str | 
         write_json(staging / "receipt.json", receipt)
         write_receipt_page(staging / "receipt.html", receipt, band["losses"].tolist())
     return receipt
+
+
+def _check_roles(model, original, oracle, allow_unchanged: bool) -> None:
+    """Every model directory loads, and none stands in for ``original`` where a receipt needs
+    another model (read before any of them is loaded: an attack takes minutes)."""
+    for path in (model, original, oracle):
+        if path is not None:
+            check_model_dir(path)
+    if oracle is not None and same_weights(oracle, original):
+        raise ValueError(f"--oracle {oracle} holds the same weights as --original {original}: "
+                         f"the oracle is a model never trained on the forget set; give that "
+                         f"model, or leave --oracle out")
+    if not allow_unchanged and same_weights(model, original):
+        raise ValueError(f"--model {model} holds the same weights as --original {original}: "
+                         f"it was never unlearned, and a receipt would certify nothing; give "
+                         f"the model `unlearn run` wrote")
 
 
 def made_of(model, original, oracle, data, split, mia, seed: int, config: RelearnConfig) -> dict:

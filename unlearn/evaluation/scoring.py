@@ -23,7 +23,8 @@ from ..io import (
     write_json,
 )
 from ..measure.official import RowResult, Scores, score_model
-from ..models.loading import best_device, load_model, model_fingerprint
+from ..models.loading import best_device, check_model_dir, load_model, model_fingerprint
+from ..settings import check_seed
 from .audit import PII_SAMPLES
 from .audit import audit as run_audit
 from .report import write_report
@@ -70,6 +71,8 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
     ``mmlu`` (MMLU-format questions) default to ``data/mia`` and ``data/mmlu`` when present;
     None skips them. Returns the results dict.
     """
+    check_seed(seed)
+    check_model_dir(model)
     mia, mmlu = beside_data(data, mia, "mia"), beside_data(data, mmlu, "mmlu")
     if out is not None:
         claim_output(out, EVAL, {"--model": model, "--data": data, "--mia": mia,

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from ..io import RUN, atomic_directory, write_json
+from ..io import RUN, atomic_directory, write_json, writing
 from ..models.loading import load_model
 from ..settings import Range
 from .base import Method, register
@@ -82,7 +82,7 @@ class Merge(Method):
                   "peak_memory_mb": max(r["peak_memory_mb"] for r in records.values()),
                   "wall_seconds_this_run": time.perf_counter() - started,
                   "history": records["a"]["history"]}
-        with atomic_directory(out, RUN) as tmp:
+        with atomic_directory(out, RUN) as tmp, writing(tmp):
             merged.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             write_json(tmp / "run.json", record)

@@ -23,12 +23,50 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt
 _PROBE = "The quick brown fox jumps over the lazy dog."
 
 
-def load_tokenizer(path: str | Path):
-    """The directory's tokenizer, with a pad token (OLMo ships none: its EOS stands in)."""
-    path = Path(path)
+# the weights save_pretrained writes: one file, or shards listed by an index
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def _check_tokenizer_files(path: Path) -> None:
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise ModelError(f"{path}: no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the "
                          f"model's tokenizer into it with tokenizer.save_pretrained")
+
+
+def check_model_dir(path: str | Path) -> Path:
+    """Refuse, before any work, a model directory that cannot load: missing, without
+    config.json, tokenizer or weights, or missing a shard its index names. Reads no weights
+    (a command checks every model it will load before loading the first)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelError(f"{path}: model directory not found")
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path}: no config.json; pass a directory written by "
+                         f"save_pretrained (a tokenizer alone is not a model)")
+    _check_tokenizer_files(path)
+    for index in (path / name for name in WEIGHT_INDEXES):
+        if index.is_file():
+            try:
+                shards = set(json.loads(index.read_text())["weight_map"].values())
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise ModelError(f"{index}: not a weight index (JSON with a weight_map); copy "
+                                 f"the model again") from None
+            missing = sorted(str(s) for s in shards if not (path / str(s)).is_file())
+            if missing:
+                raise ModelError(f"{path}: {len(missing)} weight shard(s) named in {index.name} "
+                                 f"missing ({', '.join(missing[:3])}); copy the model again")
+            return path
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise ModelError(f"{path}: no weights (none of {', '.join(WEIGHT_FILES + WEIGHT_INDEXES)})"
+                         f"; pass a directory written by save_pretrained")
+    return path
+
+
+def load_tokenizer(path: str | Path):
+    """The directory's tokenizer, with a pad token (OLMo ships none: its EOS stands in)."""
+    path = Path(path)
+    _check_tokenizer_files(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
@@ -55,13 +93,8 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
     Raises :class:`ModelError` naming the directory when it is missing, holds no model config,
     or holds a model that is not a causal LM.
     """
-    path = Path(path)
-    if not path.is_dir():
-        raise ModelError(f"{path}: model directory not found")
-    if not (path / "config.json").is_file():
-        raise ModelError(f"{path}: no config.json; pass a directory written by "
-                         f"save_pretrained (a tokenizer alone is not a model)")
-    tokenizer = load_tokenizer(path)  # before the weights: a missing tokenizer fails at once
+    path = check_model_dir(path)
+    tokenizer = load_tokenizer(path)  # before the weights: a bad tokenizer fails at once
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype,
@@ -87,6 +120,25 @@ def model_fingerprint(path: str | Path) -> str:
     files = sorted(p for p in path.iterdir() if p.is_file())
     return fingerprint(str(path.resolve()),
                        [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+
+
+def same_weights(a: str | Path, b: str | Path) -> bool:
+    """Whether two model directories hold the same weights byte for byte (a copy of a model is
+    that model): the weight files' names and sizes, then their bytes up to the first
+    difference, which a changed model shows within its first changed tensor."""
+    a, b = Path(a), Path(b)
+    if a.resolve() == b.resolve():
+        return True
+    listed = [sorted((p.name, p.stat().st_size) for p in d.iterdir()
+                     if p.is_file() and p.suffix in (".safetensors", ".bin")) for d in (a, b)]
+    if not listed[0] or listed[0] != listed[1]:
+        return False
+    for name, _ in listed[0]:
+        with open(a / name, "rb") as left, open(b / name, "rb") as right:
+            while chunk := left.read(2**24):
+                if chunk != right.read(len(chunk)):
+                    return False
+    return True
 
 
 def trained_from_scratch(model_dir: str | Path) -> bool:

@@ -14,7 +14,8 @@ import torch  # noqa: E402
 
 from ..data import load_lume  # noqa: E402
 from ..io import LOCATE, atomic_directory, claim_output, write_json  # noqa: E402
-from ..models.loading import best_device, load_model  # noqa: E402
+from ..models.loading import best_device, check_model_dir, load_model  # noqa: E402
+from ..settings import check_seed  # noqa: E402
 from .trace import GROUPS, KINDS, choose_layers, facts_from, trace_facts  # noqa: E402
 
 TITLES = {"residual": "whole layer output (residual)", "mlp": "MLP output, window",
@@ -45,7 +46,9 @@ def locate(model: str | Path, data: str | Path, out: str | Path, samples: int = 
     official parquet snapshot). Returns the trace record.
     """
     started = time.perf_counter()
+    check_seed(seed)
     claim_output(out, LOCATE, {"--model": model, "--data": data})
+    check_model_dir(model)
     lume = load_lume(data, split)
     facts = facts_from(lume.rows)
     if not facts:
