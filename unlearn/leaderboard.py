@@ -42,8 +42,8 @@ from .io import (
 from .measure.official import task_names
 from .methods import get_method
 from .methods.base import UnlearnConfig
-from .models import PRESETS
-from .models.loading import check_model_dir, model_fingerprint, same_weights
+from .models.loading import check_model_dir, check_oracle, model_fingerprint
+from .models.presets import preset_settings
 from .selection import scored_rest
 from .settings import SEED_RANGE, key_values, shown
 from .target import build_target
@@ -235,17 +235,12 @@ def _check_inputs(methods, settings: dict[str, dict], seeds: int, eval_points: i
     if target is None:
         if oracle is not None:
             raise ValueError("oracle= needs target=: a built target comes with its own oracle")
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-        PRESETS[preset].override(**(target_settings or {}))
+        preset_settings(preset, target_settings or {})
         return
     for model in (target, oracle):
         if model is not None:
             check_model_dir(model)
-    if oracle is not None and same_weights(target, oracle):
-        raise ValueError(f"--oracle {oracle} holds the same weights as --target {target}: the "
-                         f"oracle is a model never trained on the forget set; give that model, "
-                         f"or leave --oracle out")
+    check_oracle(oracle, target, "--target")
 
 
 def _bench_seed(data: Path, base: Path, models: dict, methods, lume, mia, mmlu, held_out,

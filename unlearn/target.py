@@ -45,7 +45,7 @@ from .models.loading import (
     model_fingerprint,
     trained_from_scratch,
 )
-from .models.presets import PRESETS, TargetPreset
+from .models.presets import TargetPreset, preset_settings
 from .models.sequences import from_start, length_sorted_batches, pad, training_sequence
 from .models.tokenizer import train_tokenizer
 from .settings import check_seed
@@ -269,9 +269,7 @@ def _checked_settings(preset: str, overrides: dict, seed: int, init) -> TargetPr
     checkpoint_minutes()
     if init is not None:
         check_model_dir(init)
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    return PRESETS[preset].override(**overrides)
+    return preset_settings(preset, overrides)
 
 
 def _train(trainer: Trainer, hooks: _Hooks, progress: dict, settings: TargetPreset,

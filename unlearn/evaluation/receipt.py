@@ -36,6 +36,7 @@ from ..measure.nll import document_nll
 from ..models.loading import (
     best_device,
     check_model_dir,
+    check_oracle,
     load_model,
     model_fingerprint,
     same_weights,
@@ -206,10 +207,7 @@ def _check_roles(model, original, oracle, allow_unchanged: bool) -> None:
     for path in (model, original, oracle):
         if path is not None:
             check_model_dir(path)
-    if oracle is not None and same_weights(oracle, original):
-        raise ValueError(f"--oracle {oracle} holds the same weights as --original {original}: "
-                         f"the oracle is a model never trained on the forget set; give that "
-                         f"model, or leave --oracle out")
+    check_oracle(oracle, original, "--original")
     if not allow_unchanged and same_weights(model, original):
         raise ValueError(f"--model {model} holds the same weights as --original {original}: "
                          f"it was never unlearned, and a receipt would certify nothing; give "

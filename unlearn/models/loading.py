@@ -141,6 +141,15 @@ def same_weights(a: str | Path, b: str | Path) -> bool:
     return True
 
 
+def check_oracle(oracle: str | Path | None, source: str | Path, option: str) -> None:
+    """Refuse an ``oracle`` (when given) with the same weights as ``source``, the model it is to
+    be set against (``option`` names it in the message)."""
+    if oracle is not None and same_weights(oracle, source):
+        raise ModelError(f"--oracle {oracle} holds the same weights as {option} {source}: the "
+                         f"oracle is a model never trained on the forget set; give that model, "
+                         f"or leave --oracle out")
+
+
 def trained_from_scratch(model_dir: str | Path) -> bool:
     """Whether ``model_dir`` is a target this package trained from scratch, directly or through
     a base it built (``init``): such small models need the ``small`` method profile."""

@@ -82,3 +82,10 @@ PRESETS = {
                          pretrain_lr=6e-4, lr=3e-4, batch_tokens=16384,
                          pretrain_batch_tokens=16384, max_rows=32),
 }
+
+
+def preset_settings(preset: str, overrides: dict) -> TargetPreset:
+    """The preset named ``preset`` with ``overrides``, checked; one ValueError otherwise."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[preset].override(**overrides)
