@@ -20,6 +20,12 @@ def test_bench_compares_methods_with_target_and_oracle(synth_dir, tmp_path):
         return sum(rows[name][f"forget Task{t} regurgitation"] for t in (1, 2, 3))
     assert regurgitated("oracle") < regurgitated("target") - 0.3, rows
     assert rows["oracle"]["vs oracle"] == 1.0
+    # general text: every model's reading of never-seen documents set against the oracle's
+    assert rows["oracle"]["utility u"] == 1.0 and rows["oracle"]["S"] == 1.0
+    assert all(r["reference never-seen NLL"] == rows["oracle"]["never-seen NLL"]
+               for r in rows.values())
+    assert rows["gd"]["S"] == pytest.approx(rows["gd"]["vs oracle"] * rows["gd"]["utility u"])
+    assert len(board["damaged"]) == sum(bool(r["general text damaged"]) for r in rows.values())
     # target and oracle are fine-tuned from one pretrained base, so they differ by the forget set
     records = {p.name.split("-")[0]: json.loads((p / "target.json").read_text())
                for p in (tmp_path / "b" / "cache").iterdir()}

@@ -100,6 +100,7 @@ def test_a_receipt_of_the_model_itself_finds_its_documents_remembered(tiny_targe
     relearn = saved["relearn"]
     assert set(relearn) == {"unlearned", "original", "robust"}
     assert relearn["robust"] is None and relearn["original"] == relearn["unlearned"]
+    assert saved["general_text"]["utility"] == 1.0  # read against itself: nothing lost
     attack = relearn["unlearned"]
     assert set(attack["attacked_documents"]).isdisjoint(attack["held_out_documents"])
     page = (tmp_path / "r" / "receipt.html").read_text()
@@ -115,6 +116,8 @@ def test_a_model_that_is_also_the_oracle_is_attacked_once_and_judged(tiny_target
     relearn = receipt["relearn"]
     assert set(relearn) == {"unlearned", "oracle", "original", "robust"}
     assert relearn["robust"] is True and relearn["oracle"] == relearn["unlearned"]
+    assert receipt["general_text"]["reference"] == str(target)  # the oracle, not the original
+    assert receipt["summary"]["utility"] == 1.0
     docs = receipt["documents"]
     # the loss before is the original's: the perturbed model's, above the target's
     assert np.mean([d["loss_before"] for d in docs]) > np.mean([d["loss_after"] for d in docs])

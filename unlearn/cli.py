@@ -20,6 +20,7 @@ from .data.importing import CUSTOM_TASK
 from .evaluation.audit import PII_SAMPLES
 from .evaluation.relearn import RelearnConfig
 from .io import release_all
+from .measure.utility import damage_note
 from .methods import METHODS, UnlearnConfig
 from .models import PRESETS, ModelError
 from .settings import key_values
@@ -128,9 +129,13 @@ def cmd_eval(args) -> None:
     results = evaluate(args.model, args.data, args.out, mia=args.mia, mmlu=args.mmlu,
                        max_new_tokens=args.max_new_tokens, dtype=args.dtype, audit=args.audit,
                        samples=args.samples, before=args.before, resume=args.resume,
-                       seed=args.seed, split=args.split)
+                       seed=args.seed, split=args.split, reference=args.reference)
     print(results_table(results))
     print(f"results and report.html written to {args.out}")
+    general = results.get("general_text")
+    if general and general["damaged"]:
+        print(damage_note(args.model, general["never_seen_nll"],
+                          general["reference_never_seen_nll"]))
 
 
 def cmd_run(args) -> None:
@@ -175,6 +180,10 @@ def cmd_audit(args) -> None:
         print(f"relearned {name}: knowledge {after['knowledge']}, "
               f"regurgitation {after['regurgitation']}")
     print(f"robust: {s['relearn_robust']}; receipt.json and receipt.html written to {args.out}")
+    general = receipt["general_text"]
+    if general["damaged"]:
+        print(damage_note(args.model, general["never_seen_nll"],
+                          general["reference_never_seen_nll"]))
 
 
 def cmd_bench(args) -> None:
@@ -187,6 +196,7 @@ def cmd_bench(args) -> None:
                   oracle=args.oracle, split=args.split, receipts=not args.no_receipts)
     print((Path(args.out) / "leaderboard.md").read_text())
     print(f"{len(board['rows'])} models; report: {Path(args.out) / 'report.html'}")
+    print("\n".join(board["damaged"]))
 
 
 def cmd_demo(args) -> None:
@@ -285,6 +295,10 @@ def _add_eval(sub) -> None:
     e.add_argument("--resume", action="store_true",
                    help="reuse the generations of an interrupted run with the same --out")
     e.add_argument("--seed", type=int, default=0, help="PII sampling (audit)")
+    e.add_argument("--reference", type=_optional_dir, default="auto", metavar="MODEL",
+                   help="the model whose reading of the never-seen (MIA non-member) documents "
+                        "the utility u is measured against: the oracle when you have one; "
+                        "'auto': the model `unlearn run` started from; 'none': no utility")
     e.set_defaults(func=cmd_eval)
 
 

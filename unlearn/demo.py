@@ -24,9 +24,9 @@ DEMO_METHODS = ("sugd", "sha256", "gd")
 DEMO_DOCS_PER_TASK = 10
 DEMO_TARGET = {"small": {"pretrain_tokens": 200_000}}
 DEMO_EVAL_POINTS = 3  # each run's trajectory in the report; the receipts take the time saved
-COLUMNS = ["model", "task aggregate", "MIA score", "MMLU", "final score", "vs oracle", "kept step",
-           "PII leak rate", "forgotten share", "relearned knowledge", "relearn robust",
-           "unlearn seconds"]
+COLUMNS = ["model", "task aggregate", "MIA score", "MMLU", "final score", "vs oracle", "utility u",
+           "S", "kept step", "PII leak rate", "forgotten share", "relearned knowledge",
+           "relearn robust", "unlearn seconds"]
 
 
 def demo(out: str | Path = "runs/demo", preset: str = "small", seed: int = 0) -> dict:
@@ -45,4 +45,5 @@ def demo(out: str | Path = "runs/demo", preset: str = "small", seed: int = 0) ->
     print()
     print(frame.to_string(index=False, float_format="{:.3f}".format, na_rep="-"))
     print(f"\nleaderboard: {out / 'leaderboard.md'}\nreport: {out / 'report.html'}")
+    print("\n".join(board["damaged"]))
     return board

@@ -40,6 +40,7 @@ from .io import (
     write_json,
 )
 from .measure.official import task_names
+from .measure.utility import DAMAGED_BELOW, adjusted_share, damage_note, utility
 from .methods import get_method
 from .methods.base import UnlearnConfig
 from .models.loading import check_model_dir, check_oracle, model_fingerprint
@@ -59,13 +60,21 @@ def _terms(results: dict) -> dict[str, float | None]:
             for score in ("regurgitation", "knowledge")}
 
 
-def _row(name: str, results: dict, oracle: dict | None, run_record: dict | None,
-         target_seconds: float | None, receipt: dict | None) -> dict:
+def _row(name: str, results: dict, oracle: dict | None, reference: dict,
+         run_record: dict | None, target_seconds: float | None, receipt: dict | None) -> dict:
+    """A model's leaderboard row; ``reference`` (the oracle's results, else the target's) is
+    what its reading of never-seen text is set against (:mod:`unlearn.measure.utility`)."""
     row = {"model": name, **_terms(results),
            "task aggregate": results["harmonic-mean-task-aggregate"],
            "MIA AUC": results.get("mia_loss_acc"), "MIA score": results.get("mia_final_score"),
            "MMLU": results.get("mmlu_average"), "final score": results["final-score"],
            "vs oracle": results["final-score"] / oracle["final-score"] if oracle else None}
+    mine, theirs = results.get("never_seen_nll"), reference.get("never_seen_nll")
+    u = utility(mine, theirs) if mine is not None and theirs is not None else None
+    row.update({"never-seen NLL": mine, "reference never-seen NLL": theirs, "utility u": u,
+                "S": adjusted_share(results["final-score"],
+                                    oracle["final-score"] if oracle else None, u),
+                "general text damaged": None if u is None else u < DAMAGED_BELOW})
     if run_record:
         row["unlearn seconds"] = run_record["train_seconds"]  # choosing the model included
         selection = run_record.get("selection") or {}
@@ -112,7 +121,8 @@ def _cached_eval(model: Path, data, out: Path, **kw) -> dict:
             "seed": kw.get("seed", 0), "split": kw.get("split"), "samples": PII_SAMPLES}
     if _made_the_same_way(out, EVAL, same):
         return json.loads((out / "results.json").read_text())
-    return evaluate(model, data, out, audit=True, **kw)
+    # the utility is set against the oracle's (or target's) evaluation, in the row
+    return evaluate(model, data, out, audit=True, reference=None, **kw)
 
 
 def finished_run(model: Path, method: str, target: Path, seed: int, eval_points: int,
@@ -184,6 +194,9 @@ def bench(data: str | Path, out: str | Path, methods=("sugd", "sha256", "gd", "n
                                   for label, receipt in audited.items()}
             runs.append(rows)
         board = _leaderboard(runs)
+        board["damaged"] = [damage_note(r["model"], r["never-seen NLL"],
+                                        r["reference never-seen NLL"])
+                            for r in board["rows"] if r.get("general text damaged")]
         trace = trace or next((s["trace"] for s in settings.values() if s.get("trace")), None)
         _write_board(out, board, first, trajectories, first_receipts, trace)
     return board
@@ -271,7 +284,8 @@ def _bench_seed(data: Path, base: Path, models: dict, methods, lume, mia, mmlu, 
                                     before=base / "eval-target", **kw)
     audited = (_receipts(base, models, [e.partition(":")[0] for e in methods], data, scored,
                          seed, split) if receipts and scored else {})
-    rows = [_row(k, evals[k], evals.get("oracle"), records.get(k), target_seconds,
+    reference = evals.get("oracle") or evals["target"]
+    rows = [_row(k, evals[k], evals.get("oracle"), reference, records.get(k), target_seconds,
                  audited.get(k)) for k in evals]
     return rows, evals, records, audited
 

@@ -33,6 +33,7 @@ from ..io import AUDIT, EVAL, atomic_directory, claim_output, is_output, path_te
 from ..measure.generation import greedy_generate
 from ..measure.metrics import knowledge, regurgitation
 from ..measure.nll import document_nll
+from ..measure.utility import general_text
 from ..models.loading import (
     best_device,
     check_model_dir,
@@ -164,13 +165,16 @@ def audit(model: str | Path, original: str | Path, data: str | Path, mia: str | 
     attack = partial(relearn, forget=lume.forget, config=config, seed=seed,
                      max_new_tokens=max_new_tokens)
     # each model is loaded once: measured, then attacked (the attack fine-tunes that copy)
+    unseen = [d.document for d in never_seen]
     source, tokenizer = _load(original)
     before = document_nll(source, tokenizer, [d.text for d in docs], desc="before")
+    # what general text read like before: the oracle's reading where there is one
+    reference = None if oracle else document_nll(source, tokenizer, unseen, desc="never seen")
     if "original" not in attacks:
         attacks["original"] = attack(source, tokenizer)
     del source
     lm, tokenizer = _load(model)
-    band = never_seen_band(lm, tokenizer, [d.document for d in never_seen], max_new_tokens)
+    band = never_seen_band(lm, tokenizer, unseen, max_new_tokens)
     leaked = (evaluated or pii_extraction(lm, tokenizer, forgotten_people(lume.rows), samples,
                                           seed=seed))["leaked_by_person"]
     entries = measure_documents(lm, tokenizer, docs, band, leaked, max_new_tokens)
@@ -181,9 +185,9 @@ def audit(model: str | Path, original: str | Path, data: str | Path, mia: str | 
     if "unlearned" not in attacks:
         attacks["unlearned"] = attacks[twin] if twin else attack(lm, tokenizer)
     del lm
-    if oracle and "oracle" not in attacks:
-        attacks["oracle"] = (attacks["unlearned"] if _same(oracle, model)
-                             else attack(*_load(oracle)))
+    if oracle:
+        reference = _oracle_side(oracle, model, attacks, attack, unseen) or band["losses"].tolist()
+    general = general_text(band["losses"].tolist(), reference, str(oracle or original))
     attacks = {k: attacks[k] for k in ("unlearned", "oracle", "original") if k in attacks}
     is_robust = robust(attacks, config.margin)
     receipt = {"model": str(model), "original": str(original), "oracle": path_text(oracle),
@@ -191,14 +195,30 @@ def audit(model: str | Path, original: str | Path, data: str | Path, mia: str | 
                "samples": samples, "max_new_tokens": max_new_tokens,
                "pii_from": path_text(evaluation),
                "never_seen": {k: v for k, v in band.items() if k != "losses"},
-               "documents": entries,
+               "general_text": general, "documents": entries,
                "relearn": {**attacks, "robust": is_robust},
-               "summary": summary(entries, attacks, is_robust)}
+               "summary": {**summary(entries, attacks, is_robust),
+                           "utility": general["utility"],
+                           "general_text_damaged": general["damaged"]}}
     receipt["seconds"] = time.perf_counter() - started
     with atomic_directory(out, AUDIT) as staging:
         write_json(staging / "receipt.json", receipt)
         write_receipt_page(staging / "receipt.html", receipt, band["losses"].tolist())
     return receipt
+
+
+def _oracle_side(oracle, model, attacks: dict, attack, unseen: list[str]) -> list[float] | None:
+    """The oracle's NLL of the never-seen documents, and its attack put in ``attacks`` unless
+    one is there: one load of the oracle for both. None when the model is the oracle (its own
+    reading is the reference, its attack the oracle's)."""
+    if _same(oracle, model):
+        attacks.setdefault("oracle", attacks["unlearned"])
+        return None
+    lm, tokenizer = _load(oracle)
+    nll = document_nll(lm, tokenizer, unseen, desc="never seen (oracle)")
+    if "oracle" not in attacks:
+        attacks["oracle"] = attack(lm, tokenizer)
+    return nll
 
 
 def _check_roles(model, original, oracle, allow_unchanged: bool) -> None:

@@ -7,6 +7,7 @@ import csv
 import json
 from dataclasses import asdict
 from pathlib import Path
+from statistics import fmean
 
 import pandas as pd
 import torch
@@ -22,8 +23,16 @@ from ..io import (
     reset_staging,
     write_json,
 )
+from ..measure.nll import document_nll
 from ..measure.official import RowResult, Scores, score_model
-from ..models.loading import best_device, check_model_dir, load_model, model_fingerprint
+from ..measure.utility import general_text
+from ..models.loading import (
+    ModelError,
+    best_device,
+    check_model_dir,
+    load_model,
+    model_fingerprint,
+)
 from ..settings import check_seed
 from .audit import PII_SAMPLES
 from .audit import audit as run_audit
@@ -54,7 +63,8 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
              mia: str | Path | None = "auto", mmlu: str | Path | None = "auto",
              max_new_tokens: int = 256, dtype: str = "auto", audit: bool = False,
              samples: int = PII_SAMPLES, before: str | Path | None = None, resume: bool = False,
-             seed: int = 0, split: str | None = None) -> dict:
+             seed: int = 0, split: str | None = None,
+             reference: str | Path | None = "auto") -> dict:
     """Score a model directory on a LUME dataset as SemEval-2025 Task 4 did.
 
     Writes, when ``out`` is given: ``results.json`` (the official keys plus ``final-score``),
@@ -69,14 +79,19 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
     ``max_new_tokens``. ``split`` chooses one data split where ``data`` holds several (the
     official parquet snapshot): ``train`` or ``validation``. ``mia`` (an MIA directory) and
     ``mmlu`` (MMLU-format questions) default to ``data/mia`` and ``data/mmlu`` when present;
-    None skips them. Returns the results dict.
+    None skips them. With an MIA set, ``results.json`` adds ``never_seen_nll`` (the model's
+    mean NLL of the non-members) and, against ``reference`` (a model directory; "auto": the
+    model ``unlearn run`` started from, named in ``run.json``; None: none), ``general_text``:
+    the utility u and its flag (:mod:`unlearn.measure.utility`). Returns the results dict.
     """
     check_seed(seed)
     check_model_dir(model)
+    reference = reference_model(model, reference)
     mia, mmlu = beside_data(data, mia, "mia"), beside_data(data, mmlu, "mmlu")
     if out is not None:
         claim_output(out, EVAL, {"--model": model, "--data": data, "--mia": mia,
-                                 "--mmlu": mmlu, "--before": before})
+                                 "--mmlu": mmlu, "--before": before,
+                                 "--reference": reference})
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype}: use one of {', '.join(DTYPES)}")
     if max_new_tokens < 1:
@@ -94,10 +109,12 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
     state = process_state()  # under `accelerate launch`: the rows shared out, one writer
     if out is None or not state.is_main_process:
         # the leak audit (no collective step) is the writer's alone
-        results = _score(lm, tokenizer, lume, mia_docs, questions, max_new_tokens,
-                         audit and state.is_main_process, samples, seed, None, "")[0].results
+        scores = _score(lm, tokenizer, lume, mia_docs, questions, max_new_tokens,
+                        audit and state.is_main_process, samples, seed, None, "")[0]
+        if state.is_main_process:
+            _measure_general_text(scores, model, tokenizer, reference, mia_docs, DTYPES[dtype])
         state.wait_for_everyone()  # until the main process has written the outputs
-        return results
+        return scores.results
     with atomic_directory(out, EVAL, resumable=True) as staging:
         if not resume:
             reset_staging(staging)
@@ -107,11 +124,14 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
                                samples, seed, partial, fingerprint(made_by))
         if partial is not None:
             partial.unlink()
+        _measure_general_text(scores, model, tokenizer, reference, mia_docs, DTYPES[dtype])
         _write_outputs(staging, scores, found, mia_docs, previous, str(model))
         write_json(staging / "eval.json", {**made_by, "data_dir": str(data), "split": split,
                                            "mia": path_text(mia), "mmlu": path_text(mmlu),
                                            "audit": audit, "samples": samples,
-                                           "seed": seed})
+                                           "seed": seed, "reference": path_text(reference),
+                                           "reference_files": reference and
+                                           model_fingerprint(reference)})
     state.wait_for_everyone()
     return scores.results
 
@@ -121,6 +141,8 @@ def _score(lm, tokenizer, lume, mia_docs, questions, max_new_tokens, audit, samp
     """Scores (and the leak audit's findings, when asked) of a loaded model."""
     scores = score_model(lm, tokenizer, lume, mia_docs, questions, max_new_tokens, partial, key)
     results, found = scores.results, None
+    if scores.mia_nll is not None:
+        results["never_seen_nll"] = fmean(scores.mia_nll["nonmember"])
     if audit:
         found = run_audit(lm, tokenizer, lume, mia_docs, samples=samples, seed=seed)
         results["audit"] = {"mia": {"auc": found["mia"]["auc"]}} if "mia" in found else {}
@@ -129,6 +151,40 @@ def _score(lm, tokenizer, lume, mia_docs, questions, max_new_tokens, audit, samp
         print(f"warning: MMLU {results['mmlu_average']:.3f} is below the task's cut-off "
               f"{MMLU_CUTOFF}")
     return scores, found
+
+
+def reference_model(model: str | Path, reference: str | Path | None) -> Path | None:
+    """The model whose reading of never-seen text ``model``'s is set against: ``reference``
+    itself (checked), None for none, and for "auto" the model ``unlearn run`` unlearned
+    (``run.json``'s ``model``) when that directory is still there."""
+    if reference is None:
+        return None
+    if reference != "auto":
+        return check_model_dir(reference)
+    record = Path(model) / "run.json"
+    source = Path(json.loads(record.read_text())["model"]) if record.is_file() else None
+    return source if source is not None and (source / "config.json").is_file() else None
+
+
+def _measure_general_text(scores: Scores, model, tokenizer, reference: Path | None, mia_docs,
+                          dtype: torch.dtype) -> None:
+    """``general_text`` in the results: the never-seen documents' NLL under ``reference``
+    beside the model's (nothing without a reference or an MIA set). Per-token losses compare
+    only under one tokenizer, so a reference reading other tokens is refused."""
+    if reference is None or scores.mia_nll is None:
+        return
+    mine = scores.mia_nll["nonmember"]
+    if Path(reference).resolve() == Path(model).resolve():
+        theirs = mine
+    else:
+        lm, its_tokenizer = load_model(reference, dtype=dtype, device=best_device())
+        if its_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise ModelError(f"{reference}: reads other tokens than {model}, so their per-token "
+                             f"losses do not compare; give the model {model} was made from")
+        theirs = document_nll(lm, its_tokenizer, [d.document for d in mia_docs.nonmember],
+                              desc="reference")
+        del lm
+    scores.results["general_text"] = general_text(mine, theirs, str(reference))
 
 
 def _write_outputs(directory: Path, scores: Scores, found, mia_docs, previous,

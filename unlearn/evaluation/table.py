@@ -35,4 +35,13 @@ def results_table(results: dict) -> str:
                      f"({pii['people_leaking']}/{pii['people']} people)")
     lines.append(f"final score {results['final-score']:.3f} "
                  f"(mean of {', '.join(results['final-score-terms'])})")
+    general = results.get("general_text")
+    if general:
+        lines.append(f"general text: never-seen NLL {general['never_seen_nll']:.3f} against "
+                     f"{general['reference_never_seen_nll']:.3f} for {general['reference']}: "
+                     f"utility u {general['utility']:.3f}"
+                     + (" (DAMAGED)" if general["damaged"] else ""))
+    elif "never_seen_nll" in results:
+        lines.append(f"general text: never-seen NLL {results['never_seen_nll']:.3f} (no "
+                     f"reference model: --reference MODEL gives the utility u)")
     return "\n".join(lines)
