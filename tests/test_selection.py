@@ -1,6 +1,8 @@
 """Choosing the model a run keeps: the estimate, its agreement with the evaluator, patience,
 the other rules, and the run.json record."""
 
+import math
+
 import pytest
 import torch
 
@@ -47,15 +49,20 @@ def test_row_sample_is_seeded_and_stratified(synth_dir):
     assert all(sum((r.split, r.task, r.kind) == c for r in a) <= 2 for c in cells)
 
 
-def _scripted_rule(estimates, tiny_target, synth_dir, tmp_path, monkeypatch):
-    """A score rule (patience 2) whose estimates are ``estimates``, check after check; and the
-    stop answer of each check, at steps 0, 2, 4, ..."""
+def _scripted_rule(estimates, tiny_target, synth_dir, tmp_path, monkeypatch, damaged=()):
+    """A score rule (patience 2) whose estimates are ``estimates``, check after check, general
+    text flagged at the checks numbered in ``damaged``; and the stop answer of each check, at
+    steps 0, 2, 4, ..."""
     model, tokenizer = load_model(tiny_target[0])
     rule = ScoreRule(UnlearnConfig(select_patience=2), tokenizer, load_lume(synth_dir),
                      load_mia(synth_dir / "mia"), None, tmp_path, 0, writes=True)
-    values = iter(estimates)
-    monkeypatch.setattr(rule, "_estimate",
-                        lambda m: setattr(rule, "last", {"estimate": next(values)}) or rule.last)
+    values = iter(enumerate(estimates))
+
+    def scripted(model):
+        i, value = next(values)
+        rule.last = {"estimate": value, "damaged": i in damaged}
+        return rule.last
+    monkeypatch.setattr(rule, "_estimate", scripted)
     return rule, [rule.check(model, 2 * i) for i in range(len(estimates))]
 
 
@@ -75,6 +82,20 @@ def test_patience_counts_from_the_first_model_that_beats_the_start(tiny_target, 
                                  tmp_path, monkeypatch)
     assert rule.keeper.best()["step"] == 6
     assert stops == [False] * 5 + [True]
+
+
+def test_a_flagged_model_is_never_kept_over_an_unflagged_one(tiny_target, synth_dir, tmp_path,
+                                                           monkeypatch):
+    # checks 3 and 4 estimate best, but damage general text: check 2, the best unflagged, is kept
+    rule, stops = _scripted_rule([0.3, 0.4, 0.5, 0.9, 0.8], tiny_target, synth_dir,
+                                 tmp_path, monkeypatch, damaged={3, 4})
+    assert rule.keeper.best()["step"] == 4
+    assert stops == [False] * 4 + [True]  # patience ran from check 2: flagged ones bring nothing
+    # when every later model is flagged, the best of them is kept (the source never is)
+    (tmp_path / "all").mkdir()
+    rule, _ = _scripted_rule([0.3, 0.9, 0.8], tiny_target, synth_dir, tmp_path / "all",
+                             monkeypatch, damaged={1, 2})
+    assert rule.keeper.best()["step"] == 2
 
 
 def test_run_keeps_the_model_with_the_best_estimate(tiny_target, synth_dir, tmp_path):
@@ -104,16 +125,31 @@ def test_run_keeps_the_model_with_the_best_estimate(tiny_target, synth_dir, tmp_
 
 def test_patience_stops_once_no_check_has_improved_for_that_many(tiny_target, synth_dir,
                                                                  tmp_path):
-    record = run("ga", tiny_target[0], synth_dir, tmp_path / "u", epochs=8, mmlu=None,
+    record = run("ga", tiny_target[0], synth_dir, tmp_path / "u", epochs=8,
                  select_every=1, select_patience=2, lr=1e-2, batch_size=4)
     trail = record["selection"]["trail"]
-    assert record["selection"]["utility"] == "nonmember-nll-ratio"
-    assert trail[0]["utility"] == 1.0  # the model it started from is its own reference
-    estimates = [t["estimate"] for t in trail]
-    best = max(range(len(trail)), key=lambda i: (estimates[i], i))
+    assert record["selection"]["utility"] == "mmlu"
+    # general text is judged beside the estimate, against the model the run started from
+    assert trail[0]["general_utility"] == 1.0 and trail[0]["damaged"] is False
+    assert all(t["general_utility"] == pytest.approx(min(1.0, math.exp(
+        trail[0]["never_seen_nll"] - t["never_seen_nll"]))) for t in trail)
+    assert all(t["damaged"] == (t["general_utility"] < 0.75) for t in trail)
+    ranks = [t["estimate"] - 2 * t["damaged"] for t in trail[1:]]  # the source is never kept
+    best = 1 + max(range(len(ranks)), key=lambda i: (ranks[i], i))
     assert record["steps_trained"] < record["steps"]  # ascent at 1e-2 ruins it long before
     assert len(trail) - 1 - best == 2
     assert record["steps_trained"] == trail[-1]["step"]
+    assert record["selection"]["kept_step"] == trail[best]["step"]
+
+
+def test_without_mmlu_the_estimate_counts_general_text_as_the_utility_term(
+        tiny_target, synth_dir, tmp_path):
+    record = run("ga", tiny_target[0], synth_dir, tmp_path / "u", epochs=1, mmlu=None,
+                 select_every=2, lr=3e-3, batch_size=4)
+    trail = record["selection"]["trail"]
+    assert record["selection"]["utility"] == "never-seen-nll"
+    assert trail[0]["utility"] == 1.0  # the model it started from is its own reference
+    assert all(t["utility"] == t["general_utility"] for t in trail)
 
 
 def test_selection_is_off_without_an_mia_set_and_refused_when_asked_for(tiny_target, synth_dir,

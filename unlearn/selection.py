@@ -3,9 +3,11 @@
 ``score`` (the default whenever an MIA set is given) estimates the LUME final score from what a
 user holds: the task aggregate on a sample of the forget and retain rows themselves (the official
 score is taken on exactly these rows), the loss-MIA score on a held-out calibration split of the
-MIA set, and MMLU when general-knowledge questions are given, else a utility proxy (the NLL of
-the never-seen calibration documents against its value before unlearning). The model with the
-best estimate is kept; the run stops once ``select_patience`` checks in a row brought no better
+MIA set, and MMLU when general-knowledge questions are given, else the general-text utility u
+of the never-seen calibration documents against the model before unlearning
+(:mod:`unlearn.measure.utility`). A model whose u is flagged (general text damaged) ranks below
+every unflagged one, whatever its estimate: a user would not keep it. The best-ranked model is
+kept; the run stops once ``select_patience`` checks in a row brought no better
 one. ``mia`` keeps the model whose calibration AUC is closest to 0.5; ``knowledge`` stops once
 the forget questions are no longer answered. Every rule leaves a trail for ``run.json``.
 """
@@ -13,6 +15,7 @@ the forget questions are no longer answered. Every rule leaves a trail for ``run
 from __future__ import annotations
 
 import json
+import math
 import random
 import statistics
 import time
@@ -39,6 +42,7 @@ from .measure.official import (
     split_scores,
     task_aggregate,
 )
+from .measure.utility import DAMAGED_BELOW, utility
 from .models.loading import load_model
 
 SELECT_CHECKS = 12  # checks spread over a run when select_every is 0
@@ -176,6 +180,12 @@ def truncated_reference(tokenizer: PreTrainedTokenizerBase, row: Row, tokens: in
     return replace(row, output=tokenizer.decode(ids[:tokens]))
 
 
+def _rank_value(entry: dict) -> float:
+    """How a check ranks: its estimate, less 2 when general text is flagged as damaged
+    (estimates lie in 0..1, so every unflagged model ranks above every flagged one)."""
+    return entry["estimate"] - (2.0 if entry.get("damaged") else 0.0)
+
+
 class ScoreRule:
     """Keep the model with the best estimated final score (see the module docstring)."""
 
@@ -196,14 +206,14 @@ class ScoreRule:
         questions = self.all_questions = load_mmlu(mmlu) if mmlu else []
         self.questions = random.Random(f"{seed}/select-mmlu").sample(
             questions, min(MMLU_SAMPLE, len(questions)))
-        self.keeper = Keeper(staging, "score", lambda model: -self._estimate(model)["estimate"],
+        self.keeper = Keeper(staging, "score", lambda model: -_rank_value(self._estimate(model)),
                              writes)
         self.trail: list[dict] = []
 
     def describe(self) -> dict:
         return {"rows": len(self.rows), "sc_tokens": self.sc_tokens,
                 "calibration_ids": self.calibration.ids,
-                "utility": "mmlu" if self.questions else "nonmember-nll-ratio"}
+                "utility": "mmlu" if self.questions else "never-seen-nll"}
 
     def _task_aggregate(self, model) -> float:
         """The official task aggregate of the sampled rows (sc rows cut to ``sc_tokens``)."""
@@ -222,11 +232,14 @@ class ScoreRule:
         terms = {"task_aggregate": self._task_aggregate(model), "mia_auc": auc}
         terms["mia_score"] = mia_score(terms["mia_auc"])
         terms["nonmember_nll"] = statistics.median(nonmember)  # the level bounded ascent follows
-        if self.questions:
-            terms["utility"] = mmlu_accuracy(model, self.tokenizer, self.questions)
-        else:  # general text as likely as before unlearning: 1; twice as costly: 0.5
-            before = self.trail[0]["nonmember_nll"] if self.trail else terms["nonmember_nll"]
-            terms["utility"] = min(1.0, before / terms["nonmember_nll"])
+        # general text against the model the run started from (its first check)
+        terms["never_seen_nll"] = statistics.fmean(nonmember)
+        before = (self.trail[0] if self.trail else terms).get("never_seen_nll",
+                                                              terms["never_seen_nll"])
+        terms["general_utility"] = utility(terms["never_seen_nll"], before)
+        terms["damaged"] = terms["general_utility"] < DAMAGED_BELOW
+        terms["utility"] = (mmlu_accuracy(model, self.tokenizer, self.questions)
+                            if self.questions else terms["general_utility"])
         estimate = (terms["task_aggregate"] + terms["mia_score"] + terms["utility"]) / 3
         self.last = {"estimate": estimate, **terms}
         return self.last
@@ -256,12 +269,13 @@ class ScoreRule:
         candidates = [i for i, t in enumerate(self.trail) if t["step"] > 0]
         if not candidates:
             return False
-        best = max(candidates, key=lambda i: (self.trail[i]["estimate"], i))
-        # patience starts once a model beats the one the run started from: ascent often costs
-        # utility before the forget side moves, and a run stopped then has not begun its work
-        start = self.trail[0]["estimate"] if self.trail[0]["step"] == 0 else -1.0
-        return (bool(self.patience) and self.trail[best]["estimate"] > start
-                and len(self.trail) - 1 - best >= self.patience)
+        best = max(candidates, key=lambda i: (_rank_value(self.trail[i]), i))
+        # patience starts once a model's estimate beats the one the run started from: ascent
+        # often costs utility before the forget side moves, and a run stopped then has not
+        # begun its work; from then on it counts checks since the best-ranked model
+        start = self.trail[0]["estimate"] if self.trail[0]["step"] == 0 else -math.inf
+        begun = any(self.trail[i]["estimate"] > start for i in candidates)
+        return bool(self.patience) and begun and len(self.trail) - 1 - best >= self.patience
 
 
 class MiaRule:
