@@ -36,6 +36,10 @@ def test_bench_compares_methods_with_target_and_oracle(synth_dir, tmp_path):
     target_seconds = records["base"]["train_seconds"] + records["target"]["train_seconds"]
     assert rows["gd"]["fraction of target training"] == pytest.approx(
         rows["gd"]["unlearn seconds"] / target_seconds)
+    # the oracle's cost is exact retraining: fine-tuning the base on the retain rows
+    assert rows["oracle"]["unlearn seconds"] == records["oracle"]["train_seconds"]
+    assert rows["oracle"]["fraction of target training"] == pytest.approx(
+        records["oracle"]["train_seconds"] / target_seconds)
     frame = pd.read_csv(tmp_path / "b" / "leaderboard.csv")
     assert list(frame["model"]) == names
     assert "| model |" in (tmp_path / "b" / "leaderboard.md").read_text()

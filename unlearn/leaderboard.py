@@ -82,7 +82,7 @@ def _row(name: str, results: dict, oracle: dict | None, reference: dict,
         row["kept step"] = selection.get("kept_step")
         row["fraction of target training"] = (run_record["train_seconds"] / target_seconds
                                               if target_seconds else None)
-        row["peak memory MB"] = run_record["peak_memory_mb"]
+        row["peak memory MB"] = run_record.get("peak_memory_mb")
     row["PII leak rate"] = results.get("audit", {}).get("pii", {}).get("leak_rate")
     if receipt:
         summary = receipt["summary"]
@@ -285,7 +285,10 @@ def _bench_seed(data: Path, base: Path, models: dict, methods, lume, mia, mmlu, 
     audited = (_receipts(base, models, [e.partition(":")[0] for e in methods], data, scored,
                          seed, split) if receipts and scored else {})
     reference = evals.get("oracle") or evals["target"]
-    rows = [_row(k, evals[k], evals.get("oracle"), reference, records.get(k), target_seconds,
+    # the oracle's row shows what exact retraining from the base cost, when it was built here
+    retrain = _training_seconds({"target": models["oracle"]}) if models.get("oracle") else None
+    costs = {**records, **({"oracle": {"train_seconds": retrain}} if retrain else {})}
+    rows = [_row(k, evals[k], evals.get("oracle"), reference, costs.get(k), target_seconds,
                  audited.get(k)) for k in evals]
     return rows, evals, records, audited
 
