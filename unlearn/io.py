@@ -4,7 +4,9 @@ Every command writes one output directory, OUT. Before any work it calls :func:`
 which refuses an OUT that is, holds or lies inside one of the command's inputs, and an existing
 OUT that is not a finished output of the same command (told apart by its record file:
 ``run.json`` for ``unlearn run``, ...). Work happens beside OUT, in a staging directory this
-package marks as its own; the finished directory replaces OUT in one rename.
+package marks as its own; the finished directory replaces OUT in one rename. While a command
+writes OUT it holds a lock beside it (``.OUT.lock``), so a second command on the same OUT is
+refused at once rather than sharing the staging directory.
 """
 
 from __future__ import annotations
