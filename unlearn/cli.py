@@ -132,10 +132,13 @@ def cmd_eval(args) -> None:
                        seed=args.seed, split=args.split, reference=args.reference)
     print(results_table(results))
     print(f"results and report.html written to {args.out}")
-    general = results.get("general_text")
+    _say_if_damaged(args.model, results.get("general_text"))
+
+
+def _say_if_damaged(model: str, general: dict | None) -> None:
+    """The command's last line when the model's general text is flagged (``general_text``)."""
     if general and general["damaged"]:
-        print(damage_note(args.model, general["never_seen_nll"],
-                          general["reference_never_seen_nll"]))
+        print(damage_note(model, general["never_seen_nll"], general["reference_never_seen_nll"]))
 
 
 def cmd_run(args) -> None:
@@ -180,10 +183,7 @@ def cmd_audit(args) -> None:
         print(f"relearned {name}: knowledge {after['knowledge']}, "
               f"regurgitation {after['regurgitation']}")
     print(f"robust: {s['relearn_robust']}; receipt.json and receipt.html written to {args.out}")
-    general = receipt["general_text"]
-    if general["damaged"]:
-        print(damage_note(args.model, general["never_seen_nll"],
-                          general["reference_never_seen_nll"]))
+    _say_if_damaged(args.model, receipt["general_text"])
 
 
 def cmd_bench(args) -> None:

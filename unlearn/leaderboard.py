@@ -43,7 +43,7 @@ from .measure.official import task_names
 from .measure.utility import DAMAGED_BELOW, adjusted_share, damage_note, utility
 from .methods import get_method
 from .methods.base import UnlearnConfig
-from .models.loading import check_model_dir, check_oracle, model_fingerprint
+from .models.loading import check_model_dirs, check_oracle, model_fingerprint
 from .models.presets import preset_settings
 from .selection import scored_rest
 from .settings import SEED_RANGE, key_values, shown
@@ -250,9 +250,7 @@ def _check_inputs(methods, settings: dict[str, dict], seeds: int, eval_points: i
             raise ValueError("oracle= needs target=: a built target comes with its own oracle")
         preset_settings(preset, target_settings or {})
         return
-    for model in (target, oracle):
-        if model is not None:
-            check_model_dir(model)
+    check_model_dirs(target, oracle)
     check_oracle(oracle, target, "--target")
 
 
@@ -262,7 +260,7 @@ def _bench_seed(data: Path, base: Path, models: dict, methods, lume, mia, mmlu, 
     """One seed: the target (and oracle) scored, every method run from the target and scored,
     then, with ``receipts`` and an MIA set, every model audited. Returns the leaderboard rows,
     every model's results, every run's record and every model's receipt."""
-    target_seconds = _training_seconds(models)
+    target_seconds = _training_seconds(models.get("base"), models["target"])
     # no model is judged on the MIA documents that chose a run's model (the run's seed gives
     # the same split the run held out)
     scored = (scored_rest(mia, held_out, seed, lume, models["target"]).save(base / "mia-scored")
@@ -286,7 +284,7 @@ def _bench_seed(data: Path, base: Path, models: dict, methods, lume, mia, mmlu, 
                          seed, split) if receipts and scored else {})
     reference = evals.get("oracle") or evals["target"]
     # the oracle's row shows what exact retraining from the base cost, when it was built here
-    retrain = _training_seconds({"target": models["oracle"]}) if models.get("oracle") else None
+    retrain = _training_seconds(models.get("oracle"))
     costs = {**records, **({"oracle": {"train_seconds": retrain}} if retrain else {})}
     rows = [_row(k, evals[k], evals.get("oracle"), reference, costs.get(k), target_seconds,
                  audited.get(k)) for k in evals]
@@ -312,10 +310,11 @@ def _receipts(base: Path, models: dict, labels: list[str], data: Path, mia: Path
     return done
 
 
-def _training_seconds(models: dict) -> float | None:
-    """What building the target took (base and memorising), when it was built by unlearn."""
-    records = [m / "target.json" for m in (models.get("base"), models["target"]) if m]
-    if not all(r.is_file() for r in records):
+def _training_seconds(*models: Path | None) -> float | None:
+    """What building these models took (a target: its base's pretraining and its memorising),
+    when unlearn built every one of them; None otherwise."""
+    records = [m / "target.json" for m in models if m]
+    if not records or not all(r.is_file() for r in records):
         return None
     return sum(json.loads(r.read_text())["train_seconds"] for r in records)
 

@@ -234,8 +234,8 @@ class ScoreRule:
         terms["nonmember_nll"] = statistics.median(nonmember)  # the level bounded ascent follows
         # general text against the model the run started from (its first check)
         terms["never_seen_nll"] = statistics.fmean(nonmember)
-        before = (self.trail[0] if self.trail else terms).get("never_seen_nll",
-                                                              terms["never_seen_nll"])
+        before = (self.trail[0].get("never_seen_nll", terms["never_seen_nll"]) if self.trail
+                  else terms["never_seen_nll"])  # a trail resumed from before it was recorded
         terms["general_utility"] = utility(terms["never_seen_nll"], before)
         terms["damaged"] = terms["general_utility"] < DAMAGED_BELOW
         terms["utility"] = (mmlu_accuracy(model, self.tokenizer, self.questions)

@@ -36,7 +36,7 @@ from ..measure.nll import document_nll
 from ..measure.utility import general_text
 from ..models.loading import (
     best_device,
-    check_model_dir,
+    check_model_dirs,
     check_oracle,
     load_model,
     model_fingerprint,
@@ -185,9 +185,10 @@ def audit(model: str | Path, original: str | Path, data: str | Path, mia: str | 
     if "unlearned" not in attacks:
         attacks["unlearned"] = attacks[twin] if twin else attack(lm, tokenizer)
     del lm
+    mine = band["losses"].tolist()
     if oracle:
-        reference = _oracle_side(oracle, model, attacks, attack, unseen) or band["losses"].tolist()
-    general = general_text(band["losses"].tolist(), reference, str(oracle or original))
+        reference = _oracle_side(oracle, model, attacks, attack, unseen) or mine
+    general = general_text(mine, reference, str(oracle or original))
     attacks = {k: attacks[k] for k in ("unlearned", "oracle", "original") if k in attacks}
     is_robust = robust(attacks, config.margin)
     receipt = {"model": str(model), "original": str(original), "oracle": path_text(oracle),
@@ -224,9 +225,7 @@ def _oracle_side(oracle, model, attacks: dict, attack, unseen: list[str]) -> lis
 def _check_roles(model, original, oracle, allow_unchanged: bool) -> None:
     """Every model directory loads, and none stands in for ``original`` where a receipt needs
     another model (read before any of them is loaded: an attack takes minutes)."""
-    for path in (model, original, oracle):
-        if path is not None:
-            check_model_dir(path)
+    check_model_dirs(model, original, oracle)
     check_oracle(oracle, original, "--original")
     if not allow_unchanged and same_weights(model, original):
         raise ValueError(f"--model {model} holds the same weights as --original {original}: "

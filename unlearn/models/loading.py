@@ -63,6 +63,13 @@ def check_model_dir(path: str | Path) -> Path:
     return path
 
 
+def check_model_dirs(*paths: str | Path | None) -> None:
+    """:func:`check_model_dir` of every path given (None: a role left empty)."""
+    for path in paths:
+        if path is not None:
+            check_model_dir(path)
+
+
 def load_tokenizer(path: str | Path):
     """The directory's tokenizer, with a pad token (OLMo ships none: its EOS stands in)."""
     path = Path(path)
