@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet torch==2.13.0
 	# DeepSpeed (ZeRO-3, tested on CPU processes) compiles against the torch above
 	$(BIN)/pip install --quiet --no-build-isolation 'deepspeed>=0.16'
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,bench]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -6,7 +6,10 @@ each judged against the same never-seen documents and attacked the same way.
         --mia runs/demo/seed0/mia-scored --name synth \
         sugd=runs/demo/seed0/sugd sha256=runs/demo/seed0/sha256 gd=runs/demo/seed0/gd
 
-The oracle is audited too (as a model of its own: the floor every method is read against).
+The oracle is audited too (as a model of its own: the floor every method is read against). The
+receipt measured as a classifier: the target's `remembered` share is its true-positive rate
+(every forget document is in it), the oracle's its false-positive rate (it saw none), each with
+a Clopper-Pearson 95% interval (scipy's `binomtest`); each receipt's judge and stated rate too.
 The first audit attacks the original and the oracle as well (its seconds are what one `unlearn
 audit` takes); the others reuse those two attacks. Prints one row per model and writes
 bench/results/audit-<name>.json with the command, every receipt's summary and each audit's
@@ -20,13 +23,19 @@ import json
 import sys
 from pathlib import Path
 
+from scipy.stats import binomtest
+
 import unlearn
 
 
 def _row(label: str, receipt: dict) -> dict:
     s, relearn = receipt["summary"], receipt["relearn"]
+    interval = binomtest(s["remembered"], s["documents"]).proportion_ci(0.95)
     return {"model": label, "documents": s["documents"], "forgotten": s["forgotten"],
             "partly": s["partly"], "remembered": s["remembered"],
+            "remembered_share": s["remembered_share"],
+            "remembered_95ci": [interval.low, interval.high], "judge": s["judge"],
+            "stated_false_positive_rate": s["false_positive_rate"],
             "over_unlearned": s["over_unlearned"],
             "knowledge_before_attack": relearn["unlearned"]["before"]["knowledge"],
             "knowledge_after_attack": relearn["unlearned"]["after"]["knowledge"],
@@ -47,8 +56,8 @@ def main() -> None:
     p.add_argument("--name", default="synth")
     p.add_argument("models", nargs="+", metavar="label=MODEL_DIR")
     args = p.parse_args()
-    models = dict(m.split("=", 1) for m in args.models)
-    models["oracle"] = args.oracle
+    models = {"target": args.original, **dict(m.split("=", 1) for m in args.models),
+              "oracle": args.oracle}
     rows, summaries, attacks = [], {}, {}
     for label, model in models.items():
         receipt = unlearn.audit(model, args.original, args.data, args.mia,
@@ -62,8 +71,9 @@ def main() -> None:
     print("  ".join(columns))
     for row in rows:
         print("  ".join("-" if row[c] is None else
-                        f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c])
-                        for c in columns))
+                        f"{row[c]:.3f}" if isinstance(row[c], float) else
+                        "[" + ", ".join(f"{v:.3f}" for v in row[c]) + "]"
+                        if isinstance(row[c], list) else str(row[c]) for c in columns))
     results = Path(__file__).parent / "results" / f"audit-{args.name}.json"
     results.write_text(json.dumps({"command": " ".join(["python", *sys.argv]), "rows": rows,
                                    "receipts": summaries}, indent=2))

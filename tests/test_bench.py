@@ -5,7 +5,7 @@ import pytest
 
 from unlearn.data import load_mia
 from unlearn.leaderboard import bench
-from unlearn.models.loading import model_fingerprint
+from unlearn.models.loading import model_fingerprint, teacher_of
 
 
 def test_bench_compares_methods_with_target_and_oracle(synth_dir, tmp_path):
@@ -51,10 +51,15 @@ def test_bench_compares_methods_with_target_and_oracle(synth_dir, tmp_path):
     for m in names:
         summary = receipts[m]["summary"]
         assert rows[m]["forgotten share"] == summary["forgotten_share"]
+        assert rows[m]["remembered share"] == summary["remembered_share"]
         assert rows[m]["relearned knowledge"] == summary["relearned"]["unlearned"]["knowledge"]
         assert receipts[m]["relearn"]["original"] == receipts["target"]["relearn"]["unlearned"]
         assert receipts[m]["pii_from"].endswith(f"eval-{m}")
     assert rows["oracle"]["relearn robust"] is True  # the oracle is its own yardstick
+    # the oracle judges every verdict but its own: the base the target memorised from does
+    target = receipts["target"]["original"]
+    assert receipts["oracle"]["test"]["judge"] == str(teacher_of(target)) != "None"
+    assert receipts["gd"]["test"]["judge"] == receipts["gd"]["oracle"]
     assert 'href="seed0/audit-gd/receipt.html"' in page and "Relearning attack" in page
     record = json.loads((tmp_path / "b" / "seed0" / "gd" / "run.json").read_text())
     assert all("eval" in e for e in record["history"])  # a trajectory per epoch

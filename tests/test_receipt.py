@@ -6,30 +6,31 @@ import numpy as np
 import pytest
 import torch
 
-from unlearn.data import load_lume
+from unlearn.data import load_lume, load_mia
 from unlearn.evaluation.receipt import audit, forget_documents, percentile_of, verdict
 from unlearn.evaluation.relearn import RelearnConfig, fine_tune, split_documents
 from unlearn.measure.nll import document_nll
 from unlearn.models import load_model
 from unlearn.models.loading import model_fingerprint
+from unlearn.target import build_target
 
 QUICK = RelearnConfig(steps=3, batch_size=4)
-BAND = {"losses": np.arange(100.0), "loss_low": 5.0, "loss_high": 95.0,
-        "regurgitation_high": 0.3}
+BAND = {"losses": np.arange(100.0), "scores": np.arange(100.0), "score_low": 5.0,
+        "score_high": 95.0, "regurgitation_high": 0.3}
 
 
 def _entry(**kw):
-    return {"loss_percentile": 50.0, "questions_answered": 0, "pii_leaked": [],
+    return {"score_percentile": 50.0, "questions_answered": 0, "pii_leaked": [],
             "regurgitation": 0.1, **kw}
 
 
 def test_the_verdict_rule():
     assert verdict(_entry(), BAND) == "forgotten"
-    assert verdict(_entry(loss_percentile=2.0), BAND) == "remembered"  # loss still low
+    assert verdict(_entry(score_percentile=2.0), BAND) == "remembered"  # loss still low
     assert verdict(_entry(questions_answered=1), BAND) == "remembered"
     assert verdict(_entry(pii_leaked=["ssn"]), BAND) == "remembered"
     assert verdict(_entry(regurgitation=0.6), BAND) == "partly"  # continuation still written
-    assert verdict(_entry(loss_percentile=99.0), BAND) == "partly"  # over-unlearned
+    assert verdict(_entry(score_percentile=99.0), BAND) == "partly"  # over-unlearned
     assert percentile_of(10.0, np.arange(100.0)) == pytest.approx(10.5)
 
 
@@ -171,3 +172,33 @@ def test_work_already_done_is_not_redone(tiny_target, synth_dir, tmp_path, monke
         audit(target, target, synth_dir, synth_dir / "mia", tmp_path / "r2", samples=3,
               max_new_tokens=8, attacks=attacks, evaluation=tmp_path / "e",
               allow_unchanged=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_oracle(tiny_target, synth_dir, tmp_path_factory):
+    """The tiny target's recipe from its own base on the retain rows alone: never saw the
+    forget documents."""
+    out = tmp_path_factory.mktemp("oracle") / "oracle"
+    build_target(synth_dir, out, preset="tiny", seed=0, init=tiny_target[0] / "base",
+                 oracle=True, pretrain_tokens=0)
+    return out
+
+
+def test_verdicts_are_judged_against_a_model_that_never_saw_them_at_a_stated_error_rate(
+        tiny_target, tiny_oracle, synth_dir, tmp_path):
+    target, base, mia = tiny_target[0], tiny_target[0] / "base", synth_dir / "mia"
+    kw = dict(samples=1, max_new_tokens=16, relearn_config=QUICK, oracle=tiny_oracle)
+    of_target = audit(target, target, synth_dir, mia, tmp_path / "t", allow_unchanged=True, **kw)
+    of_oracle = audit(tiny_oracle, target, synth_dir, mia, tmp_path / "o", **kw)
+    assert of_target["test"]["judge"] == str(tiny_oracle)
+    assert of_oracle["test"]["judge"] == str(base)  # the oracle cannot judge itself
+    remembered = [r["summary"]["remembered_share"] for r in (of_target, of_oracle)]
+    assert remembered[0] - remembered[1] >= 0.8, remembered
+    # the stated rate is the share of never-seen documents the rule calls remembered
+    unseen = [d.document for d in load_mia(mia).nonmember]
+    scores = np.subtract(*[document_nll(*load_model(m), unseen) for m in (tiny_oracle, base)])
+    rate = np.mean(scores < np.percentile(scores, 5.0))
+    assert of_oracle["test"]["false_positive_rate"] == pytest.approx(rate)
+    assert of_oracle["summary"]["false_positive_rate"] == pytest.approx(rate) <= 0.05
+    doc = of_oracle["documents"][0]
+    assert doc["score"] == pytest.approx(doc["loss_after"] - doc["loss_judge"])

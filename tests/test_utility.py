@@ -50,6 +50,28 @@ def test_eval_sets_a_run_against_the_model_it_started_from_and_flags_damage(
     assert "general_text" not in none and none["never_seen_nll"] == general["never_seen_nll"]
 
 
+def test_eval_reads_a_corpus_of_the_users_own_for_the_utility(wrecked, tiny_target, synth_dir,
+                                                               tmp_path, capsys):
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    pages = ["The river runs past the mill and under the old stone bridge.",
+             "A recipe: two cups of flour, one egg, and a pinch of salt."]
+    for i, page in enumerate(pages):
+        (texts / f"page{i}.txt").write_text(page)
+    results = evaluate(wrecked, synth_dir, max_new_tokens=4, general=texts)
+    general = results["general_text"]
+    assert general["text"] == str(texts) and general["documents"] == 2
+    mia_only = evaluate(wrecked, synth_dir, max_new_tokens=4)
+    assert mia_only["general_text"]["text"] == "mia non-members"
+    assert results["never_seen_nll"] != mia_only["never_seen_nll"]  # other documents read
+    assert general["never_seen_nll"] > general["reference_never_seen_nll"]  # damage seen there
+    (texts / "notes.md").write_text("not a document")
+    assert main(["eval", "--model", str(wrecked), "--data", str(synth_dir), "--out",
+                 str(tmp_path / "e"), "--general", str(texts)]) == 2
+    assert "notes.md: not a .txt file" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
+
+
 def test_a_receipt_sets_general_text_against_the_original_without_an_oracle(
         wrecked, tiny_target, synth_dir, tmp_path, capsys):
     assert main(["audit", "--model", str(wrecked), "--original", str(tiny_target[0]),

@@ -129,7 +129,8 @@ def cmd_eval(args) -> None:
     results = evaluate(args.model, args.data, args.out, mia=args.mia, mmlu=args.mmlu,
                        max_new_tokens=args.max_new_tokens, dtype=args.dtype, audit=args.audit,
                        samples=args.samples, before=args.before, resume=args.resume,
-                       seed=args.seed, split=args.split, reference=args.reference)
+                       seed=args.seed, split=args.split, reference=args.reference,
+                       general=args.general)
     print(results_table(results))
     print(f"results and report.html written to {args.out}")
     _say_if_damaged(args.model, results.get("general_text"))
@@ -175,10 +176,13 @@ def cmd_audit(args) -> None:
     receipt = audit(args.model, args.original, args.data, args.mia, args.out,
                     oracle=args.oracle, split=args.split, seed=args.seed, samples=args.samples,
                     max_new_tokens=args.max_new_tokens, relearn_config=config,
-                    evaluation=args.evaluation)
-    s = receipt["summary"]
+                    evaluation=args.evaluation, reference=args.reference)
+    s, test = receipt["summary"], receipt["test"]
     print(f"{s['documents']} forget documents: {s['forgotten']} forgotten, {s['partly']} "
           f"partly, {s['remembered']} remembered ({s['over_unlearned']} over-unlearned)")
+    print(f"judged against {test['judge'] or 'the never-seen documents alone (no judge model)'}:"
+          f" {100 * test['false_positive_rate']:.1f}% of {test['never_seen_documents']} "
+          f"never-seen documents would be called remembered")
     for name, after in s["relearned"].items():
         print(f"relearned {name}: knowledge {after['knowledge']}, "
               f"regurgitation {after['regurgitation']}")
@@ -299,6 +303,9 @@ def _add_eval(sub) -> None:
                    help="the model whose reading of the never-seen (MIA non-member) documents "
                         "the utility u is measured against: the oracle when you have one; "
                         "'auto': the model `unlearn run` started from; 'none': no utility")
+    e.add_argument("--general", metavar="TEXTS", help="never-seen text of your own for the "
+                   "utility u, in place of the MIA non-members: a .jsonl file with a 'text' "
+                   "field, or a folder of .txt files")
     e.set_defaults(func=cmd_eval)
 
 
@@ -360,6 +367,11 @@ def _add_audit(sub) -> None:
     a.add_argument("--out", required=True, help="directory to write")
     a.add_argument("--oracle", help="a model never trained on the forget set: the relearning "
                    "attack on it is what robust is judged against")
+    a.add_argument("--reference", type=_optional_dir, default="auto", metavar="MODEL",
+                   help="the judge when there is no --oracle: a model that never saw the "
+                        "documents (the one --original was fine-tuned from); each document's "
+                        "loss is read less the judge's. 'auto': the base of a target unlearn "
+                        "built; 'none': the loss alone")
     a.add_argument("--seed", type=int, default=0, help="PII sampling and the attack's split")
     a.add_argument("--samples", type=int, default=PII_SAMPLES, help="PII samples per prompt")
     a.add_argument("--evaluation", metavar="EVAL_DIR", help="an `unlearn eval --audit` output "

@@ -25,8 +25,8 @@ DEMO_DOCS_PER_TASK = 8
 DEMO_TARGET = {"small": {"pretrain_tokens": 200_000}}
 DEMO_EVAL_POINTS = 2  # each run's trajectory in the report; the receipts take the time saved
 COLUMNS = ["model", "task aggregate", "MIA score", "MMLU", "final score", "vs oracle", "utility u",
-           "S", "kept step", "PII leak rate", "forgotten share", "relearned knowledge",
-           "relearn robust", "unlearn seconds"]
+           "S", "kept step", "PII leak rate", "forgotten share", "remembered share",
+           "relearned knowledge", "relearn robust", "unlearn seconds"]
 
 
 def demo(out: str | Path = "runs/demo", preset: str = "small", seed: int = 0) -> dict:

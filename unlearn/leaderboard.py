@@ -88,6 +88,8 @@ def _row(name: str, results: dict, oracle: dict | None, reference: dict,
         summary = receipt["summary"]
         relearned = summary["relearned"]["unlearned"]
         row.update({"forgotten share": summary["forgotten_share"],
+                    # on the oracle's row: the verdict's false positives
+                    "remembered share": summary["remembered_share"],
                     "relearned knowledge": relearned["knowledge"],
                     "relearned regurgitation": relearned["regurgitation"],
                     "relearn robust": summary["relearn_robust"]})

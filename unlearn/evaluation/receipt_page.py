@@ -14,7 +14,8 @@ COLOURS = {"forgotten": "#2a9d8f", "partly": "#e9c46a", "remembered": "#e76f51"}
 ROLES = ("original", "unlearned", "oracle")  # the attacked models, in the bars' order
 COLUMNS = [("id", "document"), ("task", "task"), ("verdict", "verdict"),
            ("loss_before", "loss before"), ("loss_after", "loss after"),
-           ("loss_percentile", "percentile among never seen"),
+           ("loss_judge", "loss under the judge"), ("score", "score"),
+           ("score_percentile", "percentile among never seen"),
            ("regurgitation", "regurgitation"), ("questions_answered", "questions answered"),
            ("pii_leaked", "PII leaked")]
 # sorts the table by the clicked column: numbers as numbers, the rest as text
@@ -47,19 +48,29 @@ def _table(documents: list[dict]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
-def _losses(documents: list[dict], never_seen: list[float], band: dict) -> str:
+def _scores(documents: list[dict], never_seen: list[float], band: dict, judged: bool) -> str:
     fig, ax = plt.subplots(figsize=(9, 3.2))
     ax.hist(never_seen, bins=30, color="#bbbbbb", label="never-seen documents")
-    ax.axvspan(band["loss_low"], band["loss_high"], color="#2a9d8f", alpha=0.08,
+    ax.axvspan(band["score_low"], band["score_high"], color="#2a9d8f", alpha=0.08,
                label="central 90% of never seen")
     top = ax.get_ylim()[1]
     for verdict, colour in COLOURS.items():
-        xs = [d["loss_after"] for d in documents if d["verdict"] == verdict]
+        xs = [d["score"] for d in documents if d["verdict"] == verdict]
         ax.scatter(xs, np.full(len(xs), top * 0.9), marker="|", s=300, color=colour,
                    label=f"forget documents: {verdict} ({len(xs)})")
-    ax.set_xlabel("mean token loss on the unlearned model")
+    ax.set_xlabel("mean token loss on the unlearned model, less the judge's" if judged
+                  else "mean token loss on the unlearned model")
     ax.legend(fontsize=8, loc="upper left")
     return figure_png(fig)
+
+
+def _test_line(test: dict) -> str:
+    judge = (f"its loss under the model less its loss under {html.escape(test['judge'])}, "
+             f"which never saw it" if test["judge"] else "its loss (no judge model was given)")
+    return (f"A document is read by {judge}, against {test['never_seen_documents']} never-seen "
+            f"documents scored the same way; <b>remembered</b> below their "
+            f"{test['remembered_below_percentile']:.0f}th percentile, which calls "
+            f"{100 * test['false_positive_rate']:.1f}% of never-seen documents remembered.")
 
 
 def write_receipt_page(path, receipt: dict, never_seen: list[float]) -> None:
@@ -69,8 +80,10 @@ def write_receipt_page(path, receipt: dict, never_seen: list[float]) -> None:
              f"<p>{s['documents']} forget documents: <b>{s['forgotten']} forgotten</b>, "
              f"{s['partly']} partly, {s['remembered']} remembered; {s['over_unlearned']} "
              f"over-unlearned. Relearning attack: {robust[s['relearn_robust']]}.</p>",
-             "<h2>Loss of each forget document against never-seen documents</h2>",
-             image(_losses(receipt["documents"], never_seen, receipt["never_seen"])),
+             f"<p>{_test_line(receipt['test'])}</p>",
+             "<h2>Score of each forget document against never-seen documents</h2>",
+             image(_scores(receipt["documents"], never_seen, receipt["never_seen"],
+                           receipt["test"]["judge"] is not None)),
              *relearn_section({role: receipt["relearn"][role] for role in ROLES
                                if role in receipt["relearn"]}),
              "<h2>Verdict per document</h2>", _table(receipt["documents"]), SORT_SCRIPT]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from statistics import fmean
 
@@ -14,6 +14,7 @@ import torch
 
 from ..accel import process_state
 from ..data import beside_data, load_lume, load_mia, load_mmlu
+from ..data.importing import read_source
 from ..io import (
     EVAL,
     atomic_directory,
@@ -64,7 +65,7 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
              max_new_tokens: int = 256, dtype: str = "auto", audit: bool = False,
              samples: int = PII_SAMPLES, before: str | Path | None = None, resume: bool = False,
              seed: int = 0, split: str | None = None,
-             reference: str | Path | None = "auto") -> dict:
+             reference: str | Path | None = "auto", general: str | Path | None = None) -> dict:
     """Score a model directory on a LUME dataset as SemEval-2025 Task 4 did.
 
     Writes, when ``out`` is given: ``results.json`` (the official keys plus ``final-score``),
@@ -79,10 +80,12 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
     ``max_new_tokens``. ``split`` chooses one data split where ``data`` holds several (the
     official parquet snapshot): ``train`` or ``validation``. ``mia`` (an MIA directory) and
     ``mmlu`` (MMLU-format questions) default to ``data/mia`` and ``data/mmlu`` when present;
-    None skips them. With an MIA set, ``results.json`` adds ``never_seen_nll`` (the model's
-    mean NLL of the non-members) and, against ``reference`` (a model directory; "auto": the
-    model ``unlearn run`` started from, named in ``run.json``; None: none), ``general_text``:
-    the utility u and its flag (:mod:`unlearn.measure.utility`). Returns the results dict.
+    None skips them. ``results.json`` adds ``never_seen_nll``, the model's mean NLL of text it
+    never saw: the documents of ``general`` (a ``.jsonl`` file with a ``text`` field or a folder
+    of ``.txt`` files: a corpus of the user's own) when given, else the MIA non-members; and,
+    against ``reference`` (a model directory; "auto": the model ``unlearn run`` started from,
+    named in ``run.json``; None: none), ``general_text``: the utility u and its flag
+    (:mod:`unlearn.measure.utility`). Returns the results dict.
     """
     check_seed(seed)
     check_model_dir(model)
@@ -91,7 +94,7 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
     if out is not None:
         claim_output(out, EVAL, {"--model": model, "--data": data, "--mia": mia,
                                  "--mmlu": mmlu, "--before": before,
-                                 "--reference": reference})
+                                 "--reference": reference, "--general": general})
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype}: use one of {', '.join(DTYPES)}")
     if max_new_tokens < 1:
@@ -99,6 +102,7 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
     lume = load_lume(data, split)
     mia_docs = load_mia(mia) if mia else None
     questions = load_mmlu(mmlu) if mmlu else None
+    never_seen = NeverSeen.of(general, mia_docs)
     previous = _read_results(before) if before else None
     lm, tokenizer = load_model(model, dtype=DTYPES[dtype],
                                device=best_device())
@@ -112,7 +116,7 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
         scores = _score(lm, tokenizer, lume, mia_docs, questions, max_new_tokens,
                         audit and state.is_main_process, samples, seed, None, "")[0]
         if state.is_main_process:
-            _measure_general_text(scores, model, tokenizer, reference, mia_docs, DTYPES[dtype])
+            _measure_general_text(scores, lm, model, tokenizer, reference, never_seen)
         state.wait_for_everyone()  # until the main process has written the outputs
         return scores.results
     with atomic_directory(out, EVAL, resumable=True) as staging:
@@ -124,12 +128,13 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
                                samples, seed, partial, fingerprint(made_by))
         if partial is not None:
             partial.unlink()
-        _measure_general_text(scores, model, tokenizer, reference, mia_docs, DTYPES[dtype])
+        _measure_general_text(scores, lm, model, tokenizer, reference, never_seen)
         _write_outputs(staging, scores, found, mia_docs, previous, str(model))
         write_json(staging / "eval.json", {**made_by, "data_dir": str(data), "split": split,
                                            "mia": path_text(mia), "mmlu": path_text(mmlu),
                                            "audit": audit, "samples": samples,
                                            "seed": seed, "reference": path_text(reference),
+                                           "general": path_text(general),
                                            "reference_files": reference and
                                            model_fingerprint(reference)})
     state.wait_for_everyone()
@@ -141,8 +146,6 @@ def _score(lm, tokenizer, lume, mia_docs, questions, max_new_tokens, audit, samp
     """Scores (and the leak audit's findings, when asked) of a loaded model."""
     scores = score_model(lm, tokenizer, lume, mia_docs, questions, max_new_tokens, partial, key)
     results, found = scores.results, None
-    if scores.mia_nll is not None:
-        results["never_seen_nll"] = fmean(scores.mia_nll["nonmember"])
     if audit:
         found = run_audit(lm, tokenizer, lume, mia_docs, samples=samples, seed=seed)
         results["audit"] = {"mia": {"auc": found["mia"]["auc"]}} if "mia" in found else {}
@@ -166,25 +169,53 @@ def reference_model(model: str | Path, reference: str | Path | None) -> Path | N
     return source if source is not None and (source / "config.json").is_file() else None
 
 
-def _measure_general_text(scores: Scores, model, tokenizer, reference: Path | None, mia_docs,
-                          dtype: torch.dtype) -> None:
-    """``general_text`` in the results: the never-seen documents' NLL under ``reference``
-    beside the model's (nothing without a reference or an MIA set). Per-token losses compare
+@dataclass(frozen=True)
+class NeverSeen:
+    """The text the utility reads: a corpus of the user's own (``general``), else the MIA
+    non-members, whose losses the MIA has already measured."""
+
+    texts: list[str]
+    source: str  # the corpus's path, or "mia non-members"
+
+    @classmethod
+    def of(cls, general: str | Path | None, mia_docs) -> NeverSeen | None:
+        if general is not None:
+            return cls([d.text for d in read_source(general, "general", "general")],
+                       str(general))
+        if mia_docs is not None and mia_docs.nonmember:
+            return cls([d.document for d in mia_docs.nonmember], MIA_NON_MEMBERS)
+        return None
+
+
+MIA_NON_MEMBERS = "mia non-members"
+
+
+def _measure_general_text(scores: Scores, lm, model, tokenizer, reference: Path | None,
+                          never_seen: NeverSeen | None) -> None:
+    """``never_seen_nll`` in the results and, against ``reference``, ``general_text``: the
+    never-seen documents' NLL under the reference beside the model's. Per-token losses compare
     only under one tokenizer, so a reference reading other tokens is refused."""
-    if reference is None or scores.mia_nll is None:
+    if never_seen is None:
         return
-    mine = scores.mia_nll["nonmember"]
+    if never_seen.source == MIA_NON_MEMBERS and scores.mia_nll is not None:
+        mine = scores.mia_nll["nonmember"]
+    else:
+        mine = document_nll(lm, tokenizer, never_seen.texts, desc="general text")
+    scores.results["never_seen_nll"] = fmean(mine)
+    if reference is None:
+        return
     if Path(reference).resolve() == Path(model).resolve():
         theirs = mine
     else:
-        lm, its_tokenizer = load_model(reference, dtype=dtype, device=best_device())
+        ref_lm, its_tokenizer = load_model(reference, dtype=next(lm.parameters()).dtype,
+                                           device=best_device())
         if its_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise ModelError(f"{reference}: reads other tokens than {model}, so their per-token "
                              f"losses do not compare; give the model {model} was made from")
-        theirs = document_nll(lm, its_tokenizer, [d.document for d in mia_docs.nonmember],
-                              desc="reference")
-        del lm
-    scores.results["general_text"] = general_text(mine, theirs, str(reference))
+        theirs = document_nll(ref_lm, its_tokenizer, never_seen.texts, desc="reference")
+        del ref_lm
+    scores.results["general_text"] = {**general_text(mine, theirs, str(reference)),
+                                      "text": never_seen.source}
 
 
 def _write_outputs(directory: Path, scores: Scores, found, mia_docs, previous,
