@@ -50,9 +50,9 @@ class SUGD(Method):
     # last 8 of OLMo-7B's 32 layers is the top quarter: the top 2 of the small target's 8.
     # The rest is the best utility-adjusted share S that bench/search.py found within a quarter
     # of the target's training (docs/design.md, "Searching for the best S"): forget rows drawn to
-    # the base the target memorised from (where there is one), 2 epochs per chunk, the retain
+    # the base the target memorised from (where there is one), 4 epochs per chunk, the retain
     # rows weighted up, a light hold on general text.
-    small_target = dict(layers="last:2", lr=9e-4, epochs=2, positive_factor=1.85,
+    small_target = dict(layers="last:2", lr=9e-4, epochs=4, positive_factor=1.85,
                         anchor_weight=0.3, teacher="auto")
 
     def stages(self, forget, retain, rng):
