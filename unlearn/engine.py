@@ -60,10 +60,10 @@ from .training import (
 
 def resolve_config(method: type[Method], model_dir: Path, profile: str = "auto",
                    config_file: str | Path | None = None, **overrides):
-    """The method's paper defaults; then, for a ``small`` profile, its small-target adjustments;
-    then a JSON, TOML or YAML config file; then ``overrides``. ``auto`` picks ``small`` for
-    targets that ``unlearn target`` trained from scratch (or from a base it trained from
-    scratch)."""
+    """The method's paper defaults; then, for a ``small`` profile, its small-target adjustments
+    (and, where the target's base was kept, those for a target with a teacher); then a JSON,
+    TOML or YAML config file; then ``overrides``. ``auto`` picks ``small`` for targets that
+    ``unlearn target`` trained from scratch (or from a base it trained from scratch)."""
     if profile == "auto":
         profile = "small" if trained_from_scratch(model_dir) else "paper"
     if profile not in ("paper", "small"):
@@ -71,6 +71,8 @@ def resolve_config(method: type[Method], model_dir: Path, profile: str = "auto",
     config = method.Config()
     if profile == "small":
         config = config.override(**method.small_target)
+        if method.small_target_with_teacher and teacher_of(model_dir) is not None:
+            config = config.override(**method.small_target_with_teacher)
     if config_file is not None:
         values = read_settings_file(config_file)  # its errors name the file
         try:

@@ -157,6 +157,8 @@ class Method:
     Config: ClassVar[type[UnlearnConfig]] = UnlearnConfig
     #: adjustments to the paper's defaults for small from-scratch targets (see README)
     small_target: ClassVar[dict] = {}
+    #: further adjustments for a small target whose base unlearn kept (a teacher exists)
+    small_target_with_teacher: ClassVar[dict] = {}
     #: what the method reads of the frozen source model (:data:`losses.NEEDS`): "logits"
     #: (KL), "hidden" (RMU), "forget_logprob" (NPO)
     reference: ClassVar[tuple[str, ...]] = ()
