@@ -217,9 +217,9 @@ def audit(model: str | Path, original: str | Path, data: str | Path, mia: str | 
         attacks["unlearned"] = attacks[twin] if twin else attack(lm, tokenizer)
     del lm
     mine = band["losses"].tolist()
-    if oracle:  # general text is set against the oracle's reading
-        reference_nll = (judged[1] if _same(judge, oracle)
-                         else _oracle_side(oracle, model, attacks, attack, unseen) or mine)
+    if oracle:  # the oracle's reading: the judge's, else the model is the oracle (its own)
+        reference_nll = judged[1] if _same(judge, oracle) else mine
+        attacks.setdefault("oracle", attacks["unlearned"])
     general = general_text(mine, reference_nll, str(oracle or original))
     attacks = {k: attacks[k] for k in ("unlearned", "oracle", "original") if k in attacks}
     is_robust = robust(attacks, config.margin)
@@ -275,20 +275,6 @@ def _test(judge: Path | None, band: dict) -> dict:
             "judge": path_text(judge), "remembered_below_percentile": LOW,
             "false_positive_rate": band["false_positive_rate"],
             "never_seen_documents": band["count"]}
-
-
-def _oracle_side(oracle, model, attacks: dict, attack, unseen: list[str]) -> list[float] | None:
-    """The oracle's NLL of the never-seen documents, and its attack put in ``attacks`` unless
-    one is there: one load of the oracle for both. None when the model is the oracle (its own
-    reading is the reference, its attack the oracle's)."""
-    if _same(oracle, model):
-        attacks.setdefault("oracle", attacks["unlearned"])
-        return None
-    lm, tokenizer = _load(oracle)
-    nll = document_nll(lm, tokenizer, unseen, desc="never seen (oracle)")
-    if "oracle" not in attacks:
-        attacks["oracle"] = attack(lm, tokenizer)
-    return nll
 
 
 def _check_roles(model, original, oracle, allow_unchanged: bool) -> None:
