@@ -1,5 +1,6 @@
-"""SHA256 (2nd on SemEval-2025 Task 4's 1B track; "Cyber for AI at SemEval-2025 Task 4:
-Forgotten but Not Lost: The Balancing Act of Selective Unlearning in Large Language Models").
+"""SHA256 (2nd on SemEval-2025 Task 4's 1B track; Agrawal & Huang, "SHA256 at SemEval-2025
+Task 4: Selective Amnesia -- Constrained Unlearning for Large Language Models via Knowledge
+Isolation", arXiv 2504.12996; code: github.com/LAB-FLAIR/Constrained-Unlearning-for-LLM).
 
 Causal tracing (``unlearn locate``) finds the layers whose MLPs carry the facts; only those
 weights train, on ``−CE_forget + m·CE_retain`` over forget and retain rows mixed in shuffled
