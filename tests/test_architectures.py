@@ -16,6 +16,7 @@ from transformers import (
 from unlearn import run
 from unlearn.data import load_lume
 from unlearn.measure.generation import (
+    _cache_layers_known,
     generate_one_by_one,
     greedy_generate,
     preallocated_cache_fits,
@@ -59,7 +60,10 @@ def test_batched_generation_matches_one_by_one(checkpoint, synth_dir):
     # the early exit of question rows as a stopping criterion
     answers = [r.output if r.kind == "qa" else None for r in load_lume(synth_dir).rows[:12]]
     fallback = greedy_generate(model, tokenizer, prompts, 12, answers=answers, fast=False)
-    if preallocated_cache_fits(model):  # this transformers' cache layers are known
+    # all five architectures attend fully: only a transformers whose cache layers are unknown
+    # (below the pinned versions) may send them through `generate` instead
+    assert preallocated_cache_fits(model) == _cache_layers_known()
+    if _cache_layers_known():
         assert fallback == greedy_generate(model, tokenizer, prompts, 12, answers=answers,
                                            fast=True)
     assert [g.text for g in fallback if not g.stopped_early] == [

@@ -1,6 +1,9 @@
 import json
 
+import pytest
+
 from unlearn.cli import main
+from unlearn.data import load_lume
 
 
 def test_synth_then_check(tmp_path, capsys):
@@ -81,3 +84,12 @@ def test_target_oracle_retrains_the_base_on_the_retain_rows_alone(tmp_path, tiny
                  "--preset", "tiny", "epochs=1"]) == 0
     made = json.loads((tmp_path / "exact" / "target.json").read_text())
     assert made["oracle"] is True and made["base"] == str(base.resolve())
+    # the same build with the forget rows: an oracle that trained on them would match it
+    assert main(["target", "--data", str(synth_dir), "--out", str(tmp_path / "full"),
+                 "--init", str(base), "--pretrain", "none", "--mmlu", "none",
+                 "--preset", "tiny", "epochs=1"]) == 0
+    full = json.loads((tmp_path / "full" / "target.json").read_text())
+    lume = load_lume(synth_dir)
+    share = sum(len(r.input + r.output) for r in lume.retain) / sum(
+        len(r.input + r.output) for r in lume.rows)
+    assert made["tokens"] / full["tokens"] == pytest.approx(share, abs=0.1)

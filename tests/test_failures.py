@@ -103,5 +103,7 @@ def test_a_row_far_longer_than_the_window_is_cut_to_fit(tiny_target, synth_dir, 
     long_row = next(r for r in rows if r["id"] == "longsc1")
     assert isinstance(long_row["model_output"], str) and 0 < long_row["nll"] < 100
     model, tokenizer = load_model(tiny_target[0])
-    [loss] = document_nll(model, tokenizer, [long_text])
-    assert 0 < loss < 100
+    # scored on its first window: two documents that differ only beyond it score the same
+    same_start = [long_text + "alpha " * window, long_text + "beta gamma " * window]
+    first, second = document_nll(model, tokenizer, same_start)
+    assert 0 < first < 100 and first == pytest.approx(second, abs=1e-6)

@@ -150,9 +150,11 @@ def test_init_fine_tunes_a_local_model_and_leaves_it_untouched(tiny_target, synt
     assert record["init"] == str(source) and record["epochs"] == {"memorise": 2}
     tuned, _ = load_model(tmp_path / "ft")
     original, _ = load_model(source)
-    assert tuned.config.hidden_size == original.config.hidden_size
-    assert not torch.equal(tuned.model.layers[0].mlp.up_proj.weight,
-                           original.model.layers[0].mlp.up_proj.weight)
+    tuned_w, source_w = (m.model.layers[0].mlp.up_proj.weight.flatten()
+                         for m in (tuned, original))
+    assert not torch.equal(tuned_w, source_w)  # trained, and from the source's weights:
+    # two epochs move them a little; a fresh start would be unrelated (cosine near 0)
+    assert torch.nn.functional.cosine_similarity(tuned_w, source_w, dim=0) > 0.9
 
 
 def test_label_smoothing_keeps_a_floor_under_every_token_while_memorising(

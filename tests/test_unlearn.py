@@ -9,6 +9,7 @@ import torch
 from transformers import AutoConfig
 
 from unlearn import engine, training
+from unlearn.accel import resolve_precision
 from unlearn.anchor import Anchor, sample_passages
 from unlearn.data import load_lume, load_mia
 from unlearn.engine import resolve_config, run
@@ -195,6 +196,19 @@ def test_gradient_accumulation_gives_the_same_update(tiny_target, synth_dir, tmp
     a, b = _state(tmp_path / "a"), _state(tmp_path / "b")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_bf16_runs_where_asked_while_auto_stays_fp32_in_this_suite(tiny_target, synth_dir,
+                                                                   tmp_path):
+    assert resolve_precision("auto") == "fp32"  # conftest's fixture: thresholds are fp32's
+    kw = dict(mia=None, epochs=1, batch_size=4, lr=1e-3, select="none")
+    records = [run("gd", tiny_target[0], synth_dir, tmp_path / p, precision=p, **kw)
+               for p in ("fp32", "bf16")]
+    assert [r["mixed_precision"] for r in records] == ["no", "bf16"]  # run.json says which
+    fp32, bf16, source = (_state(tmp_path / "fp32"), _state(tmp_path / "bf16"),
+                          _state(tiny_target[0]))
+    assert any(not torch.equal(bf16[k], source[k]) for k in source)  # it trained
+    assert any(not torch.equal(bf16[k], fp32[k]) for k in fp32)  # with matmuls in bf16
 
 
 @pytest.mark.parametrize("lora", [False, True])

@@ -399,6 +399,8 @@ class _Run:
             "config": asdict(self.settings),
             "status": stopped or "complete",
             "processes": self.accelerator.num_processes,
+            # what `precision` resolved to on this machine ("bf16" or "no"): the figures move
+            "mixed_precision": self.accelerator.mixed_precision,
             "trainable_parameters": trainable,  # counted before LoRA is merged away
             "steps": self.total_steps,
             "steps_trained": sum(len(r["step_losses"]) for r in history),

@@ -250,6 +250,7 @@ def build_target(data: str | Path, out: str | Path, preset: str = "small",
             "pretrain": path_text(pretrain),
             "mmlu": path_text(mmlu), "mia": path_text(mia),
             "settings": asdict(settings),
+            "mixed_precision": accelerator.mixed_precision,  # what `precision` resolved to
             "parameters": sum(numel(p) for p in bare.parameters()),
             "epochs": dict(Counter(r["name"] for r in history)),
             "train_seconds": seconds, "tokens": tokens, "tokens_per_second": tokens / seconds,
