@@ -73,8 +73,9 @@ def test_every_method_forgets_holds_the_retain_set_and_leaves_the_source(name, t
 def _batch(tiny_target, synth_dir, forget: int = 2, retain: int = 2):
     model, tokenizer = load_model(tiny_target[0])
     data = load_lume(synth_dir)
-    examples = (engine._examples(tokenizer, data.forget[:forget], True, 512)
-                + engine._examples(tokenizer, data.retain[:retain], False, 512))
+    trained = get_method("gd").Config()  # 512 tokens, retain rows ending in EOS
+    examples = (engine._examples(tokenizer, data.forget[:forget], True, trained)
+                + engine._examples(tokenizer, data.retain[:retain], False, trained))
     return model, Batch.of(examples, tokenizer.pad_token_id, "cpu")
 
 

@@ -20,6 +20,7 @@ from unlearn.models.layers import decoder_layers
 from unlearn.selection import calibration_split, never_seen_level
 
 FAST = dict(epochs=1, batch_size=4, mia=None)  # mia=None: the fixed schedule, no selection
+TRAINED = get_method("gd").Config()  # rows as runs train them: 512 tokens, retain rows end in EOS
 
 
 def _state(directory):
@@ -45,8 +46,8 @@ def test_retain_rows_end_in_eos_and_forget_rows_do_not(tiny_target, synth_dir):
     _, tokenizer = load_model(tiny_target[0])
     lume = load_lume(synth_dir)
     eos = tokenizer.eos_token_id
-    retain = engine._examples(tokenizer, lume.retain, False, 512)
-    forget = engine._examples(tokenizer, lume.forget, True, 512)
+    retain = engine._examples(tokenizer, lume.retain, False, TRAINED)
+    forget = engine._examples(tokenizer, lume.forget, True, TRAINED)
     assert all(e.ids[-1] == eos and eos not in e.ids[:-1] for e in retain)
     assert not any(eos in e.ids for e in forget)
     # the answer itself is unchanged: EOS is one extra label after it
@@ -85,8 +86,8 @@ def test_sugd_chunks_in_file_order_with_a_carried_over_retain_cycle():
 def test_sugd_loss_is_the_row_mean_of_signed_factors(tiny_target, synth_dir):
     model, tokenizer = load_model(tiny_target[0])
     data = load_lume(synth_dir)
-    examples = engine._examples(tokenizer, data.forget[:1], True, 512) + engine._examples(
-        tokenizer, data.retain[:2], False, 512)
+    examples = engine._examples(tokenizer, data.forget[:1], True, TRAINED) + engine._examples(
+        tokenizer, data.retain[:2], False, TRAINED)
     batch = Batch.of(examples, tokenizer.pad_token_id, "cpu")
     method = get_method("sugd")(get_method("sugd").Config())
     ref = Reference()
@@ -102,9 +103,32 @@ def test_sugd_loss_is_the_row_mean_of_signed_factors(tiny_target, synth_dir):
     torch.testing.assert_close(bounded, (forget + 0.5 * nll[1] + 0.5 * nll[2]) / 3)
 
 
+def test_sugd_paper_profile_trains_each_row_as_the_authors_code_does(tiny_target, synth_dir):
+    """SUGD's code (iraklis07/llm-unlearning, methods/sequential.py, configs/sequential_args.json):
+    one row a step; the text f"{prompt} {output}" with no EOS, the prompt's tokens masked; the
+    loss, factor × the row's mean output cross-entropy: −1 on forget rows, 0.5 on retain rows."""
+    model, tokenizer = load_model(tiny_target[0])
+    data = load_lume(synth_dir)
+    config = get_method("sugd").Config()
+    method = get_method("sugd")(config)
+    assert (config.batch_size, config.grad_accum, config.select) == (1, 1, "none")
+    for row, forget, factor in ((data.forget[0], True, -1.0), (data.retain[0], False, 0.5)):
+        [example] = engine._examples(tokenizer, [row], forget, config)
+        ids = tokenizer(f"{row.input} {row.output}").input_ids
+        assert list(example.ids) == ids  # no EOS appended
+        labels = torch.tensor(ids)
+        labels[:len(tokenizer(row.input, add_special_tokens=False).input_ids)] = -100
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0]
+            expected = factor * torch.nn.functional.cross_entropy(logits[:-1], labels[1:])
+            batch = Batch.of([example], tokenizer.pad_token_id, "cpu")
+            loss = method.loss(model, batch, Reference())
+        torch.testing.assert_close(loss, expected)
+
+
 def _forget_nll(model_dir, synth_dir) -> float:
     model, tokenizer = load_model(model_dir)
-    examples = engine._examples(tokenizer, load_lume(synth_dir).forget, True, 512)
+    examples = engine._examples(tokenizer, load_lume(synth_dir).forget, True, TRAINED)
     with torch.no_grad():
         out = forward(model, Batch.of(examples, tokenizer.pad_token_id, "cpu"))
     return out.text_nll.mean().item()
@@ -463,7 +487,8 @@ def test_rmu_trains_only_down_projections_and_steers_forget_activations(tiny_tar
 
     def distance_to_control(directory):
         model, tokenizer = load_model(directory)
-        batch = Batch.of(engine._examples(tokenizer, load_lume(synth_dir).forget, True, 256),
+        batch = Batch.of(engine._examples(tokenizer, load_lume(synth_dir).forget, True,
+                                          TRAINED.override(max_len=256)),
                          tokenizer.pad_token_id, "cpu")
         with torch.no_grad():
             hidden = model(input_ids=batch.ids, attention_mask=batch.mask,
@@ -586,7 +611,7 @@ def _teacher_kl(model_dir, teacher_dir, synth_dir) -> float:
     """Mean KL(teacher ‖ model) per token over the forget rows' whole text."""
     model, tokenizer = load_model(model_dir)
     teacher = load_model(teacher_dir)[0]
-    batch = Batch.of(engine._examples(tokenizer, load_lume(synth_dir).forget, True, 512),
+    batch = Batch.of(engine._examples(tokenizer, load_lume(synth_dir).forget, True, TRAINED),
                      tokenizer.pad_token_id, "cpu")
     ref = Reference(("teacher",))
     ref.teacher = teacher

@@ -23,6 +23,7 @@ LAYERS = [
     {"accel", "models"},  # loading, presets, token sequences, the forward pass
     {"measure"},  # per-row scores, generation, token losses, the official numbers
     {"training", "methods", "anchor", "tracing"},  # the optimizer loop, objectives, tracing
+    {"plan"},  # the memory a run will need, from the model's config alone
     {"engine", "selection", "target"},  # `unlearn run`, its model selection, `unlearn target`
     {"evaluation"},  # `unlearn eval`: files, audit, report
     {"leaderboard", "demo", "cli"},  # `unlearn bench`, `unlearn demo`, the command line

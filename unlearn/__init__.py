@@ -9,11 +9,12 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .data import DataError, import_documents, load_lume, load_mia, load_mmlu, synthesize
 from .demo import demo
-from .engine import run
+from .engine import memory_plan, run
 from .evaluation import evaluate
 from .evaluation.receipt import audit
 from .leaderboard import bench
 from .models import ModelError, load_model
+from .plan import MemoryPlanError
 from .target import build_target
 from .tracing import locate
 
@@ -22,6 +23,6 @@ try:
 except PackageNotFoundError:  # run from a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["DataError", "ModelError", "audit", "bench", "build_target", "demo", "evaluate",
-           "import_documents", "load_lume", "load_mia", "load_mmlu", "load_model", "locate", "run",
-           "synthesize"]
+__all__ = ["DataError", "MemoryPlanError", "ModelError", "audit", "bench", "build_target", "demo",
+           "evaluate", "import_documents", "load_lume", "load_mia", "load_mmlu", "load_model",
+           "locate", "memory_plan", "run", "synthesize"]

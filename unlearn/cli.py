@@ -143,7 +143,11 @@ def _say_if_damaged(model: str, general: dict | None) -> None:
 
 
 def cmd_run(args) -> None:
-    from .engine import run
+    from .engine import memory_plan, run
+    print(memory_plan(args.method, args.model, config=args.config, profile=args.profile,
+                      **key_values(args.settings)).table(), flush=True)
+    if args.plan:
+        return
     record = run(args.method, args.model, args.data, args.out, config=args.config,
                  seed=args.seed, eval_every=args.eval_every, profile=args.profile, mia=args.mia,
                  mmlu=args.mmlu, split=args.split, **key_values(args.settings))
@@ -330,6 +334,10 @@ def _add_run(sub) -> None:
                                 "model kept (select=score)",
                          "mmlu": "MMLU-format questions the selection estimate asks"})
     r.add_argument("--seed", type=int, default=0, help="data order, sampling and selection split")
+    r.add_argument("--plan", action="store_true",
+                   help="print the memory plan per device (weights, gradients, optimizer, "
+                        "references, activations) and stop; every run prints it first and "
+                        "refuses one that cannot fit, naming the settings that would")
     r.add_argument("settings", nargs="*", metavar="key=value",
                    help="override method settings, e.g. lr=1e-4 lora=true layers=last:2")
     r.set_defaults(func=cmd_run)

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
-from peft import LoraConfig, get_peft_model
 
 from .accel import make_accelerator, numel, start_logging, stop_logging, zero3
 from .anchor import Anchor, sample_passages
@@ -26,7 +25,7 @@ from .measure.official import score_model
 from .methods import METHODS, Method, get_method
 from .methods.base import Example
 from .methods.losses import Batch, Reference, forward
-from .models.layers import decoder_layers, is_attention, is_mlp, layer_indices, resolve_projections
+from .methods.trainable import select_parameters
 from .models.loading import (
     check_model_dir,
     load_model,
@@ -35,6 +34,7 @@ from .models.loading import (
     trained_from_scratch,
 )
 from .models.sequences import training_sequence
+from .plan import MemoryPlan, plan_run, require_fit
 from .selection import (
     Keeper,
     calibration_split,
@@ -45,7 +45,6 @@ from .selection import (
     resolve_rule,
 )
 from .settings import check_seed, read_settings_file
-from .tracing.command import read_layers
 from .training import (
     Epoch,
     NonFiniteLoss,
@@ -82,16 +81,18 @@ def resolve_config(method: type[Method], model_dir: Path, profile: str = "auto",
     return config.override(**overrides), profile
 
 
-def _examples(tokenizer, rows, forget: bool, max_len: int) -> list[Example]:
+def _examples(tokenizer, rows, forget: bool, settings) -> list[Example]:
     """Rows as trained on (:func:`training_sequence`), the prompt masked from every loss.
 
-    Retain rows end in EOS, as the target learned them. Ascent on forget outputs lowers the
-    end-of-answer EOS everywhere; without EOS in the retain term nothing holds it up, and retain
-    answers come out right but run on ("Hardy.-"), which exact match scores 0. Forget rows get no
-    EOS: where an answer stops is not what is being forgotten."""
+    Retain rows end in EOS, as the target learned them (unless ``retain_eos=false``, as SUGD's
+    code trained). Ascent on forget outputs lowers the end-of-answer EOS everywhere; without EOS
+    in the retain term nothing holds it up, and retain answers come out right but run on
+    ("Hardy.-"), which exact match scores 0. Forget rows get no EOS: where an answer stops is not
+    what is being forgotten."""
+    eos = not forget and settings.retain_eos
     examples = []
     for i, r in enumerate(rows):
-        ids, start = training_sequence(tokenizer, r.input, r.output, max_len, eos=not forget)
+        ids, start = training_sequence(tokenizer, r.input, r.output, settings.max_len, eos=eos)
         examples.append(Example(tuple(ids), start, forget, i))
     return examples
 
@@ -116,48 +117,6 @@ def _plan(method: Method, forget, retain, seed: int) -> tuple[list[Epoch], list[
         n = sum(len(steps) for steps in epochs)
         segments.append(Segment(n, c.lr, round(c.warmup_ratio * n), c.schedule))
     return plan, segments
-
-
-def _select_parameters(model, config):
-    """Freeze everything but the chosen layers (and modules), or wrap them in LoRA adapters.
-    Returns the model to train (a PEFT model with LoRA)."""
-    stack = decoder_layers(model)
-    spec = config.layers
-    if spec == "auto":
-        if not config.trace:
-            raise ValueError("layers=auto reads the layers `unlearn locate` chose: set "
-                             "trace=OUT/trace.json")
-        spec = ",".join(map(str, read_layers(config.trace)))
-    chosen = layer_indices(spec, len(stack))
-    keep = {"all": lambda name: True, "mlp": is_mlp, "attn": is_attention}.get(config.modules)
-    if keep is None:  # a comma list of module names, e.g. down_proj
-        names = [m.strip() for m in config.modules.split(",") if m.strip()]
-        keep = lambda name: any(f".{m}." in name + "." for m in names)  # noqa: E731
-        if not any(keep("." + n) for n, _ in stack.named_parameters()):
-            raise ValueError(f"modules={config.modules}: no such module in the decoder layers; "
-                             f"use all, mlp, attn or module names like down_proj")
-    if config.lora:
-        targets = resolve_projections(stack, [t.strip() for t in config.lora_targets.split(",")
-                                              if t.strip()])
-        targets = [t for t in targets if keep("." + t + ".")]
-        if config.modules not in ("all", "mlp", "attn"):
-            targets = [m.strip() for m in config.modules.split(",") if m.strip()]
-        if not targets:
-            raise ValueError(f"modules={config.modules} with LoRA: lora_targets names no such "
-                             f"projection")
-        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
-                          lora_dropout=config.lora_dropout, target_modules=targets,
-                          layers_to_transform=None if spec == "all" else chosen)
-        return get_peft_model(model, lora)
-    everything = spec == "all" and config.modules == "all"
-    for p in model.parameters():
-        p.requires_grad_(everything)
-    if not everything:
-        for i in chosen:
-            for name, p in stack[i].named_parameters():
-                if keep("." + name):
-                    p.requires_grad_(True)
-    return model
 
 
 def _peak_memory_mb() -> float:
@@ -198,6 +157,8 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
     method_cls = get_method(method)
     settings, profile = resolve_config(method_cls, model_dir, profile, config, **overrides)
     teacher = _teacher(method_cls, settings, model_dir)
+    memory = plan_run(method_cls, settings, model_dir, teacher)
+    require_fit(memory, method_cls, settings, model_dir, teacher)  # before any output exists
     claim_output(out, RUN, {"--model": model_dir, "--data": data, "--config": config,
                             "--mia": mia, "--mmlu": mmlu, "--teacher": teacher,
                             "trace": settings.trace or None,
@@ -210,7 +171,18 @@ def run(method: str, model: str | Path, data: str | Path, out: str | Path,
         return record
     job = _Run(method, algorithm, model_dir, data, split, mia, mmlu, teacher, seed, eval_every,
                eval_points, profile, staging_path(out) / "logs")
+    job.memory_plan = memory.as_record()
     return job.train(out, adapter_only)
+
+
+def memory_plan(method: str, model: str | Path, config: str | Path | None = None,
+                profile: str = "auto", **overrides) -> MemoryPlan:
+    """What ``run`` with these arguments would hold in memory per device, by part (see
+    :mod:`unlearn.plan`), from the model's config alone: no weight is loaded."""
+    model_dir = check_model_dir(model)
+    method_cls = get_method(method)
+    settings, _ = resolve_config(method_cls, model_dir, profile, config, **overrides)
+    return plan_run(method_cls, settings, model_dir, _teacher(method_cls, settings, model_dir))
 
 
 def _teacher(method_cls: type[Method], settings, model_dir: Path) -> Path | None:
@@ -229,6 +201,8 @@ class _Run:
     (before any output exists), the model and its reference prepared, what the first step
     needs measured on the source model, the loop's hooks, and the ``run.json`` record."""
 
+    memory_plan: dict | None = None  # the plan ``run`` checked before any output existed
+
     def __init__(self, method: str, algorithm: Method, model_dir: Path, data, split, mia,
                  mmlu, teacher: Path | None, seed: int, eval_every: int, eval_points: int,
                  profile: str, logging_dir: Path):
@@ -246,8 +220,8 @@ class _Run:
         self.mia_data = load_mia(mia) if mia else None
         self.lm, self.tokenizer = load_model(model_dir, dtype=torch.float32)
         self.model_files = model_fingerprint(model_dir)  # before training: the source model
-        self.forget = _examples(self.tokenizer, self.lume.forget, True, settings.max_len)
-        retain = _examples(self.tokenizer, self.lume.retain, False, settings.max_len)
+        self.forget = _examples(self.tokenizer, self.lume.forget, True, settings)
+        retain = _examples(self.tokenizer, self.lume.retain, False, settings)
         self.plan, self.segments = _plan(algorithm, self.forget, retain, seed)
         self.eval_points = eval_points
         self.eval_every = max(1, len(self.plan) // eval_points) if eval_points else eval_every
@@ -276,7 +250,7 @@ class _Run:
             # non-reentrant: gradients reach LoRA adapters and later layers with inputs frozen
             self.lm.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.lm = _select_parameters(self.lm, settings)
+        self.lm = select_parameters(self.lm, settings)
         self.lm.train()
         if settings.lora:
             self.reference.peft_model = self.lm
@@ -413,6 +387,7 @@ class _Run:
             "forget_level": self.progress.get("forget_level"),  # before the first step
             "teacher": path_text(self.teacher),
             "selection": selection,
+            "memory_plan": self.memory_plan,  # planned before loading, beside peak_memory_mb
         }
 
 
@@ -514,8 +489,8 @@ def _validation_loss(settings, tokenizer, accelerator):
     """Joint loss on a validation split: mean CE of its retain rows minus that of its forget
     rows (what unlearning minimises)."""
     data = load_lume(settings.validation)
-    examples = (_examples(tokenizer, data.forget, True, settings.max_len)
-                + _examples(tokenizer, data.retain, False, settings.max_len))
+    examples = (_examples(tokenizer, data.forget, True, settings)
+                + _examples(tokenizer, data.retain, False, settings))
 
     def measure(model) -> float:  # called by Keeper, without gradients
         forget, retain = [], []

@@ -92,6 +92,7 @@ class UnlearnConfig:
     anchor_weight: float = 0.0  # weight of the hold on general text (0: none; see above)
     anchor_samples: int = 32  # passages the source model writes for that hold
     max_len: int = 512  # tokens per training row; longer rows are cut
+    retain_eos: bool = True  # retain rows end in EOS, as the target learned them
     precision: str = "auto"  # bf16 mixed precision on a GPU or a bf16 CPU, else fp32
     report_to: str = "tensorboard"  # training curves into OUT/logs: tensorboard, wandb or none
     # recompute each layer's activations in the backward pass instead of keeping them: less

@@ -1,0 +1,79 @@
+"""The memory plan: planned from the config alone, it counts what the run trains and refuses,
+before any output exists, a run that cannot fit, naming the settings that would."""
+
+import json
+
+import pytest
+
+from unlearn import MemoryPlanError, memory_plan, plan, run
+from unlearn.cli import main
+from unlearn.methods import get_method
+from unlearn.models import load_model
+from unlearn.plan import FP32, HEADROOM, plan_run
+
+FAST = dict(mia=None, epochs=1, batch_size=4, select="none")
+
+
+@pytest.mark.parametrize("settings", [dict(layers="last:2", modules="mlp"),
+                                      dict(lora=True, layers="last:1")])
+def test_the_plan_trains_what_the_run_trains(tiny_target, synth_dir, tmp_path, settings):
+    planned = memory_plan("gd", tiny_target[0], **FAST, **settings)
+    record = run("gd", tiny_target[0], synth_dir, tmp_path / "m", **FAST, **settings)
+    assert planned.trainable == record["trainable_parameters"] > 0
+    assert record["memory_plan"]["peak_mb"] == pytest.approx(planned.peak / 2**20)
+    weights = sum(p.numel() for p in load_model(tiny_target[0])[0].parameters()) * FP32
+    parts = planned.parts
+    assert parts["gradients"] == planned.trainable * 4 and parts["optimizer"] == 2 * 4 * (
+        planned.trainable)
+    assert parts["weights"] >= weights and parts["references"] == 0  # gd reads no copy
+
+
+def test_a_frozen_copy_is_planned_only_where_lora_cannot_stand_in(tiny_target):
+    kl = get_method("kl")  # reads the source's logits while training
+    weights = plan_run(kl, kl.Config().override(lora=True), tiny_target[0]).parts["weights"]
+    assert plan_run(kl, kl.Config(), tiny_target[0]).parts["references"] > 0.9 * weights
+    assert plan_run(kl, kl.Config().override(lora=True), tiny_target[0]).parts["references"] == 0
+
+
+def test_zero3_splits_weights_gradients_and_optimizer_states(tiny_target):
+    gd = get_method("gd")
+    one = plan_run(gd, gd.Config(), tiny_target[0], processes=1, sharded=False)
+    two = plan_run(gd, gd.Config(), tiny_target[0], processes=2, sharded=True)
+    assert two.parts["optimizer"] == one.parts["optimizer"] // 2
+    assert two.parts["gradients"] == one.parts["gradients"] // 2
+    assert one.parts["weights"] // 2 < two.parts["weights"] < one.parts["weights"]  # + a layer
+    assert two.parts["rollback"] == 0 < one.parts["rollback"]  # no rollback copy of a shard
+    assert two.parts["activations"] == one.parts["activations"]  # each its own micro-batch
+
+
+def test_checkpointing_and_a_smaller_batch_plan_fewer_activations(tiny_target):
+    gd = get_method("gd")
+    base = plan_run(gd, gd.Config(), tiny_target[0]).parts
+    ckpt = plan_run(gd, gd.Config().override(gradient_checkpointing=True), tiny_target[0]).parts
+    half = plan_run(gd, gd.Config().override(batch_size=4), tiny_target[0]).parts
+    assert ckpt["activations"] < base["activations"] / 2
+    assert half["activations"] == base["activations"] // 2
+    assert half["logits"] == base["logits"] // 2
+
+
+def test_a_run_that_cannot_fit_is_refused_before_any_output(tiny_target, synth_dir, tmp_path,
+                                                            monkeypatch, capsys):
+    gd = get_method("gd")
+    full = plan_run(gd, gd.Config(), tiny_target[0]).peak
+    lora = plan_run(gd, gd.Config().override(lora=True), tiny_target[0]).peak
+    assert lora < full
+    room = int((full + lora) / 2 / HEADROOM)  # LoRA fits, full fine-tuning does not
+    monkeypatch.setattr(plan, "device_memory", lambda: ("cpu", room))
+    with pytest.raises(MemoryPlanError, match="would fit: lora=true"):
+        run("gd", tiny_target[0], synth_dir, tmp_path / "m", mia=None, epochs=1)
+    assert not list(tmp_path.iterdir())  # nothing was written, not even a staging directory
+    args = ["run", "--method", "gd", "--model", str(tiny_target[0]), "--data", str(synth_dir),
+            "--out", str(tmp_path / "m")]
+    assert main(args + ["--plan"]) == 0
+    printed = capsys.readouterr().out
+    assert "memory plan per device" in printed and "optimizer" in printed
+    assert main(args) == 2 and "lora=true" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+    record = run("gd", tiny_target[0], synth_dir, tmp_path / "m", mia=None, epochs=1, lora=True)
+    assert json.loads((tmp_path / "m" / "run.json").read_text())["memory_plan"] == (
+        record["memory_plan"])  # the suggestion runs

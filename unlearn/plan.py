@@ -1,0 +1,210 @@
+"""Peak memory per device of an ``unlearn run``, planned before any weight is loaded.
+
+The model is built on the meta device from its config (accelerate's ``init_empty_weights``; its
+sizes from ``compute_module_sizes``), the method's settings choose what trains exactly as the run
+will (:func:`~unlearn.methods.trainable.select_parameters`), and the memory is added up by part:
+
+- weights: the model as the run loads it, fp32 (autocast computes in bf16; weights stay fp32);
+- gradients and AdamW's two moments: 4 + 8 bytes per trainable weight;
+- the rollback copy: 4 bytes per trainable weight (the last finite weights, kept off ZeRO-3);
+- references: a frozen copy of the source where the method reads its logits or hidden states
+  without LoRA (with LoRA the adapters are switched off instead), and the teacher;
+- activations: what backward needs from the lowest layer that trains upward, at the configured
+  batch and length: each 2-D weight keeps its input and output per token (bf16 under autocast);
+  with gradient checkpointing only each layer's input, plus one layer recomputed;
+- logits: fp32 logits, their log-softmax and its gradient, and the references' logits;
+- runtime: the interpreter and libraries on a CPU (GPU figures are torch's allocations, the
+  CUDA context outside them is what the headroom leaves).
+
+Under ZeRO-3 weights, gradients and optimizer states are split across the processes and the
+largest layer is gathered whole. A plan that does not fit ``HEADROOM`` of the device's memory is
+refused, naming the settings that would fit.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import compute_module_sizes, get_max_memory
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from .accel import launched_with_deepspeed, process_state, resolve_precision
+from .methods.base import Method, UnlearnConfig
+from .methods.trainable import select_parameters
+from .models.layers import decoder_layers
+
+FP32 = 4
+GRADIENT, ADAM_MOMENTS, ROLLBACK = 4, 8, 4  # bytes per trainable weight
+HEADROOM = 0.9  # of a device's memory a plan may fill: allocator fragmentation, CUDA context
+CPU_RUNTIME = 600 * 2**20  # the interpreter, torch, transformers: a process's resident floor
+GIB = 2**30
+
+
+class MemoryPlanError(ValueError):
+    """A run that cannot fit the device it would run on; the message names what would."""
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    parts: dict[str, int]  # bytes per device, by part
+    device: str  # where this process would run, as accelerate names it
+    available: int | None  # bytes that device has for this process; None: unknown
+    processes: int
+    sharded: bool  # ZeRO-3: weights, gradients and optimizer states split across processes
+    trainable: int  # weights that train (counted on the meta device)
+
+    @property
+    def peak(self) -> int:
+        return sum(self.parts.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.available is None or self.peak <= HEADROOM * self.available
+
+    def table(self) -> str:
+        """The plan as a person reads it: one line per part, then the total against the
+        device."""
+        lines = [f"memory plan per device ({self.processes} process(es)"
+                 f"{', ZeRO-3' if self.sharded else ''}; {self.trainable:,} weights train):"]
+        lines += [f"  {name:<12} {size / GIB:8.2f} GiB" for name, size in self.parts.items()]
+        room = ("" if self.available is None
+                else f" of {self.available / GIB:.2f} GiB on {self.device}")
+        lines.append(f"  {'peak':<12} {self.peak / GIB:8.2f} GiB{room}")
+        return "\n".join(lines)
+
+    def as_record(self) -> dict:
+        """For ``run.json``: each part in MB, beside the peak the run measures."""
+        return {"device": self.device, "processes": self.processes, "sharded": self.sharded,
+                "peak_mb": self.peak / 2**20,
+                "parts_mb": {k: v / 2**20 for k, v in self.parts.items()},
+                "available_mb": None if self.available is None else self.available / 2**20}
+
+
+def meta_model(model_dir):
+    """The model of ``model_dir``'s config with no memory behind its weights."""
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _weights(model) -> int:
+    return compute_module_sizes(model, dtype=torch.float32)[""]
+
+
+def _launch() -> tuple[int, bool]:
+    """``(processes, sharded)`` as ``accelerate launch`` set them for this process."""
+    zero3 = (launched_with_deepspeed()
+             and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3")
+    return process_state().num_processes, zero3
+
+
+def device_memory() -> tuple[str, int | None]:
+    """This process's device and the bytes it has: its GPU's memory, or its share of the
+    machine's available memory (processes on one machine share it)."""
+    state = process_state()
+    memory = get_max_memory()
+    if torch.cuda.is_available():
+        index = state.local_process_index % torch.cuda.device_count()
+        return f"cuda:{index}", memory.get(index)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))
+    return "cpu", memory["cpu"] // max(1, local)
+
+
+def _layer_widths(model) -> list[int]:
+    """Per decoder layer, the values one token keeps for backward: every 2-D weight's input and
+    output, and the two norms' inputs (LoRA's own small matrices left out)."""
+    hidden = model.get_input_embeddings().embedding_dim
+    return [sum(sum(p.shape) for name, p in layer.named_parameters()
+                if p.dim() == 2 and "lora_" not in name) + 2 * hidden
+            for layer in decoder_layers(model)]
+
+
+def _activations(model, widths: list[int], config: UnlearnConfig, references_logits: int
+                 ) -> dict[str, int]:
+    """Bytes of one micro-batch's forward kept for backward, and of its logits."""
+    layers = decoder_layers(model)
+    training = [i for i, layer in enumerate(layers)
+                if any(p.requires_grad for p in layer.parameters())]
+    lowest = (0 if model.get_input_embeddings().weight.requires_grad
+              else training[0] if training else len(layers))
+    tokens = config.batch_size * config.max_len
+    width = 2 if resolve_precision(config.precision) == "bf16" else FP32
+    hidden = model.get_input_embeddings().embedding_dim
+    if config.gradient_checkpointing:  # each layer's input, and one layer recomputed at a time
+        kept = (len(layers) - lowest) * hidden + max(widths[lowest:], default=0)
+    else:
+        kept = sum(widths[lowest:])
+    vocab = model.get_input_embeddings().num_embeddings
+    # logits, their log-softmax and its gradient in fp32; the references' logits beside them
+    logits = tokens * vocab * FP32 * (3 + 2 * references_logits)
+    return {"activations": tokens * kept * width, "logits": logits}
+
+
+def plan_run(method: type[Method], config: UnlearnConfig, model_dir, teacher=None, *,
+             processes: int | None = None, sharded: bool | None = None,
+             device: str | None = None, available: int | None = None) -> MemoryPlan:
+    """The memory plan of ``method`` at ``config`` on the model in ``model_dir`` (read: its
+    config only), ``teacher`` (a model directory) beside it. ``processes``/``sharded`` default
+    to how ``accelerate launch`` started this process; ``device``/``available`` to its device."""
+    launched = _launch()
+    processes = launched[0] if processes is None else processes
+    sharded = launched[1] if sharded is None else sharded
+    if device is None:
+        device, available = device_memory()
+    model = meta_model(model_dir)
+    widths = _layer_widths(model)
+    full = _weights(model)
+    largest = max(_weights(layer) for layer in decoder_layers(model))
+    trained = select_parameters(model, config)
+    trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
+    share = processes if sharded else 1
+    frozen_copy = bool(set(method.reference) & {"logits", "hidden"}) and not config.lora
+    parts = {
+        "weights": _weights(trained) // share + (largest if sharded else 0),
+        "gradients": trainable * GRADIENT // share,
+        "optimizer": trainable * ADAM_MOMENTS // share,
+        "rollback": 0 if sharded else trainable * ROLLBACK,
+        "references": (full if frozen_copy else 0) // share,
+        "teacher": _weights(meta_model(teacher)) // share if teacher else 0,
+        **_activations(model, widths, config,
+                       ("logits" in method.reference) + (teacher is not None)),
+        "runtime": CPU_RUNTIME if device == "cpu" else 0,
+    }
+    return MemoryPlan(parts, device, available, processes, sharded, trainable)
+
+
+# what a run that does not fit may change, tried in this order; each keeps the effective batch
+def _alternatives(config: UnlearnConfig) -> list[tuple[str, dict]]:
+    options = [("lora=true", {"lora": True}),
+               ("gradient_checkpointing=true", {"gradient_checkpointing": True}),
+               ("lora=true gradient_checkpointing=true",
+                {"lora": True, "gradient_checkpointing": True})]
+    if config.batch_size > 1:
+        half = config.batch_size // 2
+        options.append((f"batch_size={half} grad_accum={config.grad_accum * 2}",
+                        {"batch_size": half, "grad_accum": config.grad_accum * 2}))
+    return [(text, change) for text, change in options
+            if any(getattr(config, k) != v for k, v in change.items())]
+
+
+def require_fit(plan: MemoryPlan, method: type[Method], config: UnlearnConfig, model_dir,
+                teacher=None) -> None:
+    """Refuse a run whose plan does not fit its device, naming the settings that would."""
+    if plan.fits:
+        return
+    fitting = []
+    for text, change in _alternatives(config):
+        other = plan_run(method, replace(config, **change), model_dir, teacher,
+                         processes=plan.processes, sharded=plan.sharded, device=plan.device,
+                         available=plan.available)
+        if other.fits:
+            fitting.append(f"{text} ({other.peak / GIB:.1f} GiB)")
+    shard = ("" if plan.sharded else "; or split the weights across GPUs: accelerate launch "
+             "--config_file configs/accelerate/zero3-offload.yaml unlearn run ...")
+    would = ("would fit: " + ", ".join(fitting)) if fitting else "no single setting fits"
+    raise MemoryPlanError(f"{method.name} needs about {plan.peak / GIB:.1f} GiB per device, "
+                          f"more than {HEADROOM:.0%} of the {plan.available / GIB:.1f} GiB "
+                          f"{plan.device} has; {would}{shard}\n{plan.table()}")
