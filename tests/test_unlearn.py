@@ -6,10 +6,11 @@ import re
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoConfig
 
 from unlearn import engine, training
-from unlearn.accel import resolve_precision
+from unlearn.accel import make_accelerator, resolve_precision
 from unlearn.anchor import Anchor, sample_passages
 from unlearn.data import load_lume, load_mia
 from unlearn.engine import resolve_config, run
@@ -233,6 +234,31 @@ def test_bf16_runs_where_asked_while_auto_stays_fp32_in_this_suite(tiny_target, 
                           _state(tiny_target[0]))
     assert any(not torch.equal(bf16[k], source[k]) for k in source)  # it trained
     assert any(not torch.equal(bf16[k], fp32[k]) for k in fp32)  # with matmuls in bf16
+
+
+def test_an_output_keeps_its_source_dtype_unless_asked(tiny_target, synth_dir, tmp_path):
+    model, tokenizer = load_model(tiny_target[0])
+    source = tmp_path / "bf16"  # a checkpoint saved in bf16, as real ones are
+    model.to(torch.bfloat16).save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    run("gd", source, synth_dir, tmp_path / "same", **FAST)
+    run("gd", source, synth_dir, tmp_path / "fp32", **FAST, output_dtype="fp32")
+
+    def dtypes(directory):
+        return {v.dtype for v in load_file(directory / "model.safetensors").values()}
+
+    assert dtypes(source) == dtypes(tmp_path / "same") == {torch.bfloat16}
+    assert dtypes(tmp_path / "fp32") == {torch.float32}
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32),
+                                              ("bf16", torch.bfloat16)])
+def test_references_and_teachers_load_in_the_compute_dtype(tiny_target, precision, dtype):
+    accelerator = make_accelerator(precision)
+    ref = Reference(("logits", "teacher"))
+    ref.load_frozen_copy(accelerator, tiny_target[0], lora=False)
+    ref.load_teacher(accelerator, tiny_target[0] / "base")
+    assert ref.frozen.dtype == ref.teacher.dtype == dtype
 
 
 @pytest.mark.parametrize("lora", [False, True])

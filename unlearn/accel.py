@@ -161,6 +161,13 @@ def _configure_deepspeed(accelerator: Accelerator, micro_batch: int,
     config.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
 
 
+def frozen_dtype(accelerator: Accelerator) -> torch.dtype:
+    """The dtype a frozen model (a reference, a teacher) loads in: bf16 where the run computes
+    in bf16 (autocast would cast its fp32 weights on every call; bf16 halves their memory),
+    else fp32."""
+    return torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
+
+
 def prepare_frozen(accelerator: Accelerator, model):
     """A frozen second model (a reference) placed like the trained one. Under ZeRO-3 it is
     sharded by a DeepSpeed engine of its own, as TRL does for its reference models: a plain

@@ -8,7 +8,8 @@ will (:func:`~unlearn.methods.trainable.select_parameters`), and the memory is a
 - gradients and AdamW's two moments: 4 + 8 bytes per trainable weight;
 - the rollback copy: 4 bytes per trainable weight (the last finite weights, kept off ZeRO-3);
 - references: a frozen copy of the source where the method reads its logits or hidden states
-  without LoRA (with LoRA the adapters are switched off instead), and the teacher;
+  without LoRA (with LoRA the adapters are switched off instead), and the teacher, both in the
+  run's precision (bf16 under bf16 autocast);
 - activations: what backward needs from the lowest layer that trains upward, at the configured
   batch and length: each 2-D weight keeps its input and output per token (bf16 under autocast);
   with gradient checkpointing only each layer's input, plus one layer recomputed;
@@ -90,8 +91,8 @@ def meta_model(model_dir):
         return AutoModelForCausalLM.from_config(config)
 
 
-def _weights(model) -> int:
-    return compute_module_sizes(model, dtype=torch.float32)[""]
+def _weights(model, dtype: torch.dtype = torch.float32) -> int:
+    return compute_module_sizes(model, dtype=dtype)[""]
 
 
 def _launch() -> tuple[int, bool]:
@@ -156,19 +157,20 @@ def plan_run(method: type[Method], config: UnlearnConfig, model_dir, teacher=Non
         device, available = device_memory()
     model = meta_model(model_dir)
     widths = _layer_widths(model)
-    full = _weights(model)
     largest = max(_weights(layer) for layer in decoder_layers(model))
     trained = select_parameters(model, config)
     trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
     share = processes if sharded else 1
     frozen_copy = bool(set(method.reference) & {"logits", "hidden"}) and not config.lora
+    # frozen models load in the run's precision (accel.frozen_dtype)
+    frozen = torch.bfloat16 if resolve_precision(config.precision) == "bf16" else torch.float32
     parts = {
         "weights": _weights(trained) // share + (largest if sharded else 0),
         "gradients": trainable * GRADIENT // share,
         "optimizer": trainable * ADAM_MOMENTS // share,
         "rollback": 0 if sharded else trainable * ROLLBACK,
-        "references": (full if frozen_copy else 0) // share,
-        "teacher": _weights(meta_model(teacher)) // share if teacher else 0,
+        "references": (_weights(model, frozen) if frozen_copy else 0) // share,
+        "teacher": _weights(meta_model(teacher), frozen) // share if teacher else 0,
         **_activations(model, widths, config,
                        ("logits" in method.reference) + (teacher is not None)),
         "runtime": CPU_RUNTIME if device == "cpu" else 0,

@@ -128,12 +128,18 @@ def remove_checkpoints(staging: Path) -> None:
 
 
 def save_final(accelerator: Accelerator, prepared, model, tokenizer, staging: Path,
-               record_name: str, record: dict) -> None:
-    """Write the finished ``model`` (unwrapped from ``prepared``), its tokenizer and its record
-    into the staging directory in place of the checkpoints. Every process must call this:
-    under ZeRO-3 they all take part in gathering the weights; the main process writes."""
+               record_name: str, record: dict, dtype: torch.dtype | None = None) -> None:
+    """Write the finished ``model`` (unwrapped from ``prepared``; cast to ``dtype`` when given),
+    its tokenizer and its record into the staging directory in place of the checkpoints. Every
+    process must call this: under ZeRO-3 they all take part in gathering the weights; the main
+    process writes."""
     weights = zero3_state_dict(accelerator, prepared)
     accelerator.wait_for_everyone()
+    if dtype is not None:  # training is over: the weights go out as the source came in
+        model.to(dtype)
+        if weights is not None:
+            weights = {k: v.to(dtype) if v.is_floating_point() else v
+                       for k, v in weights.items()}
     if accelerator.is_main_process:
         # the checkpoints go only once the model is written: a full disk meanwhile leaves
         # the point to resume from (and the record last: without it nothing is finished)

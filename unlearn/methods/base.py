@@ -24,6 +24,8 @@ from .losses import Batch, Reference
 
 # how a run chooses the model it keeps (unlearn.selection)
 SELECT_RULES = ("auto", "score", "mia", "knowledge", "none")
+# what an unlearned model may be saved in besides its source's dtype (output_dtype)
+OUTPUT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,7 @@ class UnlearnConfig:
     anchor_samples: int = 32  # passages the source model writes for that hold
     max_len: int = 512  # tokens per training row; longer rows are cut
     retain_eos: bool = True  # retain rows end in EOS, as the target learned them
+    output_dtype: str = "source"  # source | fp32 | bf16: the dtype the unlearned model is saved in
     precision: str = "auto"  # bf16 mixed precision on a GPU or a bf16 CPU, else fp32
     report_to: str = "tensorboard"  # training curves into OUT/logs: tensorboard, wandb or none
     # recompute each layer's activations in the backward pass instead of keeping them: less
@@ -119,6 +122,7 @@ class UnlearnConfig:
     }
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "schedule": SCHEDULES, "precision": PRECISIONS, "select": SELECT_RULES,
+        "output_dtype": ("source", *OUTPUT_DTYPES),
         "report_to": TRACKERS}
 
     def override(self, **changes) -> UnlearnConfig:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..accel import prepare_frozen, zero3
+from ..accel import frozen_dtype, prepare_frozen, zero3
 from ..models.forward import next_token_nll
 from ..models.loading import load_model
 from ..models.sequences import IGNORE, from_start, pad
@@ -150,7 +150,8 @@ class Reference:
         LoRA cannot give it. A second load, not a deepcopy: under ZeRO-3 the model in hand is
         only this process's shard."""
         if self.needs & {"logits", "hidden"} and not lora:
-            self.frozen = prepare_frozen(accelerator, load_model(model_dir, torch.float32)[0])
+            self.frozen = prepare_frozen(accelerator,
+                                         load_model(model_dir, frozen_dtype(accelerator))[0])
 
     @torch.no_grad()
     def measure_forget_rows(self, model, batches: Iterable[Batch], accelerator) -> None:
@@ -171,7 +172,8 @@ class Reference:
         found it and checked its tokens)."""
         if teacher_dir is None:
             return
-        self.teacher = prepare_frozen(accelerator, load_model(teacher_dir, torch.float32)[0])
+        self.teacher = prepare_frozen(accelerator,
+                                      load_model(teacher_dir, frozen_dtype(accelerator))[0])
         self.teacher_on_every_row = zero3(accelerator)
 
     @torch.no_grad()

@@ -118,6 +118,16 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
     return model, tokenizer
 
 
+def saved_dtype(path: str | Path) -> torch.dtype:
+    """The dtype the directory's weights were saved in, as its config records it (fp32 where it
+    records none): what an unlearned copy is written back in."""
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
 def model_fingerprint(path: str | Path) -> str:
     """What identifies the model in a directory without reading its weights: where it is, and
     the name, size and modification time of each file in it (a retrained model differs)."""
