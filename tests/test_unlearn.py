@@ -473,6 +473,42 @@ def test_sha256_retain_weight_follows_the_paper():
     assert retain_weight(1.0) == 2.3  # 2.6, clipped down
 
 
+def test_sha256_paper_profile_computes_a_batch_as_the_authors_code_does(tiny_target, synth_dir):
+    """SHA256's code (LAB-FLAIR/Constrained-Unlearning-for-LLM, unlearn.py): −CE over all forget
+    output tokens of the micro-batch + m·CE over its retain output tokens; in the first epoch
+    m = 1.2 and the reference is Σ batch retain losses / Σ retain rows; later m follows ΔL."""
+    from unlearn.methods.sha256 import retain_weight
+    model, tokenizer = load_model(tiny_target[0])
+    data = load_lume(synth_dir)
+    config = get_method("sha256").Config()
+    assert (config.batch_size, config.grad_accum, config.layers, config.modules) == (
+        12, 10, "0-5", "mlp")
+    examples = (engine._examples(tokenizer, data.forget[:2], True, config)
+                + engine._examples(tokenizer, data.retain[:3], False, config))
+    batch = Batch.of(examples, tokenizer.pad_token_id, "cpu")
+
+    def token_ce(rows):  # their CrossEntropyLoss: a mean over every output token of the rows
+        total, count = 0.0, 0
+        for e in rows:
+            labels = torch.tensor(e.ids)
+            labels[:e.start] = -100
+            logits = model(input_ids=torch.tensor([e.ids])).logits[0]
+            total += torch.nn.functional.cross_entropy(logits[:-1], labels[1:],
+                                                       reduction="sum").item()
+            count += int((labels[1:] != -100).sum())
+        return total / count
+
+    method = get_method("sha256")(config)
+    with torch.no_grad():
+        forget, retain = token_ce(examples[:2]), token_ce(examples[2:])
+        first = method.loss(model, batch, Reference()).item()
+        method.start_epoch(1)
+        later = method.loss(model, batch, Reference()).item()
+    assert first == pytest.approx(-forget + 1.2 * retain, rel=1e-5)
+    reference = retain / 3  # one batch of 3 retain rows in the first epoch
+    assert later == pytest.approx(-forget + retain_weight(retain - reference) * retain, rel=1e-5)
+
+
 def test_sha256_trains_only_the_mlps_of_the_traced_layers(tiny_target, synth_dir, tmp_path):
     from unlearn.tracing import locate
     trace = locate(tiny_target[0], synth_dir, tmp_path / "trace", samples=2, share=0.3)

@@ -135,11 +135,11 @@ def save_final(accelerator: Accelerator, prepared, model, tokenizer, staging: Pa
     process writes."""
     weights = zero3_state_dict(accelerator, prepared)
     accelerator.wait_for_everyone()
-    if dtype is not None:  # training is over: the weights go out as the source came in
+    if dtype is not None and weights is None:  # training is over: out as the source came in
         model.to(dtype)
-        if weights is not None:
-            weights = {k: v.to(dtype) if v.is_floating_point() else v
-                       for k, v in weights.items()}
+    elif dtype is not None:  # ZeRO-3: the gathered copy, not the shards DeepSpeed still holds
+        weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
+        model.config.dtype = dtype
     if accelerator.is_main_process:
         # the checkpoints go only once the model is written: a full disk meanwhile leaves
         # the point to resume from (and the record last: without it nothing is finished)

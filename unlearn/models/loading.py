@@ -9,6 +9,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from ..accel import process_state
 from ..io import fingerprint
 
 
@@ -90,8 +91,10 @@ def load_tokenizer(path: str | Path):
 
 
 def best_device() -> str | None:
-    """Where a model is measured: the GPU when there is one, else where it loads (the CPU)."""
-    return "cuda" if torch.cuda.is_available() else None
+    """Where a model is measured: this process's GPU when there is one (under `accelerate
+    launch` each process has its own; "cuda" alone would put them all on the first), else where
+    it loads (the CPU)."""
+    return str(process_state().device) if torch.cuda.is_available() else None
 
 
 def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | None = None):
