@@ -11,14 +11,14 @@ from unlearn.methods import get_method
 from unlearn.models import load_model
 from unlearn.plan import FP32, HEADROOM, plan_run
 
-FAST = dict(mia=None, epochs=1, batch_size=4, select="none")
+FAST = dict(epochs=1, batch_size=4, select="none")
 
 
 @pytest.mark.parametrize("settings", [dict(layers="last:2", modules="mlp"),
                                       dict(lora=True, layers="last:1")])
 def test_the_plan_trains_what_the_run_trains(tiny_target, synth_dir, tmp_path, settings):
     planned = memory_plan("gd", tiny_target[0], **FAST, **settings)
-    record = run("gd", tiny_target[0], synth_dir, tmp_path / "m", **FAST, **settings)
+    record = run("gd", tiny_target[0], synth_dir, tmp_path / "m", mia=None, **FAST, **settings)
     assert planned.trainable == record["trainable_parameters"] > 0
     assert record["memory_plan"]["peak_mb"] == pytest.approx(planned.peak / 2**20)
     weights = sum(p.numel() for p in load_model(tiny_target[0])[0].parameters()) * FP32
