@@ -243,11 +243,13 @@ def test_an_output_keeps_its_source_dtype_unless_asked(tiny_target, synth_dir, t
     tokenizer.save_pretrained(source)
     run("gd", source, synth_dir, tmp_path / "same", **FAST)
     run("gd", source, synth_dir, tmp_path / "fp32", **FAST, output_dtype="fp32")
+    run("merge", source, synth_dir, tmp_path / "merged", **FAST, layers="last:1")
 
     def dtypes(directory):
         return {v.dtype for v in load_file(directory / "model.safetensors").values()}
 
-    assert dtypes(source) == dtypes(tmp_path / "same") == {torch.bfloat16}
+    assert dtypes(source) == dtypes(tmp_path / "same") == dtypes(tmp_path / "merged") == {
+        torch.bfloat16}
     assert dtypes(tmp_path / "fp32") == {torch.float32}
 
 

@@ -23,14 +23,13 @@ from .data import beside_data, load_lume, load_mia
 from .io import RUN, atomic_directory, claim_output, fingerprint, path_text, staging_path
 from .measure.official import score_model
 from .methods import METHODS, Method, get_method
-from .methods.base import OUTPUT_DTYPES, Example
+from .methods.base import Example, output_dtype
 from .methods.losses import Batch, Reference, forward
 from .methods.trainable import select_parameters
 from .models.loading import (
     check_model_dir,
     load_model,
     model_fingerprint,
-    saved_dtype,
     teacher_of,
     trained_from_scratch,
 )
@@ -356,16 +355,10 @@ class _Run:
                                   peak_memory_mb=_peak_memory_mb(),
                                   peak_memory_before_training_mb=memory_at_start)
             save_final(self.accelerator, self.prepared, final, self.tokenizer, staging, "run.json",
-                       record, self._output_dtype())
+                       record, output_dtype(self.settings, self.model_dir))
         if stopped:
             raise FloatingPointError(f"{self.method}: {stopped}, in {out}; lower lr= and rerun")
         return record
-
-    def _output_dtype(self) -> torch.dtype:
-        """The source's dtype (a bf16 checkpoint comes back bf16, not twice its size in fp32),
-        unless ``output_dtype`` asks for another."""
-        asked = self.settings.output_dtype
-        return saved_dtype(self.model_dir) if asked == "source" else OUTPUT_DTYPES[asked]
 
     def _record(self, stopped: str | None, trainable: int, best: dict | None,
                 selection: dict | None, **measured: float) -> dict:

@@ -17,6 +17,7 @@ import torch
 
 from ..accel import PRECISIONS, TRACKERS
 from ..models.layers import check_layer_spec
+from ..models.loading import saved_dtype
 from ..settings import NON_NEGATIVE, POSITIVE, SHARE, Range
 from ..settings import override as override_settings
 from ..training import SCHEDULES
@@ -26,6 +27,14 @@ from .losses import Batch, Reference
 SELECT_RULES = ("auto", "score", "mia", "knowledge", "none")
 # what an unlearned model may be saved in besides its source's dtype (output_dtype)
 OUTPUT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def output_dtype(config: UnlearnConfig, source: Path) -> torch.dtype:
+    """What an unlearned model is saved in: its ``source``'s dtype (a bf16 checkpoint comes back
+    bf16, not twice its size in fp32), unless ``config.output_dtype`` asks for another."""
+    if config.output_dtype == "source":
+        return saved_dtype(source)
+    return OUTPUT_DTYPES[config.output_dtype]
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
+from ..accel import process_state
 from ..io import RUN, atomic_directory, write_json, writing
 from ..models.loading import load_model
 from ..settings import Range
-from .base import Method, register
+from .base import Method, output_dtype, register
 from .npo_kl import NPOKL, NPOKLConfig
 
 COMBINATIONS = {"linear": "linear", "ties": "ties", "dare_ties": "dare_ties"}
@@ -61,14 +62,6 @@ class Merge(Method):
                                 profile=profile, adapter_only=True, mia=mia, mmlu=mmlu,
                                 split=split,
                                 **{**shared, "w_npo": w[0], "w_kl": w[1], "w_ce": w[2]})
-        base, tokenizer = load_model(model_dir, dtype=torch.float32)
-        peft_model = PeftModel.from_pretrained(base, halves["a"], adapter_name="a")
-        peft_model.load_adapter(halves["b"], adapter_name="b")
-        extra = {} if c.combination == "linear" else {"density": c.density}
-        peft_model.add_weighted_adapter(["a", "b"], [1.0, 1.0], "merged",
-                                        combination_type=COMBINATIONS[c.combination], **extra)
-        peft_model.set_adapter("merged")
-        merged = peft_model.merge_and_unload()
         record = {"method": self.name, "model": str(model_dir), "data": str(data), "split": split,
                   "seed": seed, "mia": records["a"]["mia"], "mmlu": records["a"]["mmlu"],
                   "model_files": records["a"]["model_files"],
@@ -82,10 +75,28 @@ class Merge(Method):
                   "peak_memory_mb": max(r["peak_memory_mb"] for r in records.values()),
                   "wall_seconds_this_run": time.perf_counter() - started,
                   "history": records["a"]["history"]}
+        state = process_state()
+        if state.is_main_process:  # under a launcher every process trained; one merges
+            self._merge_and_save(model_dir, halves, out, record)
+        state.wait_for_everyone()
+        return record
+
+    def _merge_and_save(self, model_dir: Path, halves: dict[str, Path], out: Path,
+                        record: dict) -> None:
+        """The two adapters combined with PEFT's ``add_weighted_adapter``, merged into the
+        source model and written to ``out`` in the source's dtype; the adapters then go."""
+        c = self.config
+        base, tokenizer = load_model(model_dir, dtype=torch.float32)
+        peft_model = PeftModel.from_pretrained(base, halves["a"], adapter_name="a")
+        peft_model.load_adapter(halves["b"], adapter_name="b")
+        extra = {} if c.combination == "linear" else {"density": c.density}
+        peft_model.add_weighted_adapter(["a", "b"], [1.0, 1.0], "merged",
+                                        combination_type=COMBINATIONS[c.combination], **extra)
+        peft_model.set_adapter("merged")
+        merged = peft_model.merge_and_unload().to(output_dtype(c, model_dir))
         with atomic_directory(out, RUN) as tmp, writing(tmp):
             merged.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             write_json(tmp / "run.json", record)
         for path in halves.values():
             shutil.rmtree(path, ignore_errors=True)
-        return record
