@@ -14,6 +14,8 @@ will (:func:`~unlearn.methods.trainable.select_parameters`), and the memory is a
   batch and length: each 2-D weight keeps its input and output per token (bf16 under autocast);
   with gradient checkpointing only each layer's input, plus one layer recomputed;
 - logits: fp32 logits, their log-softmax and its gradient, and the references' logits;
+- checks: the selection's scoring between steps, a batch of ``BATCH_TOKENS`` tokens' logits,
+  where it needs more than training's activations and logits (freed by then);
 - runtime: the interpreter and libraries on a CPU (GPU figures are torch's allocations, the
   CUDA context outside them is what the headroom leaves).
 
@@ -33,6 +35,7 @@ from accelerate.utils import compute_module_sizes, get_max_memory
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .accel import launched_with_deepspeed, process_state, resolve_precision
+from .measure.nll import BATCH_TOKENS
 from .methods.base import Method, UnlearnConfig
 from .methods.trainable import select_parameters
 from .models.layers import decoder_layers
@@ -144,6 +147,16 @@ def _activations(model, widths: list[int], config: UnlearnConfig, references_log
     return {"activations": tokens * kept * width, "logits": logits}
 
 
+def _checks(model, config: UnlearnConfig, training: int) -> int:
+    """What the selection's (or validation's) scoring between steps needs beyond training's own
+    activations and logits, which are freed by then: a scoring batch's logits, their fp32 copy
+    and log-softmax. Planned whenever the run may check (``select`` other than none)."""
+    if config.select == "none" and not config.validation:
+        return 0
+    vocab = model.get_input_embeddings().num_embeddings
+    return max(0, BATCH_TOKENS * vocab * FP32 * 3 - training)
+
+
 def plan_run(method: type[Method], config: UnlearnConfig, model_dir, teacher=None, *,
              processes: int | None = None, sharded: bool | None = None,
              device: str | None = None, available: int | None = None) -> MemoryPlan:
@@ -164,6 +177,8 @@ def plan_run(method: type[Method], config: UnlearnConfig, model_dir, teacher=Non
     frozen_copy = bool(set(method.reference) & {"logits", "hidden"}) and not config.lora
     # frozen models load in the run's precision (accel.frozen_dtype)
     frozen = torch.bfloat16 if resolve_precision(config.precision) == "bf16" else torch.float32
+    transient = _activations(model, widths, config,
+                             ("logits" in method.reference) + (teacher is not None))
     parts = {
         "weights": _weights(trained) // share + (largest if sharded else 0),
         "gradients": trainable * GRADIENT // share,
@@ -171,8 +186,8 @@ def plan_run(method: type[Method], config: UnlearnConfig, model_dir, teacher=Non
         "rollback": 0 if sharded else trainable * ROLLBACK,
         "references": (_weights(model, frozen) if frozen_copy else 0) // share,
         "teacher": _weights(meta_model(teacher), frozen) // share if teacher else 0,
-        **_activations(model, widths, config,
-                       ("logits" in method.reference) + (teacher is not None)),
+        **transient,
+        "checks": _checks(model, config, sum(transient.values())),
         "runtime": CPU_RUNTIME if device == "cpu" else 0,
     }
     return MemoryPlan(parts, device, available, processes, sharded, trainable)
