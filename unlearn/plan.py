@@ -126,10 +126,9 @@ def _layer_widths(model) -> list[int]:
             for layer in decoder_layers(model)]
 
 
-def _activations(model, widths: list[int], config: UnlearnConfig, references_logits: int
-                 ) -> dict[str, int]:
+def _activations(model, config: UnlearnConfig, references_logits: int) -> dict[str, int]:
     """Bytes of one micro-batch's forward kept for backward, and of its logits."""
-    layers = decoder_layers(model)
+    layers, widths = decoder_layers(model), _layer_widths(model)
     training = [i for i, layer in enumerate(layers)
                 if any(p.requires_grad for p in layer.parameters())]
     lowest = (0 if model.get_input_embeddings().weight.requires_grad
@@ -169,7 +168,6 @@ def plan_run(method: type[Method], config: UnlearnConfig, model_dir, teacher=Non
     if device is None:
         device, available = device_memory()
     model = meta_model(model_dir)
-    widths = _layer_widths(model)
     largest = max(_weights(layer) for layer in decoder_layers(model))
     trained = select_parameters(model, config)
     trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
@@ -177,8 +175,7 @@ def plan_run(method: type[Method], config: UnlearnConfig, model_dir, teacher=Non
     frozen_copy = bool(set(method.reference) & {"logits", "hidden"}) and not config.lora
     # frozen models load in the run's precision (accel.frozen_dtype)
     frozen = torch.bfloat16 if resolve_precision(config.precision) == "bf16" else torch.float32
-    transient = _activations(model, widths, config,
-                             ("logits" in method.reference) + (teacher is not None))
+    transient = _activations(model, config, ("logits" in method.reference) + (teacher is not None))
     parts = {
         "weights": _weights(trained) // share + (largest if sharded else 0),
         "gradients": trainable * GRADIENT // share,
