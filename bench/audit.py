@@ -10,6 +10,10 @@ The oracle is audited too (as a model of its own: the floor every method is read
 receipt measured as a classifier: the target's `remembered` share is its true-positive rate
 (every forget document is in it), the oracle's its false-positive rate (it saw none), each with
 a Clopper-Pearson 95% interval (scipy's `binomtest`); each receipt's judge and stated rate too.
+The oracle cannot judge itself, so its receipt is judged by the base: the rule of an audit
+without an oracle. ``--second-oracle`` (an oracle trained with another seed: `unlearn target
+--oracle --seed 1`) is audited with the oracle as judge, the rule every method above meets: its
+`remembered` share is the false-positive rate of that rule.
 The first audit attacks the original and the oracle as well (its seconds are what one `unlearn
 audit` takes); the others reuse those two attacks. Prints one row per model and writes
 bench/results/audit-<name>.json with the command, every receipt's summary and each audit's
@@ -54,10 +58,13 @@ def main() -> None:
     p.add_argument("--split")
     p.add_argument("--out", default="runs/bench/audit")
     p.add_argument("--name", default="synth")
+    p.add_argument("--second-oracle", help="an oracle of another seed, judged by --oracle")
     p.add_argument("models", nargs="+", metavar="label=MODEL_DIR")
     args = p.parse_args()
     models = {"target": args.original, **dict(m.split("=", 1) for m in args.models),
               "oracle": args.oracle}
+    if args.second_oracle:
+        models["second-oracle"] = args.second_oracle
     rows, summaries, attacks = [], {}, {}
     for label, model in models.items():
         receipt = unlearn.audit(model, args.original, args.data, args.mia,

@@ -180,3 +180,7 @@ def test_no_command_changes_a_file_it_may_not_replace(world_template, steps):
                 if not name.startswith(mine):
                     assert after.get(name) == digest, (argv, name)
             assert code == (0 if may_replace else 2), argv
+            if not may_replace:  # a refusal leaves nothing behind, not even an empty staging
+                assert set(after) == set(before), (argv, set(after) - set(before))
+                assert not any(p.name.endswith(".partial") for p in root.rglob("*")), argv
+            assert not any(".partial/" in name for name in after), argv  # staging is gone

@@ -65,6 +65,46 @@ def test_the_attack_splits_documents_by_seed_and_trains_on_its_share(tiny_target
     assert damaged > before
 
 
+def test_the_lora_attack_trains_adapters_only_and_lowers_the_loss(tiny_target, synth_dir):
+    model, tokenizer = load_model(tiny_target[0])
+    rows = load_lume(synth_dir).retain[:4]
+    texts = [r.text for r in rows]
+    torch.manual_seed(0)
+    with torch.no_grad():  # a damaged copy, so there is something to relearn
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    damaged = np.mean(document_nll(model, tokenizer, texts))
+    attacked = fine_tune(model, tokenizer, rows, RelearnConfig(steps=10, batch_size=4), seed=0,
+                         mode="lora")
+    assert np.mean(document_nll(attacked, tokenizer, texts)) < damaged - 0.05
+    trained = {n for n, p in attacked.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n for n in trained)
+    base = {k.replace(".base_layer", ""): v for k, v in attacked.get_base_model()
+            .state_dict().items() if "lora_" not in k}
+    assert base.keys() == weights.keys()
+    assert all(torch.equal(base[k], v) for k, v in weights.items())  # the weights stay put
+
+
+def test_the_attack_mode_follows_the_memory_plan(tiny_target, monkeypatch):
+    from unlearn import plan as planning
+    from unlearn.evaluation.receipt import attack_plan
+    from unlearn.plan import MemoryPlanError
+    full, plan = attack_plan(tiny_target[0], RelearnConfig(), torch.float32)
+    assert full == "full" and plan.trainable == sum(
+        p.numel() for p in load_model(tiny_target[0])[0].parameters())
+    lora_plan = planning.plan_attack(tiny_target[0], RelearnConfig().training("lora",
+                                                                              torch.float32),
+                                     torch.float32)
+    assert lora_plan.peak < plan.peak and lora_plan.trainable < plan.trainable / 5
+    # a device with room for the LoRA attack only: auto takes LoRA; full is refused
+    room = int((lora_plan.peak + plan.peak) / 2 / planning.HEADROOM)
+    monkeypatch.setattr(planning, "device_memory", lambda: ("cpu", room))
+    assert attack_plan(tiny_target[0], RelearnConfig(), torch.float32)[0] == "lora"
+    with pytest.raises(MemoryPlanError, match="--relearn-mode lora"):
+        attack_plan(tiny_target[0], RelearnConfig(mode="full"), torch.float32)
+
+
 @pytest.fixture(scope="module")
 def perturbed(tiny_target, tmp_path_factory):
     """The tiny target with a little noise on every weight: another model, which remembers a
@@ -101,6 +141,9 @@ def test_a_receipt_of_the_model_itself_finds_its_documents_remembered(tiny_targe
     relearn = saved["relearn"]
     assert set(relearn) == {"unlearned", "original", "robust"}
     assert relearn["robust"] is None and relearn["original"] == relearn["unlearned"]
+    # a tiny model's full attack fits the machine: every weight trains, as the plan said
+    assert relearn["unlearned"]["mode"] == saved["attack"]["mode"] == "full"
+    assert saved["attack"]["memory_plan"]["peak_mb"] > 0 and saved["dtype"] == "torch.float32"
     assert saved["general_text"]["utility"] == 1.0  # read against itself: nothing lost
     attack = relearn["unlearned"]
     assert set(attack["attacked_documents"]).isdisjoint(attack["held_out_documents"])

@@ -578,6 +578,39 @@ def test_merge_combines_two_adapters_with_ties_or_linear(tiny_target, synth_dir,
     assert not list(tmp_path.glob(".ties.adapter-*"))  # the halves are cleaned up
 
 
+def _random_adapter(model_dir, out, seed):
+    """A LoRA adapter with random A and B (a trained one's stand-in): its delta is not zero."""
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(seed)
+    model, _ = load_model(model_dir, dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["down_proj"], init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("combination", ["ties", "linear"])
+def test_merge_combines_both_adapters_symmetrically(tiny_target, tmp_path, combination):
+    """Both halves count: the merge of (a, b) changes when b alone changes, and with equal
+    weights it is the merge of (b, a). A merge that ignored either adapter fails one of these."""
+    from unlearn.methods.merge import Merge, MergeConfig
+    merge = Merge(MergeConfig(combination=combination))
+
+    def merged(first, second, name):
+        halves = {"a": _random_adapter(tiny_target[0], tmp_path / f"{name}-a", first),
+                  "b": _random_adapter(tiny_target[0], tmp_path / f"{name}-b", second)}
+        merge._merge_and_save(tiny_target[0], halves, tmp_path / name, {"method": "merge"})
+        assert not any(path.exists() for path in halves.values())  # the halves are gone
+        return _state(tmp_path / name)
+
+    ab, ba, ac = merged(1, 2, "ab"), merged(2, 1, "ba"), merged(1, 3, "ac")
+    original = _state(tiny_target[0])
+    down = [k for k in original if "down_proj" in k]
+    assert down and all(not torch.equal(ab[k], original[k]) for k in down)
+    assert all(torch.allclose(ab[k], ba[k], atol=1e-6) for k in ab)
+    assert all(not torch.allclose(ab[k], ac[k]) for k in down)
+    assert all(torch.equal(ab[k], original[k]) for k in original if k not in down)
+
+
 def test_mean_over_ignores_unselected_rows_even_when_undefined():
     from unlearn.methods.losses import mean_over
     values = torch.tensor([float("nan"), 2.0, 4.0], requires_grad=True)

@@ -99,12 +99,21 @@ def make_accelerator(precision: str = "auto", micro_batch: int = 1,
                               **trackers)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         _configure_deepspeed(accelerator, micro_batch, max_grad_norm)
+    use_tf32()
     if cpu:
         # a model that has memorised puts near-zero probability on most of its vocabulary, so
         # the softmax backward fills the LM-head matmuls with subnormal floats, slow on x86;
         # values below 1e-38 change nothing when flushed to zero
         torch.set_flush_denormal(True)
     return accelerator
+
+
+def use_tf32() -> None:
+    """fp32 matmuls in TF32 on a GPU that has it (Ampere and newer: 10-bit mantissa inputs, fp32
+    accumulation), several times faster; what bf16 autocast leaves in fp32 (fp32 runs, the
+    logits' loss) gains most. On a CPU nothing changes."""
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")
 
 
 def start_logging(accelerator: Accelerator, name: str, settings: dict) -> None:

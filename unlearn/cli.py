@@ -18,11 +18,12 @@ from .data import DataError, check_data, import_documents, importing, load_lume,
 from .data import synth as synth_module
 from .data.importing import CUSTOM_TASK
 from .evaluation.audit import PII_SAMPLES
-from .evaluation.relearn import RelearnConfig
+from .evaluation.relearn import ATTACK_MODES, RelearnConfig
 from .io import release_all
 from .measure.utility import damage_note
 from .methods import METHODS, UnlearnConfig
 from .models import PRESETS, ModelError
+from .models.loading import INFERENCE_DTYPES, inference_dtype
 from .settings import key_values
 from .target import build_target
 from .training import checkpoint_minutes
@@ -166,7 +167,7 @@ def cmd_locate(args) -> None:
     from .tracing import locate
     record = locate(args.model, args.data, args.out, samples=args.samples, window=args.window,
                     share=args.share, max_facts=args.max_facts, seed=args.seed,
-                    split=args.split)
+                    split=args.split, dtype=args.dtype)
     print(f"traced {record['facts_used']} facts ({record['facts_skipped']} skipped: not "
           f"answered right at top-1) in {record['seconds']:.0f} s")
     print(f"layers chosen: {record['layers_chosen']} ({record['rule']})")
@@ -174,13 +175,15 @@ def cmd_locate(args) -> None:
 
 
 def cmd_audit(args) -> None:
-    from .evaluation.receipt import audit
+    from .evaluation.receipt import attack_plan, audit
     config = RelearnConfig(steps=args.relearn_steps, lr=args.relearn_lr,
-                           share=args.relearn_share)
+                           share=args.relearn_share, mode=args.relearn_mode)
+    mode, plan = attack_plan(args.original, config, inference_dtype(args.dtype))
+    print(f"relearning attack: {mode} fine-tuning; {plan.table()}")
     receipt = audit(args.model, args.original, args.data, args.mia, args.out,
                     oracle=args.oracle, split=args.split, seed=args.seed, samples=args.samples,
                     max_new_tokens=args.max_new_tokens, relearn_config=config,
-                    evaluation=args.evaluation, reference=args.reference)
+                    evaluation=args.evaluation, reference=args.reference, dtype=args.dtype)
     s, test = receipt["summary"], receipt["test"]
     print(f"{s['documents']} forget documents: {s['forgotten']} forgotten, {s['partly']} "
           f"partly, {s['remembered']} remembered ({s['over_unlearned']} over-unlearned)")
@@ -292,8 +295,7 @@ def _add_eval(sub) -> None:
     e.add_argument("--out", required=True, help="directory to write")
     e.add_argument("--max-new-tokens", type=int, default=256,
                    help="longest generation per row, as the official scorer")
-    e.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="auto: bf16 on a GPU (as the official scorer), fp32 on a CPU")
+    _add_dtype(e, "(as the official scorer)")
     e.add_argument("--audit", action="store_true",
                    help="leak audit: four MIAs on the forget documents, PII extraction")
     e.add_argument("--samples", type=int, default=PII_SAMPLES,
@@ -343,6 +345,12 @@ def _add_run(sub) -> None:
     r.set_defaults(func=cmd_run)
 
 
+def _add_dtype(parser, why: str = "") -> None:
+    parser.add_argument("--dtype", choices=list(INFERENCE_DTYPES), default="auto",
+                        help=f"what the model computes in; auto: bf16 on a GPU {why}, fp32 on "
+                             f"a CPU")
+
+
 def _add_locate(sub) -> None:
     """``unlearn locate``: causal tracing."""
     lo = _command(sub, "locate", "causal tracing: which layers carry the Task2 facts",
@@ -358,6 +366,7 @@ def _add_locate(sub) -> None:
                     help="share of the MLP effect the chosen block of layers must hold")
     lo.add_argument("--max-facts", type=int, help="trace at most this many facts (all: none)")
     lo.add_argument("--seed", type=int, default=0, help="the noise")
+    _add_dtype(lo)
     lo.set_defaults(func=cmd_locate)
 
 
@@ -392,6 +401,10 @@ def _add_audit(sub) -> None:
                    help="the attacker's learning rate")
     a.add_argument("--relearn-share", type=float, default=defaults.share,
                    help="share of the forget documents the attacker fine-tunes on")
+    a.add_argument("--relearn-mode", choices=ATTACK_MODES, default=defaults.mode,
+                   help="the attacker trains every weight (full) or LoRA adapters (lora); "
+                        "auto: full where the memory plan fits it, else lora")
+    _add_dtype(a)
     a.set_defaults(func=cmd_audit)
 
 

@@ -91,7 +91,9 @@ def meta_model(model_dir):
     """The model of ``model_dir``'s config with no memory behind its weights."""
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     with init_empty_weights():
-        return AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config)
+    model.tie_weights()  # built on the meta device, tied embeddings come untied: one copy, as loaded
+    return model
 
 
 def _weights(model, dtype: torch.dtype = torch.float32) -> int:
@@ -188,6 +190,22 @@ def plan_run(method: type[Method], config: UnlearnConfig, model_dir, teacher=Non
         "runtime": CPU_RUNTIME if device == "cpu" else 0,
     }
     return MemoryPlan(parts, device, available, processes, sharded, trainable)
+
+
+def plan_attack(model_dir, training: UnlearnConfig, dtype: torch.dtype) -> MemoryPlan:
+    """Peak memory of ``unlearn audit``'s relearning attack on the model in ``model_dir``
+    (read: its config only), loaded in ``dtype`` and trained at ``training`` (the attack's
+    settings, :meth:`~unlearn.evaluation.relearn.RelearnConfig.training`): every weight, its
+    gradient and AdamW's moments in ``dtype``, or LoRA adapters in fp32. The audit holds one
+    model at a time, so this is its peak."""
+    device, available = device_memory()
+    model = select_parameters(meta_model(model_dir), training)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    state = FP32 if training.lora else torch.finfo(dtype).bits // 8
+    parts = {"weights": _weights(model, dtype), "gradients": trainable * state,
+             "optimizer": trainable * 2 * state, **_activations(model, training, 0),
+             "runtime": CPU_RUNTIME if device == "cpu" else 0}
+    return MemoryPlan(parts, device, available, 1, False, trainable)
 
 
 # what a run that does not fit may change, tried in this order; each keeps the effective batch

@@ -34,7 +34,6 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..data import load_lume, load_mia
 from ..data.lume import Row
@@ -47,11 +46,13 @@ from ..models.loading import (
     best_device,
     check_model_dirs,
     check_oracle,
+    inference_dtype,
     load_model,
     model_fingerprint,
     same_weights,
     teacher_of,
 )
+from ..plan import GIB, HEADROOM, MemoryPlan, MemoryPlanError, plan_attack
 from ..settings import check_seed
 from .audit import PII_SAMPLES, forgotten_people, pii_extraction
 from .receipt_page import write_receipt_page
@@ -121,9 +122,10 @@ def verdict(doc: dict, band: dict) -> str:
 
 def measure_documents(model, tokenizer, docs: list[ForgetDocument], band: dict,
                       leaked: dict[str, list[str]], max_new_tokens: int,
-                      judged: list[float] | None = None) -> list[dict]:
+                      judged: list[float] | None, before: list[float]) -> list[dict]:
     """Each document's entry of the receipt, measured on ``model``; ``judged`` holds each
-    document's loss under the judge (None: no judge, the score is the loss)."""
+    document's loss under the judge (None: no judge, the score is the loss), ``before`` its
+    loss under the original."""
     losses = document_nll(model, tokenizer, [d.text for d in docs], desc="forget documents")
     rows = [r for d in docs for r in d.rows]
     written = greedy_generate(model, tokenizer, [r.input for r in rows], max_new_tokens,
@@ -136,7 +138,7 @@ def measure_documents(model, tokenizer, docs: list[ForgetDocument], band: dict,
         qa = [r for r in d.rows if r.kind == "qa"]
         answered = [r.id for r in qa if knowledge(r.output, by_row[r.id])]
         score = loss - judged[i] if judged is not None else loss
-        entry = {"id": d.id, "task": d.task, "loss_after": loss,
+        entry = {"id": d.id, "task": d.task, "loss_before": before[i], "loss_after": loss,
                  "loss_judge": judged[i] if judged is not None else None, "score": score,
                  "score_percentile": percentile_of(score, band["scores"]),
                  "regurgitation": max(sc) if sc else None,
@@ -165,7 +167,7 @@ def audit(model: str | Path, original: str | Path, data: str | Path, mia: str | 
           seed: int = 0, samples: int = PII_SAMPLES, max_new_tokens: int = 256,
           relearn_config: RelearnConfig | None = None, attacks: dict | None = None,
           evaluation: str | Path | None = None, allow_unchanged: bool = False,
-          reference: str | Path | None = "auto") -> dict:
+          reference: str | Path | None = "auto", dtype: str = "auto") -> dict:
     """Write ``out/receipt.json`` and ``out/receipt.html`` for the unlearned ``model``: a
     verdict per forget document of ``data`` (rule: module docstring and README), judged against
     the never-seen documents of the MIA set ``mia``, with its loss under ``original`` (the model
@@ -184,57 +186,57 @@ def audit(model: str | Path, original: str | Path, data: str | Path, mia: str | 
     ``unlearn bench`` audits its target so, beside the methods, and shows a method that kept
     the untouched model as such. Every model directory and the seed are checked before any
     work. ``reference`` is the judge when there is no oracle, or the oracle is ``model`` (see
-    the module docstring; "auto": the base ``original`` was fine-tuned from; None: none)."""
+    the module docstring; "auto": the base ``original`` was fine-tuned from; None: none).
+    Models compute in ``dtype`` (as ``unlearn eval --dtype``); the attack's mode and memory:
+    :func:`attack_plan`."""
     started = time.perf_counter()
     check_seed(seed)
     _check_roles(model, original, oracle, allow_unchanged)
+    config, compute = relearn_config or RelearnConfig(), inference_dtype(dtype)
+    mode, plan = attack_plan(original, config, compute)
     claim_output(out, AUDIT, {"--model": model, "--original": original, "--data": data,
                               "--mia": mia, "--oracle": oracle, "--evaluation": evaluation})
-    config = relearn_config or RelearnConfig()
     lume, unseen = load_lume(data, split), [d.document for d in load_mia(mia).nonmember]
     docs = forget_documents(lume.forget)
     # an evaluation made otherwise is refused before minutes of work, not after
-    evaluated = (_evaluated_pii(evaluation, model, data, split, seed, samples) if evaluation
-                 else None)
+    evaluated = evaluation and _evaluated_pii(evaluation, model, data, split, seed, samples)
     attacks = dict(attacks or {})
     attack = partial(relearn, forget=lume.forget, config=config, seed=seed,
-                     max_new_tokens=max_new_tokens)
+                     max_new_tokens=max_new_tokens, mode=mode)
+    load = partial(load_model, dtype=compute, device=best_device())
     judge = judge_of(model, original, oracle, reference)  # a bad --reference: refused now
     # each model is loaded once: measured, then attacked
-    before, reference_nll = _original_side(original, docs, unseen, not oracle, attacks, attack)
-    judged = _judge_side(judge, _same(judge, oracle), docs, unseen, attacks, attack)
-    lm, tokenizer = _load(model)
+    before, reference_nll = _original_side(load(original), docs, unseen, not oracle,
+                                           attacks, attack)
+    judged = judge and _judge_side(load(judge), _same(judge, oracle), docs, unseen, attacks,
+                                   attack)
+    lm, tokenizer = load(model)
     band = never_seen_band(lm, tokenizer, unseen, max_new_tokens, judged and judged[1])
     leaked = (evaluated or pii_extraction(lm, tokenizer, forgotten_people(lume.rows), samples,
                                           seed=seed))["leaked_by_person"]
     entries = measure_documents(lm, tokenizer, docs, band, leaked, max_new_tokens,
-                                judged and judged[0])
-    for entry, loss in zip(entries, before):
-        entry["loss_before"] = loss
+                                judged and judged[0], before)
     roles = {"original": original, "oracle": oracle}
     twin = next((r for r, p in roles.items() if r in attacks and _same(p, model)), None)
     if "unlearned" not in attacks:
         attacks["unlearned"] = attacks[twin] if twin else attack(lm, tokenizer)
     del lm
-    mine = band["losses"].tolist()
     if oracle:  # the oracle's reading: the judge's, else the model is the oracle (its own)
-        reference_nll = judged[1] if _same(judge, oracle) else mine
+        reference_nll = judged[1] if _same(judge, oracle) else band["losses"].tolist()
         attacks.setdefault("oracle", attacks["unlearned"])
-    general = general_text(mine, reference_nll, str(oracle or original))
+    general = general_text(band["losses"].tolist(), reference_nll, str(oracle or original))
     attacks = {k: attacks[k] for k in ("unlearned", "oracle", "original") if k in attacks}
     is_robust = robust(attacks, config.margin)
     test = _test(judge, band)
     receipt = {"model": str(model), "original": str(original), "oracle": path_text(oracle),
                **made_of(model, original, oracle, data, split, mia, seed, config),
                "samples": samples, "max_new_tokens": max_new_tokens,
-               "pii_from": path_text(evaluation),
+               "pii_from": path_text(evaluation), "dtype": str(compute),
+               "attack": {"mode": mode, "memory_plan": plan.as_record()},
                "never_seen": {k: v for k, v in band.items() if k not in ("losses", "scores")},
                "test": test, "general_text": general, "documents": entries,
                "relearn": {**attacks, "robust": is_robust},
-               "summary": {**summary(entries, attacks, is_robust),
-                           **{k: test[k] for k in ("judge", "false_positive_rate")},
-                           "utility": general["utility"],
-                           "general_text_damaged": general["damaged"]}}
+               "summary": summary(entries, attacks, is_robust, test, general)}
     receipt["seconds"] = time.perf_counter() - started
     with atomic_directory(out, AUDIT) as staging:
         write_json(staging / "receipt.json", receipt)
@@ -242,11 +244,26 @@ def audit(model: str | Path, original: str | Path, data: str | Path, mia: str | 
     return receipt
 
 
-def _original_side(original, docs: list[ForgetDocument], unseen: list[str], general: bool,
+def attack_plan(original, config: RelearnConfig, dtype) -> tuple[str, MemoryPlan]:
+    """The attack's mode and its memory plan on ``original``'s shape: ``config.mode``, or under
+    auto full fine-tuning where it fits the device, else LoRA. Refused, before any work, where
+    the mode chosen cannot fit."""
+    for mode in ("full", "lora") if config.mode == "auto" else (config.mode,):
+        plan = plan_attack(original, config.training(mode, dtype), dtype)
+        if plan.fits:
+            return mode, plan
+    raise MemoryPlanError(f"the relearning attack ({mode}) needs about {plan.peak / GIB:.1f} GiB"
+                          f", more than {HEADROOM:.0%} of the {plan.available / GIB:.1f} GiB "
+                          f"{plan.device} has: give --dtype bf16, --relearn-mode lora or a "
+                          f"device with more memory\n{plan.table()}")
+
+
+def _original_side(loaded, docs: list[ForgetDocument], unseen: list[str], general: bool,
                    attacks: dict, attack) -> tuple[list[float], list[float] | None]:
-    """The forget documents' NLL under the model before unlearning, its NLL of the never-seen
-    documents when ``general`` text is set against it (no oracle), and its attack."""
-    source, tokenizer = _load(original)
+    """The forget documents' NLL under the model before unlearning (``loaded``: it and its
+    tokenizer), its NLL of the never-seen documents when ``general`` text is set against it
+    (no oracle), and its attack."""
+    source, tokenizer = loaded
     before = document_nll(source, tokenizer, [d.text for d in docs], desc="before")
     reference = document_nll(source, tokenizer, unseen, desc="never seen") if general else None
     if "original" not in attacks:
@@ -254,13 +271,12 @@ def _original_side(original, docs: list[ForgetDocument], unseen: list[str], gene
     return before, reference
 
 
-def _judge_side(judge: Path | None, is_oracle: bool, docs: list[ForgetDocument],
-                unseen: list[str], attacks: dict, attack) -> tuple[list, list] | None:
-    """The judge's NLL of each forget document and each never-seen document (None without a
-    judge); a judge that is the oracle is attacked in the same load, unless it was already."""
-    if judge is None:
-        return None
-    lm, tokenizer = _load(judge)
+def _judge_side(loaded, is_oracle: bool, docs: list[ForgetDocument], unseen: list[str],
+                attacks: dict, attack) -> tuple[list, list]:
+    """The judge's NLL of each forget document and each never-seen document (``loaded``: the
+    judge and its tokenizer); a judge that is the oracle is attacked in the same load, unless
+    it was already."""
+    lm, tokenizer = loaded
     judged = (document_nll(lm, tokenizer, [d.text for d in docs], desc="forget (judge)"),
               document_nll(lm, tokenizer, unseen, desc="never seen (judge)"))
     if is_oracle and "oracle" not in attacks:
@@ -329,12 +345,10 @@ def robust(attacks: dict, margin: float) -> bool | None:
                for k in ("knowledge", "regurgitation"))
 
 
-def _load(path):
-    return load_model(path, dtype=torch.float32, device=best_device())
-
-
-def summary(entries: list[dict], attacks: dict, is_robust: bool | None) -> dict:
-    """Counts per verdict, overall and per task; the share forgotten; the relearn figures."""
+def summary(entries: list[dict], attacks: dict, is_robust: bool | None, test: dict,
+            general: dict) -> dict:
+    """Counts per verdict, overall and per task; the share forgotten; the relearn figures; the
+    judge and its false-positive rate; the general-text utility."""
     verdicts = ("forgotten", "partly", "remembered")
     by_task: dict[str, dict[str, int]] = {}
     for e in entries:
@@ -346,4 +360,6 @@ def summary(entries: list[dict], attacks: dict, is_robust: bool | None) -> dict:
             "over_unlearned": sum(e["over_unlearned"] for e in entries),
             "by_task": dict(sorted(by_task.items())),
             "relearned": {name: a["after"] for name, a in attacks.items()},
-            "relearn_robust": is_robust}
+            "relearn_robust": is_robust, "judge": test["judge"],
+            "false_positive_rate": test["false_positive_rate"], "utility": general["utility"],
+            "general_text_damaged": general["damaged"]}

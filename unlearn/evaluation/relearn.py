@@ -19,6 +19,8 @@ import torch
 
 from ..data.lume import Row
 from ..measure.memorisation import score_rows
+from ..methods.base import UnlearnConfig
+from ..methods.trainable import select_parameters
 from ..models.forward import next_token_nll
 from ..models.sequences import length_sorted_batches, pad, training_sequence
 
@@ -26,7 +28,10 @@ from ..models.sequences import length_sorted_batches, pad, training_sequence
 @dataclass(frozen=True)
 class RelearnConfig:
     """The attacker's budget: ``steps`` AdamW steps of ``batch_size`` rows at ``lr`` (constant),
-    on a seeded ``share`` of the forget documents (at least one)."""
+    on a seeded ``share`` of the forget documents (at least one). ``mode``: ``full`` trains
+    every weight; ``lora`` rank-``lora_r`` adapters at ``lora_lr`` (ten times full
+    fine-tuning's rate, as adapters are trained), the attacker a released large model most
+    likely meets; ``auto`` full fine-tuning where the memory plan fits it, else LoRA."""
 
     share: float = 0.25
     steps: int = 30
@@ -34,6 +39,25 @@ class RelearnConfig:
     batch_size: int = 8
     max_len: int = 512
     margin: float = 0.05  # robust: relearned scores at most the oracle's plus this
+    mode: str = "auto"  # auto | full | lora
+    lora_r: int = 16
+    lora_lr: float = 1e-3
+
+    def __post_init__(self):
+        if self.mode not in ATTACK_MODES:
+            raise ValueError(f"relearn mode={self.mode!r}: use one of {', '.join(ATTACK_MODES)}")
+
+    def training(self, mode: str, dtype: torch.dtype) -> UnlearnConfig:
+        """The attack's training as a run's settings: what trains (as :func:`select_parameters`
+        chooses for a run) and the forward's size (half a batch: :func:`fine_tune`)."""
+        return UnlearnConfig(batch_size=max(1, -(-self.batch_size // 2)), max_len=self.max_len,
+                             lr=self.lora_lr if mode == "lora" else self.lr,
+                             lora=mode == "lora", lora_r=self.lora_r, lora_alpha=2 * self.lora_r,
+                             precision="bf16" if dtype == torch.bfloat16 else "fp32",
+                             select="none")
+
+
+ATTACK_MODES = ("auto", "full", "lora")
 
 
 def split_documents(doc_ids: list[str], share: float, seed: int) -> tuple[list[str], list[str]]:
@@ -57,15 +81,19 @@ def knowledge_and_regurgitation(model, tokenizer, rows: list[Row],
             "regurgitation": fmean(by_kind["sc"]) if by_kind["sc"] else None}
 
 
-def fine_tune(model, tokenizer, rows: list[Row], config: RelearnConfig, seed: int) -> None:
+def fine_tune(model, tokenizer, rows: list[Row], config: RelearnConfig, seed: int,
+              mode: str = "full"):
     """The attack's training: next-token loss over each row's whole text, batches drawn in a
-    seeded order, cycling through the rows."""
+    seeded order, cycling through the rows; every weight of ``model`` in place (``mode``
+    full) or LoRA adapters on it (lora). Returns the model that was trained."""
     torch.manual_seed(seed)
+    settings = config.training(mode, next(model.parameters()).dtype)
+    model = select_parameters(model, settings)
     sequences = [training_sequence(tokenizer, r.input, r.output, config.max_len, eos=True)[0]
                  for r in rows]
     order = random.Random(f"{seed}/relearn-order")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                  lr=config.lr)
+                                  lr=settings.lr)
     model.train()
     queue: list[int] = []
     for _ in range(config.steps):
@@ -85,20 +113,20 @@ def fine_tune(model, tokenizer, rows: list[Row], config: RelearnConfig, seed: in
             (nll.sum() / max(tokens, 1)).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    model.eval()
+    return model.eval()
 
 
 def relearn(model, tokenizer, forget: list[Row], config: RelearnConfig, seed: int,
-            max_new_tokens: int = 256) -> dict:
+            max_new_tokens: int = 256, mode: str = "full") -> dict:
     """The attack on ``model``, a loaded copy it fine-tunes in place (its directory is never
-    written): the held-out documents' knowledge and regurgitation before and after
-    fine-tuning on the attacked ones."""
+    written) in ``mode`` (full or lora): the held-out documents' knowledge and regurgitation
+    before and after fine-tuning on the attacked ones."""
     attacked, held_out = split_documents(sorted({r.doc_id for r in forget}), config.share, seed)
     train = [r for r in forget if r.doc_id in attacked]
     measured = [r for r in forget if r.doc_id in held_out]
     model.eval()
     before = knowledge_and_regurgitation(model, tokenizer, measured, max_new_tokens)
-    fine_tune(model, tokenizer, train, config, seed)
+    model = fine_tune(model, tokenizer, train, config, seed, mode)
     after = knowledge_and_regurgitation(model, tokenizer, measured, max_new_tokens)
-    return {"before": before, "after": after, "attacked_documents": attacked,
+    return {"before": before, "after": after, "mode": mode, "attacked_documents": attacked,
             "held_out_documents": held_out}

@@ -10,7 +10,6 @@ from pathlib import Path
 from statistics import fmean
 
 import pandas as pd
-import torch
 
 from ..accel import process_state
 from ..data import beside_data, load_lume, load_mia, load_mmlu
@@ -31,6 +30,7 @@ from ..models.loading import (
     ModelError,
     best_device,
     check_model_dir,
+    inference_dtype,
     load_model,
     model_fingerprint,
 )
@@ -54,10 +54,6 @@ def write_rows_csv(path: Path, results: list[RowResult]) -> None:
 def read_rows_csv(path: Path) -> pd.DataFrame:
     """Read a file written by :func:`write_rows_csv` back unchanged (empty strings stay empty)."""
     return pd.read_csv(path, keep_default_na=False, dtype={c: str for c in CSV_COLUMNS[:5]})
-
-
-DTYPES = {"auto": torch.bfloat16 if torch.cuda.is_available() else torch.float32,
-          "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
@@ -95,8 +91,7 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
         claim_output(out, EVAL, {"--model": model, "--data": data, "--mia": mia,
                                  "--mmlu": mmlu, "--before": before,
                                  "--reference": reference, "--general": general})
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype}: use one of {', '.join(DTYPES)}")
+    compute_dtype = inference_dtype(dtype)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}: must be at least 1")
     lume = load_lume(data, split)
@@ -104,12 +99,12 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
     questions = load_mmlu(mmlu) if mmlu else None
     never_seen = NeverSeen.of(general, mia_docs)
     previous = _read_results(before) if before else None
-    lm, tokenizer = load_model(model, dtype=DTYPES[dtype],
+    lm, tokenizer = load_model(model, dtype=compute_dtype,
                                device=best_device())
     made_by = {"model": str(model), "model_files": model_fingerprint(model),
                "data": fingerprint([(r.id, r.input, r.output, r.task, r.split)
                                     for r in lume.rows]),
-               "max_new_tokens": max_new_tokens, "dtype": str(DTYPES[dtype])}
+               "max_new_tokens": max_new_tokens, "dtype": str(compute_dtype)}
     state = process_state()  # under `accelerate launch`: the rows shared out, one writer
     if out is None or not state.is_main_process:
         # the leak audit (no collective step) is the writer's alone

@@ -9,7 +9,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from ..accel import process_state
+from ..accel import process_state, use_tf32
 from ..io import fingerprint
 
 
@@ -25,6 +25,10 @@ _PROBE = "The quick brown fox jumps over the lazy dog."
 
 
 # the weights save_pretrained writes: one file, or shards listed by an index
+# what ``eval``, ``audit`` and ``locate`` compute in (``--dtype``): auto is bf16 on a GPU, where
+# it halves memory and time at no cost to the scores; fp32 on a CPU, where bf16 is slower
+INFERENCE_DTYPES = {"auto": torch.bfloat16 if torch.cuda.is_available() else torch.float32,
+                    "bf16": torch.bfloat16, "fp32": torch.float32}
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
@@ -93,8 +97,18 @@ def load_tokenizer(path: str | Path):
 def best_device() -> str | None:
     """Where a model is measured: this process's GPU when there is one (under `accelerate
     launch` each process has its own; "cuda" alone would put them all on the first), else where
-    it loads (the CPU)."""
-    return str(process_state().device) if torch.cuda.is_available() else None
+    it loads (the CPU). On a GPU its fp32 matmuls run in TF32 from then on."""
+    if not torch.cuda.is_available():
+        return None
+    use_tf32()
+    return str(process_state().device)
+
+
+def inference_dtype(name: str) -> torch.dtype:
+    """The torch dtype a ``--dtype`` name stands for (see ``INFERENCE_DTYPES``)."""
+    if name not in INFERENCE_DTYPES:
+        raise ValueError(f"dtype={name}: use one of {', '.join(INFERENCE_DTYPES)}")
+    return INFERENCE_DTYPES[name]
 
 
 def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | None = None):

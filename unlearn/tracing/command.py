@@ -10,11 +10,15 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
 
 from ..data import load_lume  # noqa: E402
 from ..io import LOCATE, atomic_directory, claim_output, write_json  # noqa: E402
-from ..models.loading import best_device, check_model_dir, load_model  # noqa: E402
+from ..models.loading import (  # noqa: E402
+    best_device,
+    check_model_dir,
+    inference_dtype,
+    load_model,
+)
 from ..settings import check_seed  # noqa: E402
 from .trace import GROUPS, KINDS, choose_layers, facts_from, trace_facts  # noqa: E402
 
@@ -36,30 +40,32 @@ def heatmap(effects: list[list[float]], kind: str, path: Path, window: int) -> N
 
 def locate(model: str | Path, data: str | Path, out: str | Path, samples: int = 10,
            window: int = 10, share: float = 0.6, noise_scale: float = 3.0,
-           max_facts: int | None = None, seed: int = 0, split: str | None = None) -> dict:
+           max_facts: int | None = None, seed: int = 0, split: str | None = None,
+           dtype: str = "auto") -> dict:
     """Causal tracing of the Task2 facts in ``data`` through ``model``.
 
     Writes ``out/trace.json`` (indirect effects per kind, position group and layer; facts used;
     the chosen layers) and ``out/{mlp,attn,residual}.png``. The layer choice: the smallest
     contiguous block of layers holding ``share`` of the MLP indirect effect at the last
     subject token. ``split`` chooses one data split where ``data`` holds several (the
-    official parquet snapshot). Returns the trace record.
+    official parquet snapshot); ``dtype`` what the model computes in (as ``unlearn eval
+    --dtype``). Returns the trace record.
     """
     started = time.perf_counter()
     check_seed(seed)
     claim_output(out, LOCATE, {"--model": model, "--data": data})
     check_model_dir(model)
+    compute = inference_dtype(dtype)
     lume = load_lume(data, split)
     facts = facts_from(lume.rows)
     if not facts:
         raise ValueError(f"{data}: no Task2 question of the form 'What is the X of NAME?' or "
                          f"'What is NAME's X?' to trace")
     facts = facts[:max_facts] if max_facts else facts
-    lm, tokenizer = load_model(model, dtype=torch.float32,
-                               device=best_device())
+    lm, tokenizer = load_model(model, dtype=compute, device=best_device())
     record = trace_facts(lm, tokenizer, facts, samples, window, noise_scale, seed)
     last_subject = record["indirect_effect"]["mlp"][GROUPS.index("last subject token")]
-    record.update(model=str(model), data=str(data), share=share,
+    record.update(model=str(model), data=str(data), share=share, dtype=str(compute),
                   layers_chosen=choose_layers(last_subject, share),
                   rule=f"smallest contiguous block of layers holding {share:.0%} of the positive "
                        f"MLP indirect effect at the last subject token",

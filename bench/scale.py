@@ -1,0 +1,168 @@
+"""Scale rehearsal (issue 43): every command on a model of a real checkpoint's shape.
+
+    unlearn data synth --out runs/bench/scale-data --docs-per-task 2
+    python bench/scale.py --tokenizer runs/demo/cache/target-small-KEY-seed0 \
+        --data runs/bench/scale-data --shape olmo-1b
+
+Builds a randomly initialised model of the shape (the configs are written below: no download),
+saved in bf16 as released checkpoints are, and runs on it, each in a process of its own: `unlearn
+run` of every method for one epoch of the few rows (no selection), then `eval`, `audit` (its
+relearning attack included) and `locate` on a few facts. A random model writes nonsense, so the
+scores mean nothing; what is measured is that each command completes, its peak memory (CPU: the
+process's peak resident set; GPU: `torch.cuda.max_memory_allocated`) beside the plan the command
+printed before loading any weight, and its seconds. A run the plan refuses is recorded with the
+plan's reason and run again with what the refusal names first. Writes
+bench/results/scale-<device>-<shape>.json and prints one row per command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, OlmoConfig
+
+from unlearn.methods import METHODS
+from unlearn.models.loading import load_tokenizer
+
+SHAPES = {  # the published configs' sizes (allenai/OLMo-1B-hf, OLMo-7B-hf, Meta-Llama-3-8B)
+    "olmo-1b": (OlmoConfig, dict(hidden_size=2048, intermediate_size=8192,
+                                 num_hidden_layers=16, num_attention_heads=16,
+                                 vocab_size=50304, tie_word_embeddings=True)),
+    "olmo-7b": (OlmoConfig, dict(hidden_size=4096, intermediate_size=11008,
+                                 num_hidden_layers=32, num_attention_heads=32,
+                                 vocab_size=50304)),
+    "llama-3-8b": (LlamaConfig, dict(hidden_size=4096, intermediate_size=14336,
+                                     num_hidden_layers=32, num_attention_heads=32,
+                                     num_key_value_heads=8, vocab_size=128256)),
+}
+# a few steps each: one epoch of the few rows, no selection checks, short rows
+RUN_SETTINGS = ["epochs=1", "select=none", "max_len=256", "report_to=none"]
+METHOD_SETTINGS = {"sugd": ["positive_ratio=1"]}  # the paper's 7 retain rows per forget row
+MAX_NEW_TOKENS = 32
+
+
+def build_model(shape: str, tokenizer_dir: str, out: Path) -> Path:
+    """The shape's model with random weights and the given tokenizer, in bf16."""
+    if (out / "config.json").is_file():
+        return out
+    tokenizer = load_tokenizer(tokenizer_dir)
+    kind, sizes = SHAPES[shape]
+    config = kind(**sizes, pad_token_id=tokenizer.pad_token_id,
+                  eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+                  torch_dtype="bfloat16")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def peak_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+
+
+def child(record: str, argv: list[str]) -> None:
+    """One command in this process, then its exit code, seconds and peak memory to ``record``."""
+    from unlearn.cli import main
+    started = time.perf_counter()
+    code = main(argv)
+    Path(record).write_text(json.dumps({"code": code, "seconds": time.perf_counter() - started,
+                                        "peak_mb": peak_mb()}))
+
+
+def measure(name: str, argv: list[str], work: Path) -> dict:
+    """Run ``unlearn ARGV`` in its own process; its figures, and the plan a run recorded."""
+    record = work / f"{name}.measured.json"
+    out = Path(argv[argv.index("--out") + 1])
+    shutil.rmtree(out, ignore_errors=True)  # a fresh command: its own peak is measured
+    result = subprocess.run([sys.executable, __file__, "--child", str(record), "--", *argv],
+                            capture_output=True, text=True)
+    measured = (json.loads(record.read_text()) if record.is_file()
+                else {"code": result.returncode, "seconds": None, "peak_mb": None})
+    row = {"command": name, "argv": " ".join(argv), **measured}
+    if (out / "run.json").is_file():
+        run = json.loads((out / "run.json").read_text())
+        plan = run.get("memory_plan") or {}
+        row.update(planned_mb=plan.get("peak_mb"), planned_parts_mb=plan.get("parts_mb"),
+                   trainable=run.get("trainable_parameters"),
+                   steps=run.get("steps_trained"),
+                   seconds_per_step=(run["train_seconds"] / run["steps_trained"]
+                                     if run.get("steps_trained") else None))
+        if row["planned_mb"] and row["peak_mb"]:
+            row["plan_error"] = row["planned_mb"] / row["peak_mb"] - 1
+    if row["code"] != 0:
+        row["stderr"] = result.stderr[-2000:]
+    print(json.dumps({k: v for k, v in row.items() if k not in ("stderr", "planned_parts_mb")}),
+          flush=True)
+    return row
+
+
+def run_methods(model: Path, data: str, work: Path, methods: list[str]) -> list[dict]:
+    rows = []
+    for method in methods:
+        settings = RUN_SETTINGS + METHOD_SETTINGS.get(method, [])
+        argv = ["run", "--method", method, "--model", str(model), "--data", data,
+                "--out", str(work / method), *settings]
+        row = measure(method, argv, work)
+        refused = row["code"] == 2 and "would fit:" in row.get("stderr", "")
+        rows.append(row)
+        if refused:  # the first setting the refusal names, as a user would take it
+            named = row["stderr"].split("would fit:")[1].split("(")[0].split()
+            argv[argv.index("--out") + 1] = str(work / f"{method}-{'-'.join(named)}")
+            rows.append(measure(f"{method} {' '.join(named)}", argv + named, work))
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokenizer", required=True, help="a model directory whose tokenizer to use")
+    p.add_argument("--data", required=True, help="a few LUME-format rows (unlearn data synth)")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="olmo-1b")
+    p.add_argument("--out", default="runs/bench/scale")
+    p.add_argument("--methods", default=",".join(sorted(METHODS)))
+    p.add_argument("--commands", default="run,eval,audit,locate")
+    args = p.parse_args()
+    work = Path(args.out) / args.shape
+    work.mkdir(parents=True, exist_ok=True)
+    model = build_model(args.shape, args.tokenizer, work / "model")
+    commands, rows = args.commands.split(","), []
+    if "run" in commands:
+        rows += run_methods(model, args.data, work, args.methods.split(","))
+    if "eval" in commands:
+        rows.append(measure("eval", ["eval", "--model", str(model), "--data", args.data,
+                                     "--out", str(work / "eval"), "--max-new-tokens",
+                                     str(MAX_NEW_TOKENS)], work))
+    unlearned = next((Path(r["argv"].split("--out ")[1].split()[0]) for r in rows
+                      if r["code"] == 0 and "run --method" in r["argv"]), None)
+    if "audit" in commands and unlearned:
+        rows.append(measure("audit", ["audit", "--model", str(unlearned), "--original",
+                                      str(model), "--data", args.data, "--mia",
+                                      f"{args.data}/mia", "--out", str(work / "audit"),
+                                      "--samples", "2", "--max-new-tokens", str(MAX_NEW_TOKENS),
+                                      "--relearn-steps", "2"], work))
+    if "locate" in commands:
+        rows.append(measure("locate", ["locate", "--model", str(model), "--data", args.data,
+                                       "--out", str(work / "locate"), "--samples", "2",
+                                       "--max-facts", "3"], work))
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    name = f"scale-{device.replace(' ', '_')}-{args.shape}.json"
+    results = Path(__file__).parent / "results" / name
+    results.write_text(json.dumps({"command": " ".join(["python", *sys.argv]), "device": device,
+                                   "shape": args.shape, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--child":
+        child(sys.argv[2], sys.argv[4:])
+    else:
+        main()
