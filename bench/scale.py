@@ -56,10 +56,9 @@ def build_model(shape: str, tokenizer_dir: str, out: Path) -> Path:
     tokenizer = load_tokenizer(tokenizer_dir)
     kind, sizes = SHAPES[shape]
     config = kind(**sizes, pad_token_id=tokenizer.pad_token_id,
-                  eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
-                  torch_dtype="bfloat16")
+                  eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
@@ -89,22 +88,30 @@ def measure(name: str, argv: list[str], work: Path) -> dict:
                             capture_output=True, text=True)
     measured = (json.loads(record.read_text()) if record.is_file()
                 else {"code": result.returncode, "seconds": None, "peak_mb": None})
-    row = {"command": name, "argv": " ".join(argv), **measured}
-    if (out / "run.json").is_file():
-        run = json.loads((out / "run.json").read_text())
-        plan = run.get("memory_plan") or {}
-        row.update(planned_mb=plan.get("peak_mb"), planned_parts_mb=plan.get("parts_mb"),
-                   trainable=run.get("trainable_parameters"),
-                   steps=run.get("steps_trained"),
-                   seconds_per_step=(run["train_seconds"] / run["steps_trained"]
-                                     if run.get("steps_trained") else None))
-        if row["planned_mb"] and row["peak_mb"]:
-            row["plan_error"] = row["planned_mb"] / row["peak_mb"] - 1
+    row = {"command": name, "argv": " ".join(argv), **measured, **_planned(out)}
+    if row.get("planned_mb") and row["peak_mb"]:
+        row["plan_error"] = row["planned_mb"] / row["peak_mb"] - 1
     if row["code"] != 0:
         row["stderr"] = result.stderr[-2000:]
     print(json.dumps({k: v for k, v in row.items() if k not in ("stderr", "planned_parts_mb")}),
           flush=True)
     return row
+
+
+def _planned(out: Path) -> dict:
+    """The plan a finished command recorded: a run's (run.json), an audit's attack's
+    (receipt.json); with a run's steps and seconds per step."""
+    if (out / "run.json").is_file():
+        run = json.loads((out / "run.json").read_text())
+        plan, steps = run.get("memory_plan") or {}, run.get("steps_trained")
+        return {"planned_mb": plan.get("peak_mb"), "planned_parts_mb": plan.get("parts_mb"),
+                "trainable": run.get("trainable_parameters"), "steps": steps,
+                "seconds_per_step": run["train_seconds"] / steps if steps else None}
+    if (out / "receipt.json").is_file():
+        attack = json.loads((out / "receipt.json").read_text())["attack"]
+        return {"planned_mb": attack["memory_plan"]["peak_mb"], "attack_mode": attack["mode"],
+                "planned_parts_mb": attack["memory_plan"]["parts_mb"]}
+    return {}
 
 
 def run_methods(model: Path, data: str, work: Path, methods: list[str]) -> list[dict]:

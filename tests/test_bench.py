@@ -120,3 +120,18 @@ def test_bench_unlearns_a_given_model_and_leaves_it_as_it_was(synth_dir, tiny_ta
     assert record["model_files"] == before and model_fingerprint(target) == before
     with pytest.raises(ValueError, match="oracle= needs target="):
         bench(synth_dir, tmp_path / "c", oracle=target)
+
+
+def test_a_given_target_costs_its_base_pretraining_where_unlearn_built_the_base(tmp_path):
+    from unlearn.leaderboard import _built_base, _training_seconds
+    base, target = tmp_path / "base", tmp_path / "target"
+    for model, record in ((base, {"train_seconds": 30.0}),
+                          (target, {"train_seconds": 10.0, "base": str(base)})):
+        model.mkdir()
+        (model / "config.json").write_text("{}")
+        (model / "target.json").write_text(json.dumps(record))
+    assert _built_base(target) == base
+    assert _training_seconds(_built_base(target), target) == 40.0
+    (base / "target.json").unlink()  # a base saved inside a from-scratch build: no record
+    assert _built_base(target) is None
+    assert _training_seconds(_built_base(target), target) == 10.0

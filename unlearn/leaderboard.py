@@ -43,7 +43,7 @@ from .measure.official import task_names
 from .measure.utility import DAMAGED_BELOW, adjusted_share, damage_note, utility
 from .methods import get_method
 from .methods.base import UnlearnConfig
-from .models.loading import check_model_dirs, check_oracle, model_fingerprint
+from .models.loading import check_model_dirs, check_oracle, model_fingerprint, teacher_of
 from .models.presets import preset_settings
 from .selection import scored_rest
 from .settings import SEED_RANGE, key_values, shown
@@ -262,7 +262,8 @@ def _bench_seed(data: Path, base: Path, models: dict, methods, lume, mia, mmlu, 
     """One seed: the target (and oracle) scored, every method run from the target and scored,
     then, with ``receipts`` and an MIA set, every model audited. Returns the leaderboard rows,
     every model's results, every run's record and every model's receipt."""
-    target_seconds = _training_seconds(models.get("base"), models["target"])
+    target_seconds = _training_seconds(models.get("base") or _built_base(models["target"]),
+                                       models["target"])
     # no model is judged on the MIA documents that chose a run's model (the run's seed gives
     # the same split the run held out)
     scored = (scored_rest(mia, held_out, seed, lume, models["target"]).save(base / "mia-scored")
@@ -319,6 +320,14 @@ def _training_seconds(*models: Path | None) -> float | None:
     if not records or not all(r.is_file() for r in records):
         return None
     return sum(json.loads(r.read_text())["train_seconds"] for r in records)
+
+
+def _built_base(target: Path) -> Path | None:
+    """The base a given target (``--target``) was fine-tuned from, when unlearn built that base
+    as a model of its own: its pretraining is part of what the target cost. A base saved inside
+    a target trained from scratch is not: the target's own time holds its pretraining."""
+    base = teacher_of(target)
+    return base if base and (base / "target.json").is_file() else None
 
 
 def _trajectory(record: dict) -> list:
