@@ -44,9 +44,10 @@ SHAPES = {  # the published configs' sizes (allenai/OLMo-1B-hf, OLMo-7B-hf, Meta
                                      num_key_value_heads=8, vocab_size=128256)),
 }
 # a few steps each: one epoch of the few rows, no selection checks, short rows
-RUN_SETTINGS = ["epochs=1", "select=none", "max_len=256", "report_to=none"]
+RUN_SETTINGS = ["epochs=1", "select=none", "max_len=128", "report_to=none"]
 METHOD_SETTINGS = {"sugd": ["positive_ratio=1"]}  # the paper's 7 retain rows per forget row
 MAX_NEW_TOKENS = 32
+TIMEOUT = 1200  # seconds a command may take before the rehearsal records it as timed out
 
 
 def build_model(shape: str, tokenizer_dir: str, out: Path) -> Path:
@@ -84,15 +85,19 @@ def measure(name: str, argv: list[str], work: Path) -> dict:
     record = work / f"{name}.measured.json"
     out = Path(argv[argv.index("--out") + 1])
     shutil.rmtree(out, ignore_errors=True)  # a fresh command: its own peak is measured
-    result = subprocess.run([sys.executable, __file__, "--child", str(record), "--", *argv],
-                            capture_output=True, text=True)
+    try:
+        result = subprocess.run([sys.executable, __file__, "--child", str(record), "--", *argv],
+                                capture_output=True, text=True, timeout=TIMEOUT)
+        code, stderr = result.returncode, result.stderr
+    except subprocess.TimeoutExpired as e:
+        code, stderr = "timed out", (e.stderr or b"").decode(errors="replace")
     measured = (json.loads(record.read_text()) if record.is_file()
-                else {"code": result.returncode, "seconds": None, "peak_mb": None})
+                else {"code": code, "seconds": None, "peak_mb": None})
     row = {"command": name, "argv": " ".join(argv), **measured, **_planned(out)}
     if row.get("planned_mb") and row["peak_mb"]:
         row["plan_error"] = row["planned_mb"] / row["peak_mb"] - 1
     if row["code"] != 0:
-        row["stderr"] = result.stderr[-2000:]
+        row["stderr"] = stderr[-2000:]
     print(json.dumps({k: v for k, v in row.items() if k not in ("stderr", "planned_parts_mb")}),
           flush=True)
     return row
