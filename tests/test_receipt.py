@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from unlearn.data import load_lume, load_mia
-from unlearn.evaluation.receipt import audit, forget_documents, percentile_of, verdict
+from unlearn.evaluation.receipt import (
+    audit,
+    band_rank,
+    forget_documents,
+    percentile_of,
+    verdict,
+)
 from unlearn.evaluation.relearn import RelearnConfig, fine_tune, split_documents
 from unlearn.measure.nll import document_nll
 from unlearn.models import load_model
@@ -22,6 +28,17 @@ BAND = {"losses": np.arange(100.0), "scores": np.arange(100.0), "score_low": 5.0
 def _entry(**kw):
     return {"score": 50.0, "questions_answered": 0, "pii_leaked": [],
             "regurgitation": 0.1, **kw}
+
+
+def test_the_threshold_rank_keeps_a_new_never_seen_document_below_at_most_five_percent():
+    assert [band_rank(n) for n in (5, 18, 19, 39, 48, 99)] == [1, 1, 1, 2, 2, 5]
+    assert all(band_rank(n) / (n + 1) <= 0.05 for n in range(19, 500))
+    assert band_rank(18) / 19 > 0.05  # too few documents: 1/19, stated as it is
+    # the conformal bound, checked by simulation: a new draw falls below the k-th lowest of n
+    rng = np.random.default_rng(0)
+    draws = rng.normal(size=(20000, 49))
+    below = np.sort(draws[:, :48], axis=1)[:, band_rank(48) - 1] > draws[:, 48]
+    assert below.mean() == pytest.approx(2 / 49, abs=0.005)
 
 
 def test_the_verdict_rule():
@@ -237,12 +254,16 @@ def test_verdicts_are_judged_against_a_model_that_never_saw_them_at_a_stated_err
     assert of_oracle["test"]["judge"] == str(base)  # the oracle cannot judge itself
     remembered = [r["summary"]["remembered_share"] for r in (of_target, of_oracle)]
     assert remembered[0] - remembered[1] >= 0.8, remembered
-    # the stated rate is the share of never-seen documents the rule calls remembered
+    # the threshold is the k-th lowest never-seen score; the stated rate, k / (n + 1), is the
+    # chance that one more never-seen document falls below it
     unseen = [d.document for d in load_mia(mia).nonmember]
-    scores = np.subtract(*[document_nll(*load_model(m), unseen) for m in (tiny_oracle, base)])
-    rate = np.mean(scores < np.percentile(scores, 5.0, method="lower"))
+    scores = np.sort(np.subtract(*[document_nll(*load_model(m), unseen)
+                                   for m in (tiny_oracle, base)]))
+    k = band_rank(len(scores))
+    assert of_oracle["never_seen"]["score_low"] == pytest.approx(scores[k - 1], abs=1e-6)
+    assert np.sum(scores < of_oracle["never_seen"]["score_low"]) == k - 1
+    rate = k / (len(scores) + 1)
     assert of_oracle["test"]["false_positive_rate"] == pytest.approx(rate)
     assert of_oracle["summary"]["false_positive_rate"] == pytest.approx(rate)
-    assert rate <= 0.05
     doc = of_oracle["documents"][0]
     assert doc["score"] == pytest.approx(doc["loss_after"] - doc["loss_judge"])

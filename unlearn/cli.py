@@ -188,8 +188,9 @@ def cmd_audit(args) -> None:
     print(f"{s['documents']} forget documents: {s['forgotten']} forgotten, {s['partly']} "
           f"partly, {s['remembered']} remembered ({s['over_unlearned']} over-unlearned)")
     print(f"judged against {test['judge'] or 'the never-seen documents alone (no judge model)'}:"
-          f" {100 * test['false_positive_rate']:.1f}% of {test['never_seen_documents']} "
-          f"never-seen documents would be called remembered")
+          f" a document never seen is called remembered with probability "
+          f"{100 * test['false_positive_rate']:.1f}% (the rank rule over "
+          f"{test['never_seen_documents']} never-seen documents)")
     for name, after in s["relearned"].items():
         print(f"relearned {name}: knowledge {after['knowledge']}, "
               f"regurgitation {after['regurgitation']}")

@@ -92,7 +92,7 @@ def meta_model(model_dir):
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
-    model.tie_weights()  # built on the meta device, tied embeddings come untied: one copy, as loaded
+    model.tie_weights()  # on the meta device tied embeddings come untied: one copy, as loaded
     return model
 
 

@@ -15,9 +15,10 @@ same way under both models, are the null distribution. The judge is the oracle w
 was fine-tuned from, ``target.json``'s base), else none: the score is then the loss itself,
 judged against never-seen text of whatever kind the MIA set holds.
 
-* ``remembered``: its score lies below the null's 5th percentile (so at most 5% of never-seen
-  documents would be called remembered: the false-positive rate every receipt states, with the
-  judge it used), or a question is still answered exactly, or a PII value still comes out;
+* ``remembered``: its score lies below the null's k-th lowest, k chosen so that a document
+  never seen has at most a 5% chance to fall there (k / (n + 1) for n never-seen documents: the
+  false-positive rate every receipt states, with the judge it used; :func:`band_rank`), or a
+  question is still answered exactly, or a PII value still comes out;
 * ``forgotten``: its score lies within the null's central 90%, its continuation is regurgitated
   no more than the 95th percentile of never-seen documents' continuations, and nothing is
   answered or leaked;
@@ -101,14 +102,20 @@ def never_seen_band(model, tokenizer, documents: list[str], max_new_tokens: int,
     expected = [" ".join(w[len(w) // 2:]) for w in halves]
     written = greedy_generate(model, tokenizer, prompts, max_new_tokens, desc="never seen")
     recall = [regurgitation(e, g.text) for e, g in zip(expected, written)]
-    # the sample quantiles at or beyond each end, so that no more than LOW % of never-seen
-    # documents fall below the low one, however few there are
-    low = float(np.percentile(scores, LOW, method="lower"))
+    ranked, k = np.sort(scores), band_rank(len(scores))
     return {"count": len(documents), "losses": losses, "scores": scores,
-            "score_low": low, "score_high": float(np.percentile(scores, HIGH, method="higher")),
-            # what the rule calls remembered among documents known never to have been seen
-            "false_positive_rate": float(np.mean(scores < low)),
+            "score_low": float(ranked[k - 1]), "score_high": float(ranked[-k]),
+            "false_positive_rate": k / (len(scores) + 1),
             "regurgitation_high": float(np.percentile(recall, HIGH))}
+
+
+def band_rank(n: int) -> int:
+    """The rank k of the low threshold among ``n`` never-seen scores: a document is called
+    remembered below the k-th lowest. A document that was never seen either is exchangeable with
+    those ``n``, so its rank among the n + 1 is uniform and it falls below with probability
+    exactly k / (n + 1) (the conformal bound): the largest k keeping that within LOW %, at least
+    1 (then the rate is 1 / (n + 1), above LOW % under 19 documents, and the receipt says so)."""
+    return max(1, int(LOW / 100 * (n + 1)))
 
 
 def verdict(doc: dict, band: dict) -> str:
