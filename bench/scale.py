@@ -66,8 +66,14 @@ def build_model(shape: str, tokenizer_dir: str, out: Path) -> Path:
 
 
 def peak_mb() -> float:
+    """GPU: torch's peak allocation. CPU: this process's peak resident set since it started its
+    program (Linux's VmHWM; ``ru_maxrss`` would carry the parent's resident set across exec)."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
+    status = Path("/proc/self/status")
+    if status.is_file():
+        line = next(t for t in status.read_text().splitlines() if t.startswith("VmHWM:"))
+        return int(line.split()[1]) / 2**10
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
 
 

@@ -88,10 +88,12 @@ class MemoryPlan:
 
 
 def meta_model(model_dir):
-    """The model of ``model_dir``'s config with no memory behind its weights."""
+    """The model of ``model_dir``'s config with no memory behind its weights, in fp32 as a run
+    loads it (accelerate's sizes never round a dtype up: a bf16 checkpoint planned in its own
+    dtype would count half the weights a run holds)."""
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.tie_weights()  # on the meta device tied embeddings come untied: one copy, as loaded
     return model
 
