@@ -130,14 +130,16 @@ def _layer_widths(model) -> list[int]:
             for layer in decoder_layers(model)]
 
 
-def _activations(model, config: UnlearnConfig, references_logits: int) -> dict[str, int]:
-    """Bytes of one micro-batch's forward kept for backward, and of its logits."""
+def _activations(model, config: UnlearnConfig, references_logits: int,
+                 rows_per_batch_row: int = 1) -> dict[str, int]:
+    """Bytes of one micro-batch's forward kept for backward, and of its logits; a micro-batch
+    holds ``rows_per_batch_row × batch_size`` rows (:attr:`Method.rows_per_batch_row`)."""
     layers, widths = decoder_layers(model), _layer_widths(model)
     training = [i for i, layer in enumerate(layers)
                 if any(p.requires_grad for p in layer.parameters())]
     lowest = (0 if model.get_input_embeddings().weight.requires_grad
               else training[0] if training else len(layers))
-    tokens = config.batch_size * config.max_len
+    tokens = rows_per_batch_row * config.batch_size * config.max_len
     width = 2 if resolve_precision(config.precision) == "bf16" else FP32
     hidden = model.get_input_embeddings().embedding_dim
     if config.gradient_checkpointing:  # each layer's input, and one layer recomputed at a time
@@ -179,7 +181,8 @@ def plan_run(method: type[Method], config: UnlearnConfig, model_dir, teacher=Non
     frozen_copy = bool(set(method.reference) & {"logits", "hidden"}) and not config.lora
     # frozen models load in the run's precision (accel.frozen_dtype)
     frozen = torch.bfloat16 if resolve_precision(config.precision) == "bf16" else torch.float32
-    transient = _activations(model, config, ("logits" in method.reference) + (teacher is not None))
+    transient = _activations(model, config, ("logits" in method.reference) + (teacher is not None),
+                             method.rows_per_batch_row)
     parts = {
         "weights": _weights(trained) // share + (largest if sharded else 0),
         "gradients": trainable * GRADIENT // share,

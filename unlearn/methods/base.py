@@ -176,6 +176,9 @@ class Method:
     #: what the method reads of the frozen source model (:data:`losses.NEEDS`): "logits"
     #: (KL), "hidden" (RMU), "forget_logprob" (NPO)
     reference: ClassVar[tuple[str, ...]] = ()
+    #: rows one micro-batch holds per ``batch_size`` row: the default :meth:`stages` pairs each
+    #: forget row with a retain row (2); methods whose steps hold ``batch_size`` rows in all set 1
+    rows_per_batch_row: ClassVar[int] = 2
 
     def __init__(self, config: UnlearnConfig):
         self.config = config

@@ -20,6 +20,8 @@ class GradientAscent(Method):
     reference = ("teacher",)  # forget rows drawn to it when the run has one
     small_target = dict(lr=1e-4)
 
+    rows_per_batch_row = 1  # a step's rows are batch_size rows in all
+
     def stages(self, forget, retain, rng):
         return super().stages(forget, [], rng)  # no retain rows: they would only cost compute
 

@@ -73,6 +73,8 @@ class SHA256(Method):
         self.reference_losses: list[float] = []  # each first-epoch batch's retain loss
         self.reference_rows = 0  # and the retain rows they held
 
+    rows_per_batch_row = 1  # a step's rows are batch_size rows in all
+
     def stages(self, forget, retain, rng: random.Random):
         per_step = self.config.batch_size * self.config.grad_accum
         epochs = []

@@ -70,6 +70,8 @@ class SUGD(Method):
     small_target_with_teacher = dict(lr=9e-4, epochs=4, positive_factor=1.85,
                                      anchor_weight=0.3, teacher="auto")
 
+    rows_per_batch_row = 1  # a step's rows are batch_size rows in all
+
     def stages(self, forget, retain, rng):
         c = self.config
         retain_cycle = itertools.cycle(retain) if retain else None
