@@ -2,12 +2,13 @@
 before any output exists, a run that cannot fit, naming the settings that would."""
 
 import json
+import random
 
 import pytest
 
 from unlearn import MemoryPlanError, memory_plan, plan, run
 from unlearn.cli import main
-from unlearn.methods import get_method
+from unlearn.methods import METHODS, get_method
 from unlearn.models import load_model
 from unlearn.plan import FP32, HEADROOM, plan_run
 
@@ -77,3 +78,14 @@ def test_a_run_that_cannot_fit_is_refused_before_any_output(tiny_target, synth_d
     record = run("gd", tiny_target[0], synth_dir, tmp_path / "m", mia=None, epochs=1, lora=True)
     assert json.loads((tmp_path / "m" / "run.json").read_text())["memory_plan"] == (
         record["memory_plan"])  # the suggestion runs
+
+
+@pytest.mark.parametrize("name", sorted(set(METHODS) - {"merge"}))  # merge: two npo_kl runs
+def test_the_plan_holds_as_many_rows_as_a_micro_batch_holds(name):
+    """The activations are planned for ``rows_per_batch_row × batch_size`` rows: what the
+    method's steps put in one micro-batch (GD pairs each forget row with a retain row)."""
+    method = get_method(name)
+    config = method.Config().override(batch_size=4, grad_accum=1, epochs=1)
+    stages = method(config).stages(list(range(12)), list(range(100, 160)), random.Random(0))
+    steps = [step for stage in stages for epoch in stage for step in epoch]
+    assert max(len(step) for step in steps) == method.rows_per_batch_row * 4

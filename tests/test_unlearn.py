@@ -571,6 +571,8 @@ def test_merge_combines_two_adapters_with_ties_or_linear(tiny_target, synth_dir,
     assert set(ties["adapters"]) == {"a", "b"}
     assert ties["adapters"]["a"]["config"]["w_npo"] == 0.4
     assert ties["adapters"]["b"]["config"]["w_ce"] == 0.4
+    # what `unlearn run` prints and bench/scale.py reads of every run, a merge has too
+    assert ties["steps"] >= ties["steps_trained"] > 0 and ties["memory_plan"]["peak_mb"] > 0
     a, b, original = _state(tmp_path / "ties"), _state(tmp_path / "linear"), _state(tiny_target[0])
     assert set(a) == set(original)  # merged into plain weights
     changed = [k for k in original if not torch.equal(a[k], original[k])]

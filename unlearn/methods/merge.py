@@ -71,6 +71,9 @@ class Merge(Method):
                                                         "selection")}
                                for k, v in records.items()},
                   "train_seconds": sum(r["train_seconds"] for r in records.values()),
+                  **{k: sum(r[k] for r in records.values()) for k in ("steps", "steps_trained")},
+                  # each adapter's run was planned and checked; they run one after the other
+                  "memory_plan": records["a"]["memory_plan"],
                   "trainable_parameters": records["a"]["trainable_parameters"] * 2,
                   "peak_memory_mb": max(r["peak_memory_mb"] for r in records.values()),
                   "wall_seconds_this_run": time.perf_counter() - started,
