@@ -74,3 +74,29 @@ def test_mmlu_takes_the_likeliest_letter_after_the_prompt(tokenizer):
     expected = [q.answer == chosen for q in questions]
     assert mmlu_correct(model, tokenizer, questions) == expected
     assert sum(expected) == 2
+
+
+def test_mmlu_shows_five_dev_questions_and_drops_shots_until_the_prompt_fits(tokenizer, tmp_path):
+    from unlearn.data.mmlu import load_mmlu, write_questions
+    from unlearn.measure.mmlu import prompt_ids
+    (tmp_path / "test").mkdir()
+    (tmp_path / "dev").mkdir()
+    dev = [Question("x", f"Dev {i} ?", ("a", "b", "c", "d"), "B") for i in range(6)]
+    write_questions(tmp_path / "dev" / "world_facts_dev.csv", dev)
+    write_questions(tmp_path / "test" / "world_facts_test.csv",
+                    [Question("x", "Test ?", ("a", "b", "c", "d"), "C")])
+    [question] = load_mmlu(tmp_path)
+    assert [s.question for s in question.shots] == [f"Dev {i} ?" for i in range(5)]
+    assert question.prompt.startswith(
+        "The following are multiple choice questions (with answers) about  world facts.\n\n"
+        "Dev 0 ?\nA. a\nB. b\nC. c\nD. d\nAnswer: B\n\nDev 1 ?")
+    assert question.prompt.endswith("Dev 4 ?\nA. a\nB. b\nC. c\nD. d\nAnswer: B\n\n"
+                                    "Test ?\nA. a\nB. b\nC. c\nD. d\nAnswer:")
+    sizes = [len(tokenizer(question.prompt_with(k), add_special_tokens=False).input_ids)
+             for k in range(6)]
+    assert prompt_ids(tokenizer, question, sizes[5]) == tokenizer(
+        question.prompt, add_special_tokens=False).input_ids
+    # one token short of all five shots: the harness drops the last shot, then tries again
+    assert len(prompt_ids(tokenizer, question, sizes[5] - 1)) == sizes[4]
+    # too long even alone: its end, the question, is kept
+    assert len(prompt_ids(tokenizer, question, sizes[0] - 3)) == sizes[0] - 3

@@ -1,19 +1,23 @@
 """Multiple-choice questions in MMLU's CSV format: ``question, A, B, C, D, answer`` with no header.
 
-A directory of such files is read whole (real MMLU's ``test/`` folder when there is one). The
-prompt is MMLU's zero-shot format; a model answers with the option letter of highest probability.
+A directory of such files is read whole (real MMLU's ``test/`` folder when there is one). Prompts
+are those of the MMLU harness the organisers ran (open-instruct's ``run_mmlu.py``): five answered
+questions of the subject from ``dev/{subject}_dev.csv`` when that folder is there (its
+``--ntrain`` default), none otherwise; a model answers with the option letter of highest
+probability.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .lume import DataError, read_text
 
 LETTERS = ("A", "B", "C", "D")
+SHOTS = 5  # answered dev questions before each test question: the harness's --ntrain default
 HEADER = ["question", "A", "B", "C", "D", "answer"]
 
 
@@ -23,13 +27,24 @@ class Question:
     question: str
     choices: tuple[str, str, str, str]
     answer: str  # one of LETTERS
+    shots: tuple[Question, ...] = ()  # the subject's answered dev questions, shown first
+
+    def _example(self) -> str:
+        options = "".join(f"\n{letter}. {choice}" for letter, choice in zip(LETTERS, self.choices))
+        return f"{self.question}{options}\nAnswer:"
+
+    def prompt_with(self, shots: int) -> str:
+        """The harness's prompt with the first ``shots`` dev questions answered before this one.
+        Its subject is each word of the file name after a space, hence two spaces after
+        "about", as the harness writes it."""
+        subject = "".join(" " + word for word in self.subject.split("_"))
+        header = f"The following are multiple choice questions (with answers) about {subject}.\n\n"
+        answered = "".join(f"{s._example()} {s.answer}\n\n" for s in self.shots[:shots])
+        return header + answered + self._example()
 
     @property
     def prompt(self) -> str:
-        subject = self.subject.replace("_", " ")
-        options = "\n".join(f"{letter}. {choice}" for letter, choice in zip(LETTERS, self.choices))
-        return (f"The following are multiple choice questions (with answers) about {subject}."
-                f"\n\n{self.question}\n{options}\nAnswer:")
+        return self.prompt_with(len(self.shots))
 
     @property
     def text(self) -> str:
@@ -64,8 +79,19 @@ def read_questions(path: Path) -> list[Question]:
     return questions
 
 
+def _with_shots(test_file: Path, questions: list[Question]) -> list[Question]:
+    """``questions`` each preceded by the first ``SHOTS`` questions of the subject's dev file
+    (``dev/{subject}_dev.csv`` beside ``test/``), when there is one."""
+    dev = test_file.parent.parent / "dev" / f"{_subject(test_file)}_dev.csv"
+    if test_file.parent.name != "test" or not dev.is_file():
+        return questions
+    shots = tuple(read_questions(dev)[:SHOTS])
+    return [replace(q, shots=shots) for q in questions]
+
+
 def load_mmlu(directory: str | Path) -> list[Question]:
-    """All questions of an MMLU-format directory (its ``test/`` subfolder when present)."""
+    """All questions of an MMLU-format directory (its ``test/`` subfolder when present, with
+    the subject's ``dev/`` questions as shots when that folder is there)."""
     directory = Path(directory)
     if (directory / "test").is_dir():
         directory = directory / "test"
@@ -73,7 +99,7 @@ def load_mmlu(directory: str | Path) -> list[Question]:
     if not files:
         raise DataError([f"{directory}: no .csv files; an MMLU directory holds CSVs of "
                          f"question, A, B, C, D, answer"])
-    questions = [q for path in files for q in read_questions(path)]
+    questions = [q for path in files for q in _with_shots(path, read_questions(path))]
     if not questions:
         raise DataError([f"{directory}: the CSV files hold no questions"])
     return questions

@@ -9,9 +9,23 @@ from ..data.mmlu import LETTERS, Question
 from ..models.sequences import context_window, length_sorted_batches, pad
 
 
+MAX_PROMPT_TOKENS = 2048  # the harness drops shots until a prompt fits this
+
+
 def letter_token_ids(tokenizer) -> list[int]:
-    """Token of each answer letter as it follows ``Answer:`` (with its leading space)."""
-    return [tokenizer(" " + letter, add_special_tokens=False).input_ids[0] for letter in LETTERS]
+    """Token of each answer letter as it follows ``Answer:``: the last token of the letter
+    with its leading space (a tokenizer may give the space a token of its own)."""
+    return [tokenizer(" " + letter, add_special_tokens=False).input_ids[-1] for letter in LETTERS]
+
+
+def prompt_ids(tokenizer, question: Question, limit: int) -> list[int]:
+    """The question's prompt as the harness tokenizes it (no special tokens), with as many of
+    its shots as fit ``limit`` tokens; a prompt too long even without shots keeps its end."""
+    for shots in range(len(question.shots), -1, -1):
+        ids = tokenizer(question.prompt_with(shots), add_special_tokens=False).input_ids
+        if len(ids) <= limit:
+            return ids
+    return ids[-limit:]
 
 
 @torch.no_grad()
@@ -24,8 +38,8 @@ def mmlu_correct(model, tokenizer, questions: list[Question], max_tokens: int = 
                  max_rows: int = 32) -> list[bool]:
     """Per question, whether the letter with the highest logit is its answer."""
     letters = torch.tensor(letter_token_ids(tokenizer))
-    window = context_window(model)  # a prompt longer than this keeps its end, the question
-    seqs = [tokenizer(q.prompt).input_ids[-window:] for q in questions]
+    limit = min(MAX_PROMPT_TOKENS, context_window(model))
+    seqs = [prompt_ids(tokenizer, q, limit) for q in questions]
     correct = [False] * len(questions)
     for batch in tqdm(length_sorted_batches([len(s) for s in seqs], max_tokens, max_rows),
                       desc="mmlu", leave=False):
