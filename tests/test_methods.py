@@ -189,3 +189,48 @@ def test_rmu_steers_forget_activations_to_c_u_and_holds_retain_ones(tiny_target,
     assert (hidden[retain_tokens] - frozen[retain_tokens]).abs().max() > 0.01
     loss = method.loss(model, batch, Reference(frozen=reference))
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def _row_ce(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's cross-entropy over its output tokens, mean and sum, worked out here from the
+    logits."""
+    logits = model(input_ids=batch.ids, attention_mask=batch.mask).logits[:, :-1].float()
+    labels = batch.labels[:, 1:]
+    ce = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none", ignore_index=-100)
+    scored = labels != -100
+    return (ce * scored).sum(1) / scored.sum(1), (ce * scored).sum(1)  # mean and sum
+
+
+@torch.no_grad()
+def test_ga_and_gd_losses_are_their_formulas(tiny_target, synth_dir):
+    model, batch = _batch(tiny_target, synth_dir)
+    ce, _ = _row_ce(model, batch)
+    ga = get_method("ga")(get_method("ga").Config())
+    assert ga.loss(model, batch, Reference()).item() == pytest.approx(
+        -ce[:2].mean().item(), rel=1e-4)  # ascent on the forget rows, retain rows ignored
+    gd = get_method("gd")(get_method("gd").Config(retain_weight=2.0))
+    assert gd.loss(model, batch, Reference()).item() == pytest.approx(
+        -ce[:2].mean().item() + 2.0 * ce[2:].mean().item(), rel=1e-4)
+
+
+@torch.no_grad()
+def test_npo_kl_loss_is_its_weighted_formula(tiny_target, synth_dir):
+    """ZJUKLAB: w_npo·NPO(forget) + w_kl·KL(reference ‖ model on retain outputs) +
+    w_ce·CE(retain), each term worked out here."""
+    model, batch = _batch(tiny_target, synth_dir)
+    ce, ce_sum = _row_ce(model, batch)
+    reference = _perturbed(model)
+    ref, gap, beta = Reference(frozen=reference), [1.5, -0.5], 0.1
+    ref.forget_nll_sum = {batch.rows[i]: ce_sum[i].item() + gap[i] for i in range(2)}
+    npo = sum(-(2 / beta) * _log_sigmoid(-beta * g) for g in gap) / 2
+    log_q = F.log_softmax(reference(input_ids=batch.ids, attention_mask=batch.mask)
+                          .logits[:, :-1].float(), -1)
+    log_p = F.log_softmax(model(input_ids=batch.ids, attention_mask=batch.mask)
+                          .logits[:, :-1].float(), -1)
+    scored = batch.labels[:, 1:] != -100
+    scored[:2] = False
+    kl = (log_q.exp() * (log_q - log_p)).sum(-1)[scored].mean().item()
+    assert kl > 0.01
+    config = get_method("npo_kl").Config(beta=beta, w_npo=0.5, w_kl=0.3, w_ce=0.2)
+    loss = get_method("npo_kl")(config).loss(model, batch, ref).item()
+    assert loss == pytest.approx(0.5 * npo + 0.3 * kl + 0.2 * ce[2:].mean().item(), rel=1e-4)
