@@ -127,6 +127,16 @@ def test_resume_never_reuses_generations_of_another_model_or_setting(
                                  max_new_tokens=16)
     evaluate(tiny_target[0], synth_dir, tmp_path / "f", max_new_tokens=8, resume=True)
     assert _reused(tmp_path / "f") == set()
+    changed = tmp_path / "changed"  # the same files but one forget row's expected output
+    shutil.copytree(synth_dir, changed)
+    lines = (changed / "forget.jsonl").read_text().splitlines()
+    row = json.loads(lines[0])
+    lines[0] = json.dumps({**row, "output": row["output"] + " and more"})
+    (changed / "forget.jsonl").write_text("\n".join(lines) + "\n")
+    _interrupt_after_first_chunk(monkeypatch, tiny_target[0], synth_dir, tmp_path / "g",
+                                 max_new_tokens=16)
+    evaluate(tiny_target[0], changed, tmp_path / "g", max_new_tokens=16, resume=True)
+    assert _reused(tmp_path / "g") == set()
 
 
 def test_bad_inputs_fail_with_one_clear_error(tiny_target, synth_dir, tmp_path):

@@ -11,8 +11,14 @@ import pytest
 
 from unlearn.data.lume import Row, row_kind
 from unlearn.data.mmlu import Question
-from unlearn.measure.official import (aggregated_terms, final_scores, mia_auc, score_generations,
-                                      split_scores, task_aggregate)
+from unlearn.measure.official import (
+    aggregated_terms,
+    final_scores,
+    mia_auc,
+    score_generations,
+    split_scores,
+    task_aggregate,
+)
 
 GOLDEN = Path(__file__).parent / "data" / "official"
 EXACT = dict(rel=1e-12, abs=1e-12)

@@ -12,7 +12,8 @@ organisers' scripts (the copy adds ``--alphas``/``--layer_ids``, which only name
     git -C /tmp/official checkout 116bf41ab0680ee288d18d70d46d283599208cbc
     python3 -m venv /tmp/offvenv && /tmp/offvenv/bin/pip install torch==2.13.0 \\
         datasets pandas numpy rouge-score scikit-learn accelerate transformers
-    python tools/official_golden.py --official /tmp/official/evaluate --python /tmp/offvenv/bin/python
+    python tools/official_golden.py --official /tmp/official/evaluate \\
+        --python /tmp/offvenv/bin/python
 
 ``tests/test_official_golden.py`` checks the project's scorer against what this writes.
 """

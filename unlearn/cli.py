@@ -450,7 +450,7 @@ def _add_bench(sub) -> None:
 def _add_demo(sub) -> None:
     """``unlearn demo``: the main job on the synthetic benchmark."""
     d = _command(sub, "demo", "the main job on the embedded synthetic benchmark",
-                 "unlearn bench on the synthetic benchmark with SUGD, SHA256 and GD, sized for "
+                 "unlearn bench on the synthetic benchmark with SUGD and SHA256, sized for "
                  "a 2-core laptop (about 15 minutes); a second run reuses every finished stage.")
     d.add_argument("--out", default="runs/demo", help="directory to write (data, models, "
                    "leaderboard, report)")

@@ -1,7 +1,7 @@
 """The main job on the embedded default: synthesise the benchmark, build the pretrained base, the
-target and the oracle, unlearn the forget set with SUGD, SHA256 and a baseline, score every model
-the LUME way with the leak audit, audit every forget document and attack every model by
-relearning (``unlearn audit``), print the leaderboard and the report's path.
+target and the oracle, unlearn the forget set with the two seed systems (SUGD, SHA256), score
+every model the LUME way with the leak audit, audit every forget document and attack every model
+by relearning (``unlearn audit``), print the leaderboard and the report's path.
 
 It is ``unlearn bench`` on the synthetic data, with the target recipe sized to finish in about a
 quarter of an hour on a 2-core laptop; a second run reuses every finished stage.

@@ -8,7 +8,6 @@ from tqdm.auto import tqdm
 from ..data.mmlu import LETTERS, Question
 from ..models.sequences import context_window, length_sorted_batches, pad
 
-
 MAX_PROMPT_TOKENS = 2048  # the harness drops shots until a prompt fits this
 
 
