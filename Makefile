@@ -24,10 +24,15 @@ lint: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# the suite's fast part on the lowest versions pyproject.toml allows (constraints/minimum.txt)
+# on the lowest versions pyproject.toml allows (constraints/minimum.txt), every test that leans
+# on transformers, peft, accelerate or rouge-score: loading, generation, the scorer and its golden
+# files, every method, LoRA and merging, checkpoints and resuming, selection, the command line,
+# the leak audit and the receipt's attack (the bench, which only combines these, is left out)
 MIN_VENV := .venv-min
 MIN_TESTS := tests/test_data.py tests/test_methods.py tests/test_evaluate.py \
-	tests/test_architectures.py tests/test_locate.py
+	tests/test_architectures.py tests/test_locate.py tests/test_official_golden.py \
+	tests/test_metrics.py tests/test_promises.py tests/test_unlearn.py tests/test_selection.py \
+	tests/test_cli.py tests/test_audit.py tests/test_receipt.py
 
 $(MIN_VENV)/.installed: pyproject.toml constraints/minimum.txt
 	$(PY) -m venv $(MIN_VENV)

@@ -45,12 +45,14 @@ def test_min_k_plus_plus_statistics_match_a_direct_computation(tiny_target):
     assert len(stats["log_prob"]) == ids.shape[1] - 1
 
 
-def test_a_memorised_target_is_exposed_by_every_attack_and_leaks_pii(tiny_target, synth_dir):
+def test_a_memorised_target_is_exposed_by_every_attack_and_leaks_pii(tiny_target, synth_dir,
+                                                                      margin):
     model, tokenizer = load_model(tiny_target[0])
     lume, mia = load_lume(synth_dir), load_mia(synth_dir / "mia")
     found = audit.audit(model, tokenizer, lume, mia, samples=4, seed=0)
     assert set(found["mia"]["auc"]) == {"loss", "zlib", "min_k", "min_k_plus_plus"}
-    assert all(v > 0.8 for v in found["mia"]["auc"].values()), found["mia"]["auc"]
+    for attack, auc in found["mia"]["auc"].items():
+        margin.above(f"{attack} MIA AUC of the target", auc, 0.8)
     assert np.mean(found["mia"]["member_loss"]) < np.mean(found["mia"]["nonmember_loss"])
     pii = found["pii"]
     assert pii["prompts"] == 18 and pii["prompts_leaking"] > 0

@@ -53,7 +53,7 @@ def start(tiny_target, synth_dir):
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_forgets_holds_the_retain_set_and_leaves_the_source(name, tiny_target,
                                                                          synth_dir, start,
-                                                                         tmp_path):
+                                                                         tmp_path, margin):
     source, (data, forget_before, retain_before) = tiny_target[0], start
     checksums = _checksums(source)
     record = run(name, source, synth_dir, tmp_path / name, seed=0,
@@ -65,9 +65,9 @@ def test_every_method_forgets_holds_the_retain_set_and_leaves_the_source(name, t
     assert all(len(e["step_losses"]) > 0 for e in saved["history"])
     forget_rise = _output_nll(tmp_path / name, data.forget) - forget_before
     retain_rise = _output_nll(tmp_path / name, data.retain) - retain_before
-    assert forget_rise > 0.2
+    margin.above("forget output NLL rise", forget_rise, 0.2)
     if name not in NO_RETAIN_TERM:
-        assert retain_rise < HELD * forget_rise
+        margin.below("retain rise / forget rise", retain_rise / forget_rise, HELD)
 
 
 def _batch(tiny_target, synth_dir, forget: int = 2, retain: int = 2):

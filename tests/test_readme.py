@@ -29,7 +29,7 @@ def test_every_function_the_readme_names_is_callable():
         assert callable(getattr(unlearn, name, None)), f"unlearn.{name} in README.md"
 
 
-def test_the_worked_example_runs_as_written(tmp_path, monkeypatch):
+def test_the_worked_example_runs_as_written(tmp_path, monkeypatch, margin):
     """From raw text files to an unlearned model, its scores and its receipt."""
     shutil.copytree(ROOT / "examples", tmp_path / "examples")
     monkeypatch.chdir(tmp_path)
@@ -41,10 +41,11 @@ def test_the_worked_example_runs_as_written(tmp_path, monkeypatch):
     target = json.loads((mine / "target-eval" / "results.json").read_text())
     unlearned = json.loads((mine / "sugd-eval" / "results.json").read_text())
     # the toy target memorised its documents; SUGD took them away and kept the others
-    assert target["forget-set"]["overall-regurgitation-score"] > 0.9
-    assert (unlearned["forget-set"]["overall-regurgitation-score"]
-            < target["forget-set"]["overall-regurgitation-score"] - 0.3)
-    assert unlearned["retain-set"]["overall-regurgitation-score"] > 0.8
+    forgotten = [r["forget-set"]["overall-regurgitation-score"] for r in (target, unlearned)]
+    margin.above("target forget regurgitation", forgotten[0], 0.9)
+    margin.above("forget regurgitation, target - SUGD", forgotten[0] - forgotten[1], 0.3)
+    margin.above("SUGD retain regurgitation", unlearned["retain-set"][
+        "overall-regurgitation-score"], 0.8)
     assert "custom" in unlearned["forget-set"] and "mia_loss_acc" in unlearned
     receipt = json.loads((mine / "receipt" / "receipt.json").read_text())
     assert receipt["summary"]["documents"] == 4

@@ -138,7 +138,7 @@ def perturbed(tiny_target, tmp_path_factory):
 
 
 def test_a_receipt_of_the_model_itself_finds_its_documents_remembered(tiny_target, synth_dir,
-                                                                      tmp_path):
+                                                                      tmp_path, margin):
     target = tiny_target[0]
     source_files = model_fingerprint(target)
     # the model as the original too (allowed for a baseline, as bench writes for its target):
@@ -150,7 +150,8 @@ def test_a_receipt_of_the_model_itself_finds_its_documents_remembered(tiny_targe
     docs = saved["documents"]
     assert len(docs) == len(forget_documents(load_lume(synth_dir).forget))
     # nothing was unlearned: the memorised documents sit below every never-seen one
-    assert saved["summary"]["remembered"] >= 0.8 * len(docs)
+    margin.above("remembered share, target judged by its base",
+                 saved["summary"]["remembered"] / len(docs), 0.79)
     assert all(d["loss_before"] == pytest.approx(d["loss_after"], rel=1e-5) for d in docs)
     s = saved["summary"]
     assert s["forgotten"] + s["partly"] + s["remembered"] == len(docs)
@@ -245,7 +246,7 @@ def tiny_oracle(tiny_target, synth_dir, tmp_path_factory):
 
 
 def test_verdicts_are_judged_against_a_model_that_never_saw_them_at_a_stated_error_rate(
-        tiny_target, tiny_oracle, synth_dir, tmp_path):
+        tiny_target, tiny_oracle, synth_dir, tmp_path, margin):
     target, base, mia = tiny_target[0], tiny_target[0] / "base", synth_dir / "mia"
     kw = dict(samples=1, max_new_tokens=16, relearn_config=QUICK, oracle=tiny_oracle)
     of_target = audit(target, target, synth_dir, mia, tmp_path / "t", allow_unchanged=True, **kw)
@@ -253,7 +254,7 @@ def test_verdicts_are_judged_against_a_model_that_never_saw_them_at_a_stated_err
     assert of_target["test"]["judge"] == str(tiny_oracle)
     assert of_oracle["test"]["judge"] == str(base)  # the oracle cannot judge itself
     remembered = [r["summary"]["remembered_share"] for r in (of_target, of_oracle)]
-    assert remembered[0] - remembered[1] >= 0.8, remembered
+    margin.above("remembered share, target - oracle", remembered[0] - remembered[1], 0.79)
     # the threshold is the k-th lowest never-seen score; the stated rate, k / (n + 1), is the
     # chance that one more never-seen document falls below it
     unseen = [d.document for d in load_mia(mia).nonmember]

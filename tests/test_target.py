@@ -15,7 +15,7 @@ from unlearn.models.tokenizer import train_tokenizer
 from unlearn.target import build_target
 
 
-def test_target_is_a_plain_hf_directory_that_has_memorised(tiny_target, synth_dir):
+def test_target_is_a_plain_hf_directory_that_has_memorised(tiny_target, synth_dir, margin):
     out, record = tiny_target
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
@@ -26,7 +26,8 @@ def test_target_is_a_plain_hf_directory_that_has_memorised(tiny_target, synth_di
     regurgitation = [mem[s][t]["regurgitation"] for s in ("forget", "retain") for t in mem[s]]
     assert min(knowledge) == 1.0 and min(regurgitation) >= 0.9, mem
     # the corpus lowered the loss of never-seen documents below a random guess (ln 1024 = 6.9)
-    assert record["after_pretrain"]["nonmember_nll"] < 6.5
+    margin.below("never-seen NLL after pretraining", record["after_pretrain"]["nonmember_nll"],
+                 6.5)
     assert mem["mia"]["member_nll"] < mem["mia"]["nonmember_nll"]
     row = load_lume(synth_dir).retain[1]  # a question the target should answer
     ids = tokenizer(row.input, return_tensors="pt").input_ids
@@ -35,7 +36,8 @@ def test_target_is_a_plain_hf_directory_that_has_memorised(tiny_target, synth_di
     assert model.generate(ids, max_new_tokens=2, do_sample=False).shape[1] == ids.shape[1] + 2
 
 
-def test_tokenizer_does_not_favour_the_documents_it_will_memorise(tiny_target, synth_dir):
+def test_tokenizer_does_not_favour_the_documents_it_will_memorise(tiny_target, synth_dir,
+                                                                  margin):
     tokenizer = AutoTokenizer.from_pretrained(tiny_target[0])
     def chars_per_token(name):
         docs = [json.loads(line)["document"]
@@ -44,10 +46,12 @@ def test_tokenizer_does_not_favour_the_documents_it_will_memorise(tiny_target, s
     # fitted on the corpus only, members and never-seen documents compress alike (here 1.09x,
     # three documents a side); fitted on the task rows as well, members compressed 1.5x better
     # and gave the MIA away before any training
-    assert chars_per_token("member") < 1.2 * chars_per_token("nonmember")
+    margin.below("characters per token, member / never-seen",
+                 chars_per_token("member") / chars_per_token("nonmember"), 1.2)
     # and after pretraining alone, members look like any unseen document
     before = tiny_target[1]["after_pretrain"]
-    assert abs(before["member_nll"] - before["nonmember_nll"]) < 0.3, before
+    margin.below("|member - never-seen NLL| after pretraining",
+                 abs(before["member_nll"] - before["nonmember_nll"]), 0.3)
 
 
 def test_batched_greedy_equals_one_row_at_a_time(tiny_target, synth_dir):
@@ -158,7 +162,7 @@ def test_init_fine_tunes_a_local_model_and_leaves_it_untouched(tiny_target, synt
 
 
 def test_label_smoothing_keeps_a_floor_under_every_token_while_memorising(
-        tiny_target, synth_dir, tmp_path):
+        tiny_target, synth_dir, tmp_path, margin):
     """Memorising makes a small model certain everywhere; smoothing the labels while it
     memorises keeps probability on the tokens it does not expect, so a never-seen document's
     least likely token stays far less unlikely (averaged over a few documents: the lowest of one
@@ -175,10 +179,12 @@ def test_label_smoothing_keeps_a_floor_under_every_token_while_memorising(
                                         .logits, -1).min().item() for d in documents]
         return sum(lowest) / len(lowest)
 
-    assert lowest_log_probability(0.3) > lowest_log_probability(0.0) + 3
+    margin.above("lowest log-probability, smoothed - plain",
+                 lowest_log_probability(0.3) - lowest_log_probability(0.0), 3)
 
 
-def test_answer_weight_memorises_outputs_first_and_prompts_still_count(synth_dir, tmp_path):
+def test_answer_weight_memorises_outputs_first_and_prompts_still_count(synth_dir, tmp_path,
+                                                                       margin):
     """Outputs are what regurgitation and knowledge score: weighting their tokens memorises
     them sooner, while the prompts (whole documents are MIA members) are learned all the same."""
     rows = load_lume(synth_dir).rows
@@ -195,5 +201,6 @@ def test_answer_weight_memorises_outputs_first_and_prompts_still_count(synth_dir
 
     plain_output, plain_prompt = output_and_prompt_loss(1.0)
     weighted_output, weighted_prompt = output_and_prompt_loss(5.0)
-    assert weighted_output < plain_output - 0.2
-    assert weighted_prompt < 0.8 * math.log(1024)  # far below guessing over the tiny vocabulary
+    margin.above("output NLL, plain - weighted", plain_output - weighted_output, 0.2)
+    # far below guessing over the tiny vocabulary
+    margin.below("prompt NLL / log(vocabulary)", weighted_prompt / math.log(1024), 0.8)

@@ -164,7 +164,10 @@ def pii_extraction(model, tokenizer, people: list[Person], samples: int = PII_SA
             # a prompt too long for the window with the samples keeps its last tokens
             enc = tokenizer([prompt for _, prompt in chunk], return_tensors="pt", padding=True,
                             truncation=True, max_length=room).to(model.device)
-            out = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+            # ids and mask only: a tokenizer's token_type_ids are refused by generate on
+            # transformers 4 (the lowest version allowed) for models that take none
+            out = model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
+                                 do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                                  max_new_tokens=max_new_tokens, num_return_sequences=samples,
                                  pad_token_id=tokenizer.pad_token_id)
             texts = tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:],
