@@ -174,7 +174,8 @@ def audit(model: str | Path, original: str | Path, data: str | Path, mia: str | 
           seed: int = 0, samples: int = PII_SAMPLES, max_new_tokens: int = 256,
           relearn_config: RelearnConfig | None = None, attacks: dict | None = None,
           evaluation: str | Path | None = None, allow_unchanged: bool = False,
-          reference: str | Path | None = "auto", dtype: str = "auto") -> dict:
+          reference: str | Path | None = "auto", dtype: str = "auto",
+          planned: tuple[str, MemoryPlan] | None = None) -> dict:
     """Write ``out/receipt.json`` and ``out/receipt.html`` for the unlearned ``model``: a
     verdict per forget document of ``data`` (rule: module docstring and README), judged against
     the never-seen documents of the MIA set ``mia``, with its loss under ``original`` (the model
@@ -192,15 +193,14 @@ def audit(model: str | Path, original: str | Path, data: str | Path, mia: str | 
     (a copy of it counts as it). ``allow_unchanged=True`` lets ``model`` be ``original``:
     ``unlearn bench`` audits its target so, beside the methods, and shows a method that kept
     the untouched model as such. Every model directory and the seed are checked before any
-    work. ``reference`` is the judge when there is no oracle, or the oracle is ``model`` (see
-    the module docstring; "auto": the base ``original`` was fine-tuned from; None: none).
-    Models compute in ``dtype`` (as ``unlearn eval --dtype``); the attack's mode and memory:
-    :func:`attack_plan`."""
+    work. ``reference`` is the judge without an oracle or when the oracle is ``model`` (module
+    docstring; "auto": the base ``original`` was fine-tuned from; None: none). Models compute in
+    ``dtype``; the attack's mode and plan: ``planned``, else made by :func:`attack_plan`."""
     started = time.perf_counter()
     check_seed(seed)
     _check_roles(model, original, oracle, allow_unchanged)
     config, compute = relearn_config or RelearnConfig(), inference_dtype(dtype)
-    mode, plan = attack_plan(original, config, compute)
+    mode, plan = planned or attack_plan(original, config, compute)
     claim_output(out, AUDIT, {"--model": model, "--original": original, "--data": data,
                               "--mia": mia, "--oracle": oracle, "--evaluation": evaluation})
     lume, unseen = load_lume(data, split), [d.document for d in load_mia(mia).nonmember]

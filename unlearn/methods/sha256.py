@@ -66,14 +66,13 @@ class SHA256(Method):
     small_target = dict(layers="0-2", lr=1e-3, batch_size=8, grad_accum=2, epochs=12,
                         forget_target="auto", select="auto", average="rows",
                         retain_reference="batches")
+    rows_per_batch_row = 1  # a step's rows are batch_size rows in all
 
     def __init__(self, config):
         super().__init__(config)
         self.epoch = 0
         self.reference_losses: list[float] = []  # each first-epoch batch's retain loss
         self.reference_rows = 0  # and the retain rows they held
-
-    rows_per_batch_row = 1  # a step's rows are batch_size rows in all
 
     def stages(self, forget, retain, rng: random.Random):
         per_step = self.config.batch_size * self.config.grad_accum
