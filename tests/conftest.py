@@ -5,6 +5,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars are for people, not 
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState, GradientState
 
 from unlearn import accel
 from unlearn.data import synthesize
@@ -66,11 +67,16 @@ def pytest_collection_modifyitems(items):
 
 
 @pytest.fixture(autouse=True)
-def denormals_restored():
-    """CPU training flushes denormals to zero for speed (``accel.make_accelerator``); a test
-    that trained must not hand that setting to the next one."""
+def global_state_restored():
+    """A test that trained must not hand its process-wide settings to the next one: CPU training
+    flushes denormals to zero for speed (``accel.make_accelerator``), and accelerate keeps one
+    state per process (its mixed precision, its dataloaders' gradient state). Cleared the way
+    accelerate's own ``AccelerateTestCase`` clears it, so no test passes only after another."""
     yield
     torch.set_flush_denormal(False)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    accel._precision_in_use.clear()
 
 
 @pytest.fixture(scope="session")
