@@ -16,6 +16,7 @@ from unlearn.data import load_lume, load_mia
 from unlearn.engine import resolve_config, run
 from unlearn.methods import Example, get_method
 from unlearn.methods.losses import Batch, Outputs, Reference, forget_term, forward
+from unlearn.methods.trainable import select_parameters
 from unlearn.models import load_model
 from unlearn.models.layers import decoder_layers
 from unlearn.selection import calibration_split, never_seen_level
@@ -197,6 +198,22 @@ def test_last_k_layers_full_fine_tuning_touches_nothing_else(tiny_target, synth_
     after, original = _state(tmp_path / "u"), _state(tiny_target[0])
     changed = {k for k in original if not torch.equal(after[k], original[k])}
     assert changed and all(k.startswith("model.layers.3.mlp.") for k in changed), changed
+
+
+def test_sugd_paper_trains_outside_the_decoder_layers_as_its_code_does(tiny_target):
+    """SUGD's notebook freezes decoder layers below the last k and nothing else: embeddings,
+    final norm and head train (bench/fidelity.py matches their losses only so)."""
+    paper, _ = resolve_config(get_method("sugd"), tiny_target[0], "paper", layers="last:2")
+    small, _ = resolve_config(get_method("sugd"), tiny_target[0], "small")
+    assert paper.train_outside and not small.train_outside
+    for config, outside in ((paper, True), (small, False)):
+        model = select_parameters(load_model(tiny_target[0])[0], config)
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert {n.split(".")[2] for n in trained if n.startswith("model.layers.")} == {"2", "3"}
+        # OLMo's norms have no weights; the head is tied to the embeddings here
+        assert ("model.embed_tokens.weight" in trained) is outside, trained
+    lora = select_parameters(load_model(tiny_target[0])[0], paper.override(lora=True))
+    assert all("lora_" in n for n, p in lora.named_parameters() if p.requires_grad)
 
 
 def test_lora_trains_adapters_only_and_saves_a_merged_model(tiny_target, synth_dir, tmp_path):

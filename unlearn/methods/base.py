@@ -47,7 +47,7 @@ class UnlearnConfig:
     ``trace`` file. ``modules`` is ``all``, ``mlp``, ``attn`` (those blocks of the chosen
     layers only) or a comma list of module names (``down_proj``). Everything outside the
     chosen layers (embeddings, final norm) stays frozen unless ``layers=all`` and
-    ``modules=all``.
+    ``modules=all``, or ``train_outside``.
 
     ``validation`` names a LUME directory: after each epoch the joint loss on it (CE of its
     retain rows minus CE of its forget rows) is recorded and the best epoch's weights are kept.
@@ -91,6 +91,10 @@ class UnlearnConfig:
     max_grad_norm: float = 1.0
     layers: str = "all"
     modules: str = "all"
+    # the embeddings, final norm and LM head train beside the chosen layers: what SUGD's code
+    # does, whose last-k freeze touches the decoder layers alone (with LoRA only adapters train,
+    # there as here)
+    train_outside: bool = False
     trace: str = ""  # trace.json (or its directory) for layers=auto
     lora: bool = False
     lora_r: int = 16

@@ -28,11 +28,16 @@ class SUGDConfig(UnlearnConfig):
     """The authors' code at their 7B settings (``configs/sequential_args.json``,
     ``methods/sequential.py``, ``SUGD.ipynb`` of iraklis07/llm-unlearning at 34b9a67): chunks of
     32, 7 retain rows per forget row at factor 0.5, 7 epochs per chunk at lr 1e-5 with a fresh
-    AdamW and linear decay per chunk, one row per step, full fine-tuning of the last 8 layers,
-    plain −CE on forget rows, no EOS appended to any row, the final model kept. Their LoRA
-    (``apply_lora``): r 16, α 64 on q, v, up and down projections. Where this differs from
-    their code: weights stay fp32 under bf16 autocast (theirs: bf16 weights, fp16 autocast);
-    prompts are masked by the prompt's own token count with special tokens (theirs without)."""
+    AdamW and linear decay per chunk, one row per step, full fine-tuning of the last 8 layers
+    and of everything outside the decoder layers (their freeze loop leaves the embeddings,
+    final norm and head trainable: ``train_outside``), plain −CE on forget rows, no EOS
+    appended to any row, the final model kept. ``bench/fidelity.py`` runs their code beside
+    this on one tiny target: the same loss at every step. Their LoRA (``apply_lora``): r 16,
+    α 64 on q, v, up and down projections of every layer (the last-k freeze is skipped then;
+    here ``layers`` still applies). Where this differs from their code: weights stay fp32
+    under bf16 autocast (theirs: bf16 weights, fp16 autocast); prompts are masked by the
+    prompt's own token count with special tokens (theirs without; OLMo's tokenizer adds
+    none, so the two agree)."""
 
     chunk_size: int = 32
     positive_ratio: int = 7
@@ -43,6 +48,7 @@ class SUGDConfig(UnlearnConfig):
     schedule: str = "linear"
     batch_size: int = 1
     lora_alpha: int = 64
+    train_outside: bool = True
     forget_target: str = "none"
     retain_eos: bool = False
     select: str = "none"
@@ -62,7 +68,8 @@ class SUGD(Method):
     # The small profile also keeps what from-scratch targets were measured with: 8 rows a step,
     # ascent bounded at the never-seen level, EOS on retain rows, the model selection picks.
     small_target = dict(layers="last:2", lr=1e-3, batch_size=8, lora_alpha=32,
-                        forget_target="auto", retain_eos=True, select="auto")
+                        train_outside=False, forget_target="auto", retain_eos=True,
+                        select="auto")
     # Where the target's base was kept: the best utility-adjusted share S that bench/search.py
     # found within a quarter of the target's training (docs/design.md, "Searching for the best
     # S"): forget rows drawn to that base, 4 epochs per chunk, the retain rows weighted up, a

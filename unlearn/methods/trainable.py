@@ -47,8 +47,9 @@ def select_parameters(model, config):
                           layers_to_transform=None if spec == "all" else chosen)
         return get_peft_model(model, lora)
     everything = spec == "all" and config.modules == "all"
+    inside = {id(p) for p in stack.parameters()}
     for p in model.parameters():
-        p.requires_grad_(everything)
+        p.requires_grad_(everything or (config.train_outside and id(p) not in inside))
     if not everything:
         for i in chosen:
             for name, p in stack[i].named_parameters():
