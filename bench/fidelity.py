@@ -16,10 +16,10 @@ apart against how far training moved them; writes ``bench/results/fidelity-<syst
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import subprocess
 import tarfile
-import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -34,14 +34,15 @@ HERE = Path(__file__).parent
 # Each system: its authors' repository and commit, and the settings both sides run with,
 # their paper values scaled to a 4-layer target and 12 forget rows so that a chunked run has
 # well over 50 steps and the weights move in them.
+SUGD_SETTINGS = {"chunk_size": 4, "positive_ratio": 2, "positive_factor": 0.5, "epochs": 2,
+                 "lr": 2e-4}
 SYSTEMS = {
     "sugd": {
         "repository": "iraklis07/llm-unlearning",
         "commit": "34b9a67574d9b0b2e86639df222cd35608972fd1",
-        "theirs": {"chunk_size": 4, "positive_ratio": 2, "positive_factor": 0.5, "epochs": 2,
-                   "lr": 2e-4, "k": 2, "seed": 0},
-        "ours": {"chunk_size": 4, "positive_ratio": 2, "positive_factor": 0.5, "epochs": 2,
-                 "lr": 2e-4, "layers": "last:2"},
+        # their notebook names the trained layers by a count k, the project by last:k
+        "theirs": {**SUGD_SETTINGS, "k": 2, "seed": 0},
+        "ours": {**SUGD_SETTINGS, "layers": "last:2"},
     },
 }
 
@@ -62,11 +63,8 @@ def authors_checkout(git_dir: Path, commit: str, work: Path) -> Path:
     if not dest.exists():
         archive = subprocess.run(["git", "--git-dir", str(git_dir), "archive", commit],
                                  check=True, capture_output=True).stdout
-        with tempfile.TemporaryDirectory() as tmp:
-            tar = Path(tmp) / "code.tar"
-            tar.write_bytes(archive)
-            with tarfile.open(tar) as t:
-                t.extractall(dest, filter="data")
+        with tarfile.open(fileobj=io.BytesIO(archive)) as t:
+            t.extractall(dest, filter="data")
     return dest
 
 

@@ -178,13 +178,13 @@ def cmd_audit(args) -> None:
     from .evaluation.receipt import attack_plan, audit
     config = RelearnConfig(steps=args.relearn_steps, lr=args.relearn_lr,
                            share=args.relearn_share, mode=args.relearn_mode)
-    planned = attack_plan(args.original, config, inference_dtype(args.dtype))
-    print(f"relearning attack: {planned[0]} fine-tuning; {planned[1].table()}")
+    mode, plan = attack_plan(args.original, config, inference_dtype(args.dtype))
+    print(f"relearning attack: {mode} fine-tuning; {plan.table()}")
     receipt = audit(args.model, args.original, args.data, args.mia, args.out,
                     oracle=args.oracle, split=args.split, seed=args.seed, samples=args.samples,
                     max_new_tokens=args.max_new_tokens, relearn_config=config,
                     evaluation=args.evaluation, reference=args.reference, dtype=args.dtype,
-                    planned=planned)
+                    planned=(mode, plan))
     s, test = receipt["summary"], receipt["test"]
     print(f"{s['documents']} forget documents: {s['forgotten']} forgotten, {s['partly']} "
           f"partly, {s['remembered']} remembered ({s['over_unlearned']} over-unlearned)")
