@@ -7,12 +7,14 @@
 Builds a randomly initialised model of the shape (the configs are written below: no download),
 saved in bf16 as released checkpoints are, and runs on it, each in a process of its own: `unlearn
 run` of every method for one epoch of the few rows (no selection), then `eval`, `audit` (its
-relearning attack included) and `locate` on a few facts. A random model writes nonsense, so the
-scores mean nothing; what is measured is that each command completes, its peak memory (CPU: the
-process's peak resident set; GPU: `torch.cuda.max_memory_allocated`) beside the plan the command
-printed before loading any weight, and its seconds. A run the plan refuses is recorded with the
-plan's reason and run again with what the refusal names first. Writes
-bench/results/scale-<device>-<shape>.json and prints one row per command.
+relearning attack included) and `locate` on a few facts (traced on the model's own answers).
+Every row of the data is first made longer than the longest length planned, so that batches are
+as large as the plans count them. A random model writes nonsense, so the scores mean nothing;
+what is measured is that each command completes, its peak memory (CPU: the process's peak
+resident set; GPU: `torch.cuda.max_memory_allocated`) beside the plan the command printed before
+loading any weight, and its seconds. A run the plan refuses is recorded with the plan's reason
+and run again with what the refusal names first. Writes bench/results/scale-<device>-<shape>.json
+and prints one row per command.
 """
 
 from __future__ import annotations
@@ -45,7 +47,13 @@ SHAPES = {  # the published configs' sizes (allenai/OLMo-1B-hf, OLMo-7B-hf, Meta
 }
 # a few steps each: one epoch of the few rows, no selection checks, short rows
 RUN_SETTINGS = ["epochs=1", "select=none", "max_len=128", "report_to=none"]
-METHOD_SETTINGS = {"sugd": ["positive_ratio=1"]}  # the paper's 7 retain rows per forget row
+METHOD_SETTINGS = {
+    "sugd": ["positive_ratio=1"],  # the paper's 7 retain rows per forget row
+    # 12 rows × 10 a step: two epochs of one step each, so that a step's activations meet
+    # AdamW's moments, made by the first step (the peak the plan counts)
+    "sha256": ["epochs=2", "grad_accum=1"],
+}
+LONG_WORDS = 600  # every row past the longest length planned (the attack's 512 tokens)
 MAX_NEW_TOKENS = 32
 TIMEOUT = 1200  # seconds a command may take before the rehearsal records it as timed out
 
@@ -62,6 +70,23 @@ def build_model(shape: str, tokenizer_dir: str, out: Path) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    return out
+
+
+def long_rows(data: str, out: Path) -> Path:
+    """A copy of ``data`` whose forget and retain rows each hold ``LONG_WORDS`` words (the
+    output repeated): every batch as long as the plan counts it, as a real corpus's documents
+    are (the synthetic rows of 6-80 words measured runs and attacks far below their plans)."""
+    if not (out / "forget.jsonl").is_file():
+        shutil.copytree(data, out, dirs_exist_ok=True)
+        for split in ("forget", "retain"):
+            path = out / f"{split}.jsonl"
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            for row in rows:
+                words = len(f"{row['input']} {row['output']}".split())
+                repeats = -(-LONG_WORDS // max(1, words))
+                row["output"] = " ".join([row["output"]] * repeats)
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return out
 
 
@@ -153,6 +178,7 @@ def main() -> None:
     work = Path(args.out) / args.shape
     work.mkdir(parents=True, exist_ok=True)
     model = build_model(args.shape, args.tokenizer, work / "model")
+    args.data = str(long_rows(args.data, work / "data"))
     commands, rows = args.commands.split(","), []
     if "run" in commands:
         rows += run_methods(model, args.data, work, args.methods.split(","))
@@ -171,7 +197,7 @@ def main() -> None:
     if "locate" in commands:
         rows.append(measure("locate", ["locate", "--model", str(model), "--data", args.data,
                                        "--out", str(work / "locate"), "--samples", "2",
-                                       "--max-facts", "3"], work))
+                                       "--max-facts", "3", "--answers", "predicted"], work))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     name = f"scale-{device.replace(' ', '_')}-{args.shape}.json"
     results = Path(__file__).parent / "results" / name

@@ -54,3 +54,17 @@ def test_locate_writes_a_trace_and_heatmaps(tiny_target, synth_dir, tmp_path):
     assert last == pytest.approx(saved["clean_probability"] - saved["corrupted_probability"],
                                  abs=1e-4)
     assert record["layers_chosen"] == saved["layers_chosen"]
+
+
+def test_a_model_that_knows_no_fact_is_traced_on_its_own_answers(tiny_target, synth_dir,
+                                                                  tmp_path):
+    """``answers="predicted"``: every fact traced on the model's own top-1 token (ROME without
+    ``expect``); the clean run then gives that token the highest probability of all."""
+    record = locate(tiny_target[0], synth_dir, tmp_path / "p", samples=2, max_facts=4,
+                    answers="predicted")
+    assert record["answers"] == "predicted"
+    assert record["facts_used"] == 4 and record["facts_skipped"] == 0
+    assert record["memory_plan"]["peak_mb"] > 0 and "forward" in record["memory_plan"]["parts_mb"]
+    with pytest.raises(ValueError, match="answers='unknown'"):
+        locate(tiny_target[0], synth_dir, tmp_path / "q", answers="unknown")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p"]  # refused before any output

@@ -89,3 +89,29 @@ def test_the_plan_holds_as_many_rows_as_a_micro_batch_holds(name):
     stages = method(config).stages(list(range(12)), list(range(100, 160)), random.Random(0))
     steps = [step for stage in stages for epoch in stage for step in epoch]
     assert max(len(step) for step in steps) == method.rows_per_batch_row * 4
+
+
+def test_eval_and_locate_plan_their_phases_and_refuse_before_any_output(tiny_target, synth_dir,
+                                                                        tmp_path, monkeypatch):
+    import torch
+
+    from unlearn.data import load_lume
+    from unlearn.evaluation import scoring
+    from unlearn.measure import memory
+    from unlearn.tracing import locate
+
+    model, _ = load_model(tiny_target[0])
+    weights = sum(p.numel() for p in model.parameters()) * FP32  # tied embeddings counted once
+    lume = load_lume(synth_dir)
+    short = scoring.memory_plan(tiny_target[0], lume, None, None, 1, torch.float32)
+    long = scoring.memory_plan(tiny_target[0], lume, None, None, 4096, torch.float32)
+    assert short.parts["weights"] == pytest.approx(weights, rel=1e-3)  # and buffers (RoPE's)
+    # thousands of new tokens: generation's KV cache outgrows every other phase
+    assert "generation" in long.parts and long.peak > short.peak
+    room = int(weights / HEADROOM)  # the weights fit, nothing else does
+    monkeypatch.setattr(memory, "device_memory", lambda: ("cpu", room))
+    with pytest.raises(MemoryPlanError, match="--dtype bf16"):
+        scoring.evaluate(tiny_target[0], synth_dir, tmp_path / "e", mia=None, mmlu=None)
+    with pytest.raises(MemoryPlanError, match="unlearn locate"):
+        locate(tiny_target[0], synth_dir, tmp_path / "l", samples=2)
+    assert not list(tmp_path.iterdir())  # nothing was written

@@ -26,6 +26,7 @@ from .models import PRESETS, ModelError
 from .models.loading import INFERENCE_DTYPES, inference_dtype
 from .settings import key_values
 from .target import build_target
+from .tracing.trace import ANSWERS
 from .training import checkpoint_minutes
 
 DESCRIPTION = ("Remove chosen documents from a trained causal language model, keep what it "
@@ -167,7 +168,7 @@ def cmd_locate(args) -> None:
     from .tracing import locate
     record = locate(args.model, args.data, args.out, samples=args.samples, window=args.window,
                     share=args.share, max_facts=args.max_facts, seed=args.seed,
-                    split=args.split, dtype=args.dtype)
+                    split=args.split, dtype=args.dtype, answers=args.answers)
     print(f"traced {record['facts_used']} facts ({record['facts_skipped']} skipped: not "
           f"answered right at top-1) in {record['seconds']:.0f} s")
     print(f"layers chosen: {record['layers_chosen']} ({record['rule']})")
@@ -368,6 +369,9 @@ def _add_locate(sub) -> None:
                     help="share of the MLP effect the chosen block of layers must hold")
     lo.add_argument("--max-facts", type=int, help="trace at most this many facts (all: none)")
     lo.add_argument("--seed", type=int, default=0, help="the noise")
+    lo.add_argument("--answers", choices=ANSWERS, default="expected",
+                    help="expected: trace the facts the model answers right, on their answers; "
+                         "predicted: every fact, on the model's own top-1 token (ROME's default)")
     _add_dtype(lo)
     lo.set_defaults(func=cmd_locate)
 

@@ -27,79 +27,28 @@ refused, naming the settings that would fit.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
-from accelerate import init_empty_weights
-from accelerate.utils import compute_module_sizes, get_max_memory
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from .accel import launched_with_deepspeed, process_state, resolve_precision
+from .measure.memory import (
+    CPU_RUNTIME,
+    FP32,
+    GIB,
+    HEADROOM,
+    MemoryPlan,
+    MemoryPlanError,
+    device_memory,
+    meta_model,
+    weight_bytes,
+)
 from .measure.nll import BATCH_TOKENS
 from .methods.base import Method, UnlearnConfig
 from .methods.trainable import select_parameters
 from .models.layers import decoder_layers
 
-FP32 = 4
 GRADIENT, ADAM_MOMENTS, ROLLBACK = 4, 8, 4  # bytes per trainable weight
-HEADROOM = 0.9  # of a device's memory a plan may fill: allocator fragmentation, CUDA context
-CPU_RUNTIME = 600 * 2**20  # the interpreter, torch, transformers: a process's resident floor
-GIB = 2**30
-
-
-class MemoryPlanError(ValueError):
-    """A run that cannot fit the device it would run on; the message names what would."""
-
-
-@dataclass(frozen=True)
-class MemoryPlan:
-    parts: dict[str, int]  # bytes per device, by part
-    device: str  # where this process would run, as accelerate names it
-    available: int | None  # bytes that device has for this process; None: unknown
-    processes: int
-    sharded: bool  # ZeRO-3: weights, gradients and optimizer states split across processes
-    trainable: int  # weights that train (counted on the meta device)
-
-    @property
-    def peak(self) -> int:
-        return sum(self.parts.values())
-
-    @property
-    def fits(self) -> bool:
-        return self.available is None or self.peak <= HEADROOM * self.available
-
-    def table(self) -> str:
-        """The plan as a person reads it: one line per part, then the total against the
-        device."""
-        lines = [f"memory plan per device ({self.processes} process(es)"
-                 f"{', ZeRO-3' if self.sharded else ''}; {self.trainable:,} weights train):"]
-        lines += [f"  {name:<12} {size / GIB:8.2f} GiB" for name, size in self.parts.items()]
-        room = ("" if self.available is None
-                else f" of {self.available / GIB:.2f} GiB on {self.device}")
-        lines.append(f"  {'peak':<12} {self.peak / GIB:8.2f} GiB{room}")
-        return "\n".join(lines)
-
-    def as_record(self) -> dict:
-        """For ``run.json``: each part in MB, beside the peak the run measures."""
-        return {"device": self.device, "processes": self.processes, "sharded": self.sharded,
-                "peak_mb": self.peak / 2**20,
-                "parts_mb": {k: v / 2**20 for k, v in self.parts.items()},
-                "available_mb": None if self.available is None else self.available / 2**20}
-
-
-def meta_model(model_dir):
-    """The model of ``model_dir``'s config with no memory behind its weights, in fp32 as a run
-    loads it (accelerate's sizes never round a dtype up: a bf16 checkpoint planned in its own
-    dtype would count half the weights a run holds)."""
-    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.tie_weights()  # on the meta device tied embeddings come untied: one copy, as loaded
-    return model
-
-
-def _weights(model, dtype: torch.dtype = torch.float32) -> int:
-    return compute_module_sizes(model, dtype=dtype)[""]
 
 
 def _launch() -> tuple[int, bool]:
@@ -107,18 +56,6 @@ def _launch() -> tuple[int, bool]:
     zero3 = (launched_with_deepspeed()
              and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3")
     return process_state().num_processes, zero3
-
-
-def device_memory() -> tuple[str, int | None]:
-    """This process's device and the bytes it has: its GPU's memory, or its share of the
-    machine's available memory (processes on one machine share it)."""
-    state = process_state()
-    memory = get_max_memory()
-    if torch.cuda.is_available():
-        index = state.local_process_index % torch.cuda.device_count()
-        return f"cuda:{index}", memory.get(index)
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))
-    return "cpu", memory["cpu"] // max(1, local)
 
 
 def _layer_widths(model) -> list[int]:
@@ -174,7 +111,7 @@ def plan_run(method: type[Method], config: UnlearnConfig, model_dir, teacher=Non
     if device is None:
         device, available = device_memory()
     model = meta_model(model_dir)
-    largest = max(_weights(layer) for layer in decoder_layers(model))
+    largest = max(weight_bytes(layer) for layer in decoder_layers(model))
     trained = select_parameters(model, config)
     trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
     share = processes if sharded else 1
@@ -184,12 +121,12 @@ def plan_run(method: type[Method], config: UnlearnConfig, model_dir, teacher=Non
     transient = _activations(model, config, ("logits" in method.reference) + (teacher is not None),
                              method.rows_per_batch_row)
     parts = {
-        "weights": _weights(trained) // share + (largest if sharded else 0),
+        "weights": weight_bytes(trained) // share + (largest if sharded else 0),
         "gradients": trainable * GRADIENT // share,
         "optimizer": trainable * ADAM_MOMENTS // share,
         "rollback": 0 if sharded else trainable * ROLLBACK,
-        "references": (_weights(model, frozen) if frozen_copy else 0) // share,
-        "teacher": _weights(meta_model(teacher), frozen) // share if teacher else 0,
+        "references": (weight_bytes(model, frozen) if frozen_copy else 0) // share,
+        "teacher": weight_bytes(meta_model(teacher), frozen) // share if teacher else 0,
         **transient,
         "checks": _checks(model, config, sum(transient.values())),
         "runtime": CPU_RUNTIME if device == "cpu" else 0,
@@ -207,7 +144,7 @@ def plan_attack(model_dir, training: UnlearnConfig, dtype: torch.dtype) -> Memor
     model = select_parameters(meta_model(model_dir), training)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     state = FP32 if training.lora else torch.finfo(dtype).bits // 8
-    parts = {"weights": _weights(model, dtype), "gradients": trainable * state,
+    parts = {"weights": weight_bytes(model, dtype), "gradients": trainable * state,
              "optimizer": trainable * 2 * state, **_activations(model, training, 0),
              "runtime": CPU_RUNTIME if device == "cpu" else 0}
     return MemoryPlan(parts, device, available, 1, False, trainable)

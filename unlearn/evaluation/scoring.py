@@ -23,6 +23,8 @@ from ..io import (
     reset_staging,
     write_json,
 )
+from ..measure.memory import MemoryPlan, plan_inference, require_inference_fit
+from ..measure.mmlu import MMLU_ROWS, MMLU_TOKENS
 from ..measure.nll import document_nll
 from ..measure.official import RowResult, Scores, score_model
 from ..measure.utility import general_text
@@ -32,6 +34,7 @@ from ..models.loading import (
     check_model_dir,
     inference_dtype,
     load_model,
+    load_tokenizer,
     model_fingerprint,
 )
 from ..settings import check_seed
@@ -87,10 +90,6 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
     check_model_dir(model)
     reference = reference_model(model, reference)
     mia, mmlu = beside_data(data, mia, "mia"), beside_data(data, mmlu, "mmlu")
-    if out is not None:
-        claim_output(out, EVAL, {"--model": model, "--data": data, "--mia": mia,
-                                 "--mmlu": mmlu, "--before": before,
-                                 "--reference": reference, "--general": general})
     compute_dtype = inference_dtype(dtype)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}: must be at least 1")
@@ -99,8 +98,13 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
     questions = load_mmlu(mmlu) if mmlu else None
     never_seen = NeverSeen.of(general, mia_docs)
     previous = _read_results(before) if before else None
-    lm, tokenizer = load_model(model, dtype=compute_dtype,
-                               device=best_device())
+    plan = memory_plan(model, lume, mia_docs, questions, max_new_tokens, compute_dtype,
+                       reference)
+    if out is not None:
+        claim_output(out, EVAL, {"--model": model, "--data": data, "--mia": mia,
+                                 "--mmlu": mmlu, "--before": before,
+                                 "--reference": reference, "--general": general})
+    lm, tokenizer = load_model(model, dtype=compute_dtype, device=best_device())
     made_by = {"model": str(model), "model_files": model_fingerprint(model),
                "data": fingerprint([(r.id, r.input, r.output, r.task, r.split)
                                     for r in lume.rows]),
@@ -131,9 +135,36 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
                                            "seed": seed, "reference": path_text(reference),
                                            "general": path_text(general),
                                            "reference_files": reference and
-                                           model_fingerprint(reference)})
+                                           model_fingerprint(reference),
+                                           "memory_plan": plan.as_record()})
     state.wait_for_everyone()
     return scores.results
+
+
+def memory_plan(model, lume, mia_docs, questions, max_new_tokens: int, dtype,
+                reference=None) -> MemoryPlan:
+    """What :func:`evaluate` holds at its peak, planned before any weight loads from the data's
+    token lengths (the model's tokenizer only): generation from every row's prompt, scoring of
+    every row and MIA document, MMLU's batches, and the reference model read beside it.
+    Refuses a plan that cannot fit; the main process prints it."""
+    tokenizer = load_tokenizer(model)
+
+    def lengths(texts) -> list[int]:
+        texts = list(texts)
+        return [len(ids) for ids in tokenizer(texts).input_ids] if texts else []
+
+    rows = lume.rows
+    documents = [d.document for d in mia_docs.member + mia_docs.nonmember] if mia_docs else []
+    beside = reference if reference and Path(reference).resolve() != Path(model).resolve() else None
+    plan = plan_inference(model, dtype, prompts=lengths(r.input for r in rows),
+                          max_new_tokens=max_new_tokens,
+                          scored=lengths([r.input + r.output for r in rows] + documents),
+                          forward=MMLU_TOKENS if questions else 0,
+                          last_logits=MMLU_ROWS if questions else 0, reference=beside)
+    require_inference_fit(plan, "unlearn eval")
+    if process_state().is_main_process:
+        print(plan.table())
+    return plan
 
 
 def _score(lm, tokenizer, lume, mia_docs, questions, max_new_tokens, audit, samples, seed,

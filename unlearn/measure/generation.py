@@ -22,6 +22,8 @@ from transformers.cache_utils import Cache, DynamicLayer
 from ..models.sequences import context_window, length_sorted_batches, pad
 
 _SPACE = re.compile(r"\s+")
+# a generation batch: at most this many prompt and new tokens (its KV cache) and rows
+GENERATION_TOKENS, GENERATION_ROWS = 24576, 48
 
 
 @dataclass(frozen=True)
@@ -211,8 +213,9 @@ def _cache_layers_known() -> bool:
 
 
 def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 256,
-                    answers: list[str | None] | None = None, max_tokens: int = 24576,
-                    max_rows: int = 48, desc: str = "generate",
+                    answers: list[str | None] | None = None,
+                    max_tokens: int = GENERATION_TOKENS, max_rows: int = GENERATION_ROWS,
+                    desc: str = "generate",
                     fast: bool | None = None) -> list[Generation]:
     """Greedy continuations of ``prompts``, batched by length.
 

@@ -10,6 +10,8 @@ from ..models.sequences import context_window, length_sorted_batches, pad
 
 MAX_PROMPT_TOKENS = 2048  # the harness drops shots until a prompt fits this
 
+MMLU_TOKENS, MMLU_ROWS = 16384, 32  # a batch: at most this many prompt tokens and rows
+
 
 def letter_token_ids(tokenizer) -> list[int]:
     """Token of each answer letter as it follows ``Answer:``: the last token of the letter
@@ -33,8 +35,8 @@ def mmlu_accuracy(model, tokenizer, questions: list[Question], **kw) -> float:
     return sum(mmlu_correct(model, tokenizer, questions, **kw)) / len(questions)
 
 
-def mmlu_correct(model, tokenizer, questions: list[Question], max_tokens: int = 16384,
-                 max_rows: int = 32) -> list[bool]:
+def mmlu_correct(model, tokenizer, questions: list[Question], max_tokens: int = MMLU_TOKENS,
+                 max_rows: int = MMLU_ROWS) -> list[bool]:
     """Per question, whether the letter with the highest logit is its answer."""
     letters = torch.tensor(letter_token_ids(tokenizer))
     limit = min(MAX_PROMPT_TOKENS, context_window(model))
@@ -43,8 +45,8 @@ def mmlu_correct(model, tokenizer, questions: list[Question], max_tokens: int = 
     for batch in tqdm(length_sorted_batches([len(s) for s in seqs], max_tokens, max_rows),
                       desc="mmlu", leave=False):
         ids, mask = pad([seqs[i] for i in batch], tokenizer.pad_token_id, left=True)
-        logits = model(input_ids=ids.to(model.device),
-                       attention_mask=mask.to(model.device)).logits[:, -1]
+        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                       logits_to_keep=1).logits[:, -1]
         picked = logits[:, letters.to(logits.device)].argmax(-1).tolist()
         for i, p in zip(batch, picked):
             correct[i] = LETTERS[p] == questions[i].answer

@@ -9,11 +9,12 @@ from ..models.forward import next_token_nll
 from ..models.sequences import context_window, from_start, length_sorted_batches, pad
 
 BATCH_TOKENS = 8192  # tokens per scoring batch: its logits are the measurement's peak memory
+SCORING_ROWS = 64  # rows per scoring batch
 
 
 @torch.no_grad()
 def token_stats(model, seqs: list[list[int]], first_scored: list[int], pad_id: int,
-                max_tokens: int = BATCH_TOKENS, max_rows: int = 64,
+                max_tokens: int = BATCH_TOKENS, max_rows: int = SCORING_ROWS,
                 desc: str = "nll") -> tuple[list[float], list[bool]]:
     """Teacher-forced statistics of tokens ``seq[first_scored:]`` of each sequence: their mean
     cross-entropy, and whether greedy decoding would reproduce every one of them.

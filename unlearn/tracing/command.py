@@ -13,14 +13,23 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from ..data import load_lume  # noqa: E402
 from ..io import LOCATE, atomic_directory, claim_output, write_json  # noqa: E402
+from ..measure.memory import MemoryPlan, plan_inference, require_inference_fit  # noqa: E402
 from ..models.loading import (  # noqa: E402
     best_device,
     check_model_dir,
     inference_dtype,
     load_model,
+    load_tokenizer,
 )
 from ..settings import check_seed  # noqa: E402
-from .trace import GROUPS, KINDS, choose_layers, facts_from, trace_facts  # noqa: E402
+from .trace import (  # noqa: E402
+    GROUPS,
+    KINDS,
+    check_answers,
+    choose_layers,
+    facts_from,
+    trace_facts,
+)
 
 TITLES = {"residual": "whole layer output (residual)", "mlp": "MLP output, window",
           "attn": "attention output, window"}
@@ -38,10 +47,23 @@ def heatmap(effects: list[list[float]], kind: str, path: Path, window: int) -> N
     plt.close(fig)
 
 
+def memory_plan(model, facts, samples: int, dtype) -> MemoryPlan:
+    """What tracing holds at its peak, planned before any weight loads: a fact's every
+    position restored at once, ``samples`` noisy rows each (positions × samples rows of the
+    longest prompt, one position's logits each). Refuses a plan that cannot fit; prints it."""
+    tokenizer = load_tokenizer(model)
+    positions = max(len(ids) for ids in tokenizer([f.prompt for f in facts]).input_ids)
+    plan = plan_inference(model, dtype, forward=positions * samples * positions,
+                          last_logits=positions * samples)
+    require_inference_fit(plan, "unlearn locate")
+    print(plan.table())
+    return plan
+
+
 def locate(model: str | Path, data: str | Path, out: str | Path, samples: int = 10,
            window: int = 10, share: float = 0.6, noise_scale: float = 3.0,
            max_facts: int | None = None, seed: int = 0, split: str | None = None,
-           dtype: str = "auto") -> dict:
+           dtype: str = "auto", answers: str = "expected") -> dict:
     """Causal tracing of the Task2 facts in ``data`` through ``model``.
 
     Writes ``out/trace.json`` (indirect effects per kind, position group and layer; facts used;
@@ -49,11 +71,13 @@ def locate(model: str | Path, data: str | Path, out: str | Path, samples: int = 
     contiguous block of layers holding ``share`` of the MLP indirect effect at the last
     subject token. ``split`` chooses one data split where ``data`` holds several (the
     official parquet snapshot); ``dtype`` what the model computes in (as ``unlearn eval
-    --dtype``). Returns the trace record.
+    --dtype``). ``answers``: ``expected`` traces the facts the model answers right, on their
+    answers (as SHA256's ``causal_trace.py``); ``predicted`` every fact, on the model's own
+    top-1 token. Returns the trace record.
     """
     started = time.perf_counter()
     check_seed(seed)
-    claim_output(out, LOCATE, {"--model": model, "--data": data})
+    check_answers(answers)
     check_model_dir(model)
     compute = inference_dtype(dtype)
     lume = load_lume(data, split)
@@ -62,13 +86,16 @@ def locate(model: str | Path, data: str | Path, out: str | Path, samples: int = 
         raise ValueError(f"{data}: no Task2 question of the form 'What is the X of NAME?' or "
                          f"'What is NAME's X?' to trace")
     facts = facts[:max_facts] if max_facts else facts
+    plan = memory_plan(model, facts, samples, compute)
+    claim_output(out, LOCATE, {"--model": model, "--data": data})
     lm, tokenizer = load_model(model, dtype=compute, device=best_device())
-    record = trace_facts(lm, tokenizer, facts, samples, window, noise_scale, seed)
+    record = trace_facts(lm, tokenizer, facts, samples, window, noise_scale, seed, answers)
     last_subject = record["indirect_effect"]["mlp"][GROUPS.index("last subject token")]
     record.update(model=str(model), data=str(data), share=share, dtype=str(compute),
                   layers_chosen=choose_layers(last_subject, share),
                   rule=f"smallest contiguous block of layers holding {share:.0%} of the positive "
                        f"MLP indirect effect at the last subject token",
+                  memory_plan=plan.as_record(),
                   seconds=time.perf_counter() - started)
     with atomic_directory(out, LOCATE) as tmp:
         for kind in KINDS:

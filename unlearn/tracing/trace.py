@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -124,7 +124,8 @@ class Tracer:
         pairs = [(m, keep(kind, i)) for kind in KINDS
                  for i, m in enumerate(_modules(self.model, kind))]
         with _hooks(pairs):
-            logits = self.model(input_ids=fact.ids.to(self.model.device)).logits[0, -1]
+            logits = self.model(input_ids=fact.ids.to(self.model.device),
+                                logits_to_keep=1).logits[0, -1]
         return states, logits.float().softmax(-1)
 
     @torch.no_grad()
@@ -147,7 +148,7 @@ class Tracer:
         def run(rows: int, extra=()) -> torch.Tensor:
             ids = fact.ids.repeat(rows, 1).to(self.model.device)
             with _hooks([(self.embed, corrupt(rows)), *extra]):
-                logits = self.model(input_ids=ids).logits[:, -1].float()
+                logits = self.model(input_ids=ids, logits_to_keep=1).logits[:, -1].float()
             return logits.softmax(-1)[:, fact.target]
 
         corrupted = run(self.samples).mean().item()
@@ -204,20 +205,41 @@ def choose_layers(effect: list[float], share: float = 0.6) -> list[int]:
     return list(range(len(values)))
 
 
-def trace_facts(model, tokenizer, facts: list[Fact], samples: int = 10, window: int = 10,
-                noise_scale: float = 3.0, seed: int = 0) -> dict:
-    """Trace every fact the model answers right at top-1; average effects by position group."""
+ANSWERS = ("expected", "predicted")
+
+
+def check_answers(answers: str) -> None:
+    if answers not in ANSWERS:
+        raise ValueError(f"answers={answers!r}: use one of {', '.join(ANSWERS)}")
+
+
+def _traced(model, tokenizer, facts: list[Fact], answers: str) -> list[tuple[Fact, Encoded]]:
+    """The facts to trace and the answer token each is traced on. ``expected``: the facts the
+    model answers right at top-1, on the data's answer (``causal_trace.py`` with ``expect``);
+    ``predicted``: every fact, on the model's own top-1 token (ROME without ``expect``: a
+    model that has memorised nothing, such as a scale rehearsal's, can still be traced)."""
+    check_answers(answers)
     encoded = [(f, enc) for f in facts if (enc := encode(tokenizer, f)) is not None]
     model.eval()
-    known = []
+    traced = []
     with torch.no_grad():
         for f, enc in encoded:
-            logits = model(input_ids=enc.ids.to(model.device)).logits[0, -1]
-            if int(logits.argmax()) == enc.target:
-                known.append((f, enc))
-    if not known:
+            top = int(model(input_ids=enc.ids.to(model.device), logits_to_keep=1).logits.argmax())
+            if answers == "predicted":
+                traced.append((f, replace(enc, target=top)))
+            elif top == enc.target:
+                traced.append((f, enc))
+    if not traced:
         raise ValueError(f"none of the {len(facts)} Task2 facts is answered right (top-1) by the "
-                         "model; trace a model that has memorised them")
+                         "model; trace a model that has memorised them (or trace its own "
+                         "answers: answers='predicted', --answers predicted)")
+    return traced
+
+
+def trace_facts(model, tokenizer, facts: list[Fact], samples: int = 10, window: int = 10,
+                noise_scale: float = 3.0, seed: int = 0, answers: str = "expected") -> dict:
+    """Trace the facts :func:`_traced` picks by ``answers``; average effects by position group."""
+    known = _traced(model, tokenizer, facts, answers)
     noise = subject_noise(model, tokenizer, [enc for _, enc in known], noise_scale)
     tracer = Tracer(model, noise, samples, window, seed)
     n_layers = tracer.n_layers
@@ -236,7 +258,7 @@ def trace_facts(model, tokenizer, facts: list[Fact], samples: int = 10, window: 
                     effect = result["restored"][k][groups[name]] - result["corrupted"]
                     sums[k][g] += effect.mean(0)
     effects = {k: (sums[k] / counts.clamp(min=1)[:, None]).tolist() for k in KINDS}
-    return {"facts": len(facts), "facts_used": len(known),
+    return {"facts": len(facts), "facts_used": len(known), "answers": answers,
             "facts_skipped": len(facts) - len(known), "layers": n_layers, "groups": list(GROUPS),
             "facts_per_group": counts.tolist(), "samples": samples, "window": window,
             "noise_std": noise, "clean_probability": sum(clean) / len(clean),
