@@ -2,13 +2,17 @@
 
     python bench/fidelity.py sugd --authors /work/.mirror/iraklis07+llm-unlearning/repo \
         --python /tmp/fidelity-venv/bin/python
+    python bench/fidelity.py sha256 --python /tmp/fidelity-venv/bin/python \
+        --authors /work/.mirror/LAB-FLAIR+Constrained-Unlearning-for-LLM/repo
 
 Both train the same tiny target (the ``tiny`` preset on a small synthetic benchmark), on the
 same rows in the same order, in fp32 on the CPU, with the same settings: the authors' training
 code from their repository at a pinned commit (``--authors``: a git directory; it is archived
 into ``--work``, run by ``bench/fidelity_authors.py`` under ``--python``, a virtual environment
 outside this repository with their pinned versions, see bench/README.md), and ``unlearn.run``.
-Prints the loss of each of the first ``--steps`` optimizer steps from both, their largest
+SHA256's randomness (its sampler's order) and its chat-template tokenization are handed from
+their run to ours. Prints the loss of each of the first ``--steps`` optimizer steps (SHA256:
+micro-batches) from both, their largest
 relative difference (floor: 1e-4), and how far the final weights of each trained tensor lie
 apart against how far training moved them; writes ``bench/results/fidelity-<system>.json``.
 """
@@ -20,7 +24,9 @@ import io
 import json
 import subprocess
 import tarfile
+from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 import pandas as pd
 from safetensors.torch import load_file
@@ -36,6 +42,9 @@ HERE = Path(__file__).parent
 # well over 50 steps and the weights move in them.
 SUGD_SETTINGS = {"chunk_size": 4, "positive_ratio": 2, "positive_factor": 0.5, "epochs": 2,
                  "lr": 2e-4}
+# their 12 × 10 batches and 8 epochs; the MLPs of the first 2 of 4 layers (their 0-5 of 16), at
+# a rate that moves a tiny fp32 target within the ~16 steps
+SHA256_SETTINGS = {"epochs": 8, "lr": 1e-4}
 SYSTEMS = {
     "sugd": {
         "repository": "iraklis07/llm-unlearning",
@@ -43,6 +52,14 @@ SYSTEMS = {
         # their notebook names the trained layers by a count k, the project by last:k
         "theirs": {**SUGD_SETTINGS, "k": 2, "seed": 0},
         "ours": {**SUGD_SETTINGS, "layers": "last:2"},
+        "unit": "step",  # a loss per optimizer step (one row each)
+    },
+    "sha256": {
+        "repository": "LAB-FLAIR/Constrained-Unlearning-for-LLM",
+        "commit": "61e0ab0b9989b6678fc46e2fa1847372d3f1f036",
+        "theirs": {**SHA256_SETTINGS, "trainable_layers": [0, 1], "seed": 0},
+        "ours": {**SHA256_SETTINGS, "layers": "0-1"},
+        "unit": "micro-batch",  # a loss per micro-batch (their compute_loss's)
     },
 }
 
@@ -91,16 +108,68 @@ def run_theirs(system: str, python: str, code: Path, target: Path, data: Path,
     return json.loads((out / "losses.json").read_text()), out / "model"
 
 
-def run_ours(system: str, target: Path, data: Path, work: Path) -> tuple[list[float], Path]:
-    """``unlearn.run`` at ``profile=paper``: per-step losses from ``run.json``, the model."""
+def run_ours(system: str, target: Path, data: Path, work: Path,
+             theirs: Path) -> tuple[list[float], Path]:
+    """``unlearn.run`` at ``profile=paper``: per-step losses from ``run.json`` (SHA256: the
+    loss of every micro-batch, on their rows in their order, :func:`as_their_run`), the
+    model."""
     out = work / f"ours-{system}"
-    if (out / "run.json").exists():  # a finished run: read, not redone
-        record = json.loads((out / "run.json").read_text())
-    else:
+    if (out / "losses.json").exists():  # a finished run: read, not redone
+        return json.loads((out / "losses.json").read_text()), out
+    recorded: list[float] = []
+    with as_their_run(system, data, theirs, recorded):
         record = unlearn.run(system, target, data, out, profile="paper", mia=None, mmlu=None,
                              seed=0, precision="fp32", **SYSTEMS[system]["ours"])
-    losses = [loss for epoch in record["history"] for loss in epoch["step_losses"]]
+    losses = recorded or [loss for epoch in record["history"] for loss in epoch["step_losses"]]
+    (out / "losses.json").write_text(json.dumps(losses))
     return losses, out
+
+
+@contextmanager
+def as_their_run(system: str, data: Path, theirs: Path, recorded: list[float]):
+    """SHA256's run handed what their code chose at random or tokenized its own way, so that
+    only the training differs: each row's token ids as their ``DataGenerator`` makes them (the
+    chat template, the output tokenized alone) and the rows of every micro-batch in the
+    order their sampler drew them (``order.json``); each micro-batch's loss is recorded. SUGD
+    (no randomness, plain rows) runs as it is."""
+    if system != "sha256":
+        yield
+        return
+    from fidelity_authors import CHAT_TEMPLATE
+
+    from unlearn import engine
+    from unlearn.methods.sha256 import SHA256
+
+    def their_tokens(tokenizer, prompt, answer, max_len, eos):
+        tokenizer.chat_template = CHAT_TEMPLATE
+        ids = list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                 tokenize=True, add_generation_prompt=True,
+                                                 return_dict=True)["input_ids"])
+        return ids + tokenizer(answer).input_ids, len(ids)
+
+    micro = json.loads((theirs / "order.json").read_text())
+    lume = load_lume(data)
+
+    def their_order(self, forget, retain, rng):
+        by_id = {**{("forget", lume.forget[e.index].id): e for e in forget},
+                 **{("retain", lume.retain[e.index].id): e for e in retain}}
+        per_epoch = -(-(len(forget) + len(retain)) // self.config.batch_size)
+        epochs = [micro[i:i + per_epoch] for i in range(0, len(micro), per_epoch)]
+        return [[[[by_id[tuple(key)] for batch in epoch[i:i + self.config.grad_accum]
+                   for key in batch] for i in range(0, len(epoch), self.config.grad_accum)]
+                 for epoch in epochs]]
+
+    original_loss = SHA256.loss
+
+    def loss(self, model, batch, ref):
+        value = original_loss(self, model, batch, ref)
+        recorded.append(float(value.detach()))
+        return value
+
+    with mock.patch.object(engine, "training_sequence", their_tokens), \
+            mock.patch.object(SHA256, "stages", their_order), \
+            mock.patch.object(SHA256, "loss", loss):
+        yield
 
 
 def weight_gaps(source: Path, theirs: Path, ours: Path) -> dict[str, dict[str, float]]:
@@ -144,21 +213,22 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     data, target = shared_target(args.work, args.seed)
     code = authors_checkout(args.authors, spec["commit"], args.work)
-    theirs, their_model = run_theirs(args.system, args.python, code, target,
-                                     their_layout(data, args.work), args.work)
-    ours, our_model = run_ours(args.system, target, data, args.work)
+    layout = their_layout(data, args.work) if args.system == "sugd" else data
+    theirs, their_model = run_theirs(args.system, args.python, code, target, layout, args.work)
+    ours, our_model = run_ours(args.system, target, data, args.work, their_model.parent)
     result = compare(theirs, ours, args.steps)
     for row in result["losses"][:args.steps]:
-        print(f"step {row['step']:3d}  theirs {row['theirs']:+.6f}  ours {row['ours']:+.6f}  "
-              f"rel {row['relative']:.1e}")
+        print(f"{spec['unit']} {row['step']:3d}  theirs {row['theirs']:+.6f}  "
+              f"ours {row['ours']:+.6f}  rel {row['relative']:.1e}")
     gaps = weight_gaps(target, their_model, our_model)
     worst = max(gaps.items(), key=lambda kv: kv[1]["gap"] / kv[1]["moved"])
-    print(f"{result['steps_compared']} steps: largest relative loss difference "
+    print(f"{result['steps_compared']} {spec['unit']} losses: largest relative loss difference "
           f"{result['max_relative_difference']:.2e} (floor 1e-4), over all "
           f"{result['max_relative_difference_all_steps']:.2e}; steps {len(theirs)} theirs, "
           f"{len(ours)} ours; {len(gaps)} tensors trained, worst final gap "
           f"{worst[1]['gap']:.2e} against a change of {worst[1]['moved']:.2e} ({worst[0]})")
     record = {"system": args.system, "repository": spec["repository"], "commit": spec["commit"],
+              "unit": spec["unit"],
               "settings": {"theirs": spec["theirs"], "ours": spec["ours"]}, **result,
               "weights": gaps}
     (HERE / "results" / f"fidelity-{args.system}.json").write_text(json.dumps(record, indent=2))

@@ -84,7 +84,69 @@ def sugd(code: Path, model_dir: Path, data: Path, settings: dict, out: Path) -> 
     return losses
 
 
-SYSTEMS = {"sugd": sugd}
+# the tiny target's tokenizer has no chat template; the prompt, then a space (the project's side
+# is handed the same token ids, so any template compares)
+CHAT_TEMPLATE = "{{ messages[0]['content'] }} "
+
+
+def sha256(code: Path, model_dir: Path, data: Path, settings: dict, out: Path) -> list[float]:
+    """``unlearn.py`` of LAB-FLAIR/Constrained-Unlearning-for-LLM as its ``unlearn()`` sets it
+    up: their ``DataGenerator`` (the prompt through the chat template, the output tokenized
+    alone), their ``CustomDataCollator`` (left padding), their freeze of all but the MLPs of
+    ``trainable_layers``, their ``AscentPlusDescentTrainer`` (batches of 12 × 10 from a random
+    sampler, the retain weight's epoch-0 reference) and its ``TrainingArguments``. Two shims,
+    each what their code needs to run at all under its pinned transformers 4.49: their
+    ``compute_loss`` is called without ``num_items_in_batch`` (which it does not take), and the
+    Trainer divides each micro-batch's loss by the accumulation steps as the Trainer their
+    code was written for did (4.49 stops dividing for a model whose forward takes **kwargs).
+    Left out: their evaluation every 4 steps for the best checkpoint (the rows it needs are
+    held out here, and in epoch 0 those evaluation batches add to the retain reference).
+    Writes ``order.json``: the rows of every micro-batch as their sampler drew them."""
+    import importlib.util
+
+    import pandas as pd
+    spec = importlib.util.spec_from_file_location("their_unlearn", code / "unlearn.py")
+    theirs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(theirs)
+    tokenizer = load_tokenizer(model_dir)
+    tokenizer.padding_side, tokenizer.chat_template = "left", CHAT_TEMPLATE
+    # ids and mask only, as OLMo's tokenizer returns them (their code unpacks exactly two)
+    tokenizer.model_input_names = ["input_ids", "attention_mask"]
+    frames = {split: pd.read_json(data / f"{split}.jsonl", lines=True)
+              for split in ("forget", "retain")}
+    dataset = theirs.DataGenerator(frames["forget"], frames["retain"], tokenizer)
+    # dataset index -> row, as DataGenerator orders them (forget rows by task, then retain)
+    rows = [(split, r["id"]) for split in ("forget", "retain")
+            for r in frames[split].sort_values("task", ignore_index=True).to_dict("records")]
+    where = {tuple(ids): i for i, ids in enumerate(dataset.input_ids)}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    for k, v in model.named_parameters():  # their freeze: MLPs of the trainable layers only
+        parts = k.split(".")
+        keep = (len(parts) > 3 and parts[2].isdigit()
+                and int(parts[2]) in settings["trainable_layers"] and parts[3] == "mlp")
+        v.requires_grad_(keep)
+    losses, order = record_losses(theirs.AscentPlusDescentTrainer), []
+
+    class Shimmed(theirs.AscentPlusDescentTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if model.training:  # which rows this micro-batch holds (left padding dropped)
+                order.append([rows[where[tuple(ids[mask.bool()].tolist())]] for ids, mask
+                              in zip(inputs["input_ids"], inputs["attention_mask"])])
+            return super().compute_loss(model, inputs, return_outputs)
+
+    args = trainer_arguments(out, settings, per_device_train_batch_size=12,
+                             gradient_accumulation_steps=10, remove_unused_columns=False,
+                             save_strategy="no", eval_strategy="no")
+    trainer = Shimmed(model=model, train_dataset=dataset, tokenizer=tokenizer, args=args,
+                      data_collator=theirs.CustomDataCollator(tokenizer=tokenizer))
+    trainer.model_accepts_loss_kwargs = False
+    trainer.train()
+    model.save_pretrained(out / "model")
+    (out / "order.json").write_text(json.dumps(order))
+    return losses
+
+
+SYSTEMS = {"sugd": sugd, "sha256": sha256}
 
 
 def main() -> None:

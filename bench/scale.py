@@ -136,7 +136,8 @@ def measure(name: str, argv: list[str], work: Path) -> dict:
 
 def _planned(out: Path) -> dict:
     """The plan a finished command recorded: a run's (run.json), an audit's attack's
-    (receipt.json); with a run's steps and seconds per step."""
+    (receipt.json), an eval's (eval.json), a trace's (trace.json); with a run's steps and
+    seconds per step."""
     if (out / "run.json").is_file():
         run = json.loads((out / "run.json").read_text())
         plan, steps = run.get("memory_plan") or {}, run.get("steps_trained")
@@ -147,6 +148,10 @@ def _planned(out: Path) -> dict:
         attack = json.loads((out / "receipt.json").read_text())["attack"]
         return {"planned_mb": attack["memory_plan"]["peak_mb"], "attack_mode": attack["mode"],
                 "planned_parts_mb": attack["memory_plan"]["parts_mb"]}
+    for record in ("eval.json", "trace.json"):  # eval's and locate's plans
+        if (out / record).is_file():
+            plan = json.loads((out / record).read_text()).get("memory_plan") or {}
+            return {"planned_mb": plan.get("peak_mb"), "planned_parts_mb": plan.get("parts_mb")}
     return {}
 
 

@@ -531,6 +531,32 @@ def test_sha256_paper_profile_computes_a_batch_as_the_authors_code_does(tiny_tar
     assert later == pytest.approx(-forget + retain_weight(retain - reference) * retain, rel=1e-5)
 
 
+def test_sha256_paper_profile_batches_and_accumulates_as_their_trainer(tiny_target, synth_dir,
+                                                                        tmp_path):
+    """Their DataLoader: micro-batches of 12 rows as the shuffle drew them (not each holding
+    its share of forget and retain rows); their HF Trainer: each micro-batch's loss / 10,
+    whatever its rows. bench/fidelity.py sha256 found the row-share weighting 1e-3 off."""
+    _, tokenizer = load_model(tiny_target[0])
+    data = load_lume(synth_dir)
+    paper = get_method("sha256")(get_method("sha256").Config())
+    assert (paper.config.micro_batches, paper.config.accumulation) == ("drawn", "micro_batches")
+    forget = engine._examples(tokenizer, data.forget, True, paper.config)
+    retain = engine._examples(tokenizer, data.retain, False, paper.config)
+    [[step, *_], *_] = paper.stages(forget, retain, random.Random(0))[0]
+    micro = paper.micro_batches(step)
+    assert [e for m in micro for e in m] == step and all(len(m) == 12 for m in micro[:-1])
+    small = get_method("sha256")(get_method("sha256").Config().override(
+        **get_method("sha256").small_target))
+    stratified = small.micro_batches(step)
+    assert len(stratified) == small.config.grad_accum and stratified != micro
+    accelerator = make_accelerator(precision="fp32")
+    fixed = training.Trainer(accelerator, torch.nn.Linear(2, 2), [], [], tmp_path,
+                             micro_batch_weight=0.1)
+    assert [w for _, w in fixed._share([[1] * 12, [2] * 4])] == [0.1, 0.1]
+    rows = training.Trainer(accelerator, torch.nn.Linear(2, 2), [], [], tmp_path)
+    assert [w for _, w in rows._share([[1] * 12, [2] * 4])] == [0.75, 0.25]
+
+
 def test_sha256_trains_only_the_mlps_of_the_traced_layers(tiny_target, synth_dir, tmp_path):
     from unlearn.tracing import locate
     trace = locate(tiny_target[0], synth_dir, tmp_path / "trace", samples=2, share=0.3)

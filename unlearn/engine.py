@@ -97,15 +97,6 @@ def _examples(tokenizer, rows, forget: bool, settings) -> list[Example]:
     return examples
 
 
-def _micro_batches(step: list[Example], grad_accum: int) -> list[list[Example]]:
-    """Split a step so every micro-batch holds its share of forget and of retain rows; a loss
-    that averages over rows then gives the whole step's gradient."""
-    forget = [e for e in step if e.forget]
-    retain = [e for e in step if not e.forget]
-    micro = [forget[k::grad_accum] + retain[k::grad_accum] for k in range(grad_accum)]
-    return [m for m in micro if m]
-
-
 def _plan(method: Method, forget, retain, seed: int) -> tuple[list[Epoch], list[Segment]]:
     c = method.config
     stages = method.stages(forget, retain, random.Random(f"{seed}/plan"))
@@ -113,7 +104,7 @@ def _plan(method: Method, forget, retain, seed: int) -> tuple[list[Epoch], list[
     for s, epochs in enumerate(stages):
         name = method.name if len(stages) == 1 else f"{method.name} chunk {s + 1}/{len(stages)}"
         for steps in epochs:
-            plan.append(Epoch(s, name, [_micro_batches(step, c.grad_accum) for step in steps]))
+            plan.append(Epoch(s, name, [method.micro_batches(step) for step in steps]))
         n = sum(len(steps) for steps in epochs)
         segments.append(Segment(n, c.lr, round(c.warmup_ratio * n), c.schedule))
     return plan, segments
@@ -325,7 +316,10 @@ class _Run:
             trainer = Trainer(self.accelerator, self.lm, self.plan, self.segments, staging,
                               weight_decay=self.settings.weight_decay,
                               max_grad_norm=self.settings.max_grad_norm,
-                              keep_last_good=not zero3(self.accelerator))
+                              keep_last_good=not zero3(self.accelerator),
+                              micro_batch_weight=(1 / self.settings.grad_accum
+                                                  if self.settings.accumulation == "micro_batches"
+                                                  else None))
             self.prepared = trainer.model
             # parameter names without the DDP wrapper
             self.bare = self.accelerator.unwrap_model(self.prepared)

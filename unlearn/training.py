@@ -205,9 +205,12 @@ class Trainer:
     def __init__(self, accelerator: Accelerator, model, plan: list[Epoch],
                  segments: list[Segment], staging: Path, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), max_grad_norm: float = 1.0,
-                 keep_last_good: bool = False):
+                 keep_last_good: bool = False, micro_batch_weight: float | None = None):
         self.acc, self.plan, self.staging = accelerator, plan, staging
         self.max_grad_norm = max_grad_norm
+        # None: each micro-batch weighs its share of the step's rows; else this, whatever its
+        # rows (HF Trainer's 1/gradient_accumulation_steps)
+        self.micro_batch_weight = micro_batch_weight
         # lr is set absolutely by the schedule (LambdaLR multiplies the base lr of 1)
         trainable = [p for p in model.parameters() if p.requires_grad]
         # fused: one kernel over all parameters instead of a dozen per tensor list
@@ -286,11 +289,13 @@ class Trainer:
 
     def _share(self, micro_batches: list) -> list[tuple[list, float]]:
         """This process's micro-batches of a step (every ``num_processes``-th) with their share
-        of the step's rows. Every process gets as many; one short of work runs a micro-batch
-        at weight 0, since data-parallel backward passes must all join the all-reduce."""
+        of the step's rows (or the fixed ``micro_batch_weight``). Every process gets as many;
+        one short of work runs a micro-batch at weight 0, since data-parallel backward passes
+        must all join the all-reduce."""
         rows = sum(len(m) for m in micro_batches)
         processes, rank = self.acc.num_processes, self.acc.process_index
-        mine = [(m, len(m) / rows) for m in micro_batches[rank::processes]]
+        mine = [(m, self.micro_batch_weight or len(m) / rows)
+                for m in micro_batches[rank::processes]]
         return mine + [(micro_batches[0], 0.0)] * (-(-len(micro_batches) // processes) - len(mine))
 
     @contextmanager

@@ -85,6 +85,10 @@ class UnlearnConfig:
     lr: float = 1e-5
     batch_size: int = 8  # rows per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
+    # rows: each micro-batch's loss weighted by its share of the step's rows, so accumulation
+    # gives the whole batch's gradient; micro_batches: each by 1/grad_accum, as HF's Trainer
+    # (SHA256's code) weighs them, a short micro-batch counting as much as a full one
+    accumulation: str = "rows"
     schedule: str = "linear"  # linear | cosine | constant, after warm-up
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
@@ -135,7 +139,7 @@ class UnlearnConfig:
     }
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "schedule": SCHEDULES, "precision": PRECISIONS, "select": SELECT_RULES,
-        "output_dtype": ("source", *OUTPUT_DTYPES),
+        "accumulation": ("rows", "micro_batches"), "output_dtype": ("source", *OUTPUT_DTYPES),
         "report_to": TRACKERS}
 
     def override(self, **changes) -> UnlearnConfig:
@@ -214,6 +218,15 @@ class Method:
                 steps.append(chunk + (retain_cycle.take(len(chunk)) if retain else []))
             epochs.append(steps)
         return [epochs]
+
+    def micro_batches(self, step: list[Example]) -> list[list[Example]]:
+        """A step's micro-batches: each holds its share of the step's forget and of its retain
+        rows, so a loss that averages over rows gives the whole step's gradient."""
+        k = self.config.grad_accum
+        forget = [e for e in step if e.forget]
+        retain = [e for e in step if not e.forget]
+        micro = [forget[i::k] + retain[i::k] for i in range(k)]
+        return [m for m in micro if m]
 
     def loss(self, model, batch: Batch, ref: Reference) -> torch.Tensor:
         raise NotImplementedError

@@ -51,8 +51,11 @@ class SHA256Config(UnlearnConfig):
     select: str = "none"
     average: str = "tokens"
     retain_reference: str = "rows"
+    micro_batches: str = "drawn"
+    accumulation: str = "micro_batches"
 
-    CHOICES = {"average": ("tokens", "rows"), "retain_reference": ("rows", "batches")}
+    CHOICES = {"average": ("tokens", "rows"), "retain_reference": ("rows", "batches"),
+               "micro_batches": ("drawn", "stratified")}
 
 
 @register
@@ -65,7 +68,8 @@ class SHA256(Method):
     # means, the mean batch loss as reference and the selection: what it was measured with
     small_target = dict(layers="0-2", lr=1e-3, batch_size=8, grad_accum=2, epochs=12,
                         forget_target="auto", select="auto", average="rows",
-                        retain_reference="batches")
+                        retain_reference="batches", micro_batches="stratified",
+                        accumulation="rows")
     rows_per_batch_row = 1  # a step's rows are batch_size rows in all
 
     def __init__(self, config):
@@ -81,6 +85,12 @@ class SHA256(Method):
             rows = rng.sample(forget + retain, len(forget) + len(retain))
             epochs.append([rows[i:i + per_step] for i in range(0, len(rows), per_step)])
         return [epochs]
+
+    def micro_batches(self, step):
+        if self.config.micro_batches == "stratified":
+            return super().micro_batches(step)
+        size = self.config.batch_size
+        return [step[i:i + size] for i in range(0, len(step), size)]
 
     def start_epoch(self, epoch: int) -> None:
         self.epoch = epoch
