@@ -206,6 +206,14 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     name = f"scale-{device.replace(' ', '_')}-{args.shape}.json"
     results = Path(__file__).parent / "results" / name
+    # a partial rehearsal (--methods, --commands) replaces its own rows and keeps the others
+    kept = json.loads(results.read_text())["rows"] if results.is_file() else []
+    ran = {r["command"] for r in rows}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    for r in rows:
+        r["commit"] = commit
+    rows = [r for r in kept if r["command"] not in ran] + rows
     results.write_text(json.dumps({"command": " ".join(["python", *sys.argv]), "device": device,
                                    "shape": args.shape, "rows": rows}, indent=2))
 
