@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..accel import process_state
 from ..models.layers import decoder_layers
+from ..models.loading import ModelError
 from ..models.sequences import context_window, length_sorted_batches
 from .generation import GENERATION_ROWS, GENERATION_TOKENS
 from .nll import BATCH_TOKENS, SCORING_ROWS
@@ -75,9 +76,13 @@ def meta_model(model_dir):
     """The model of ``model_dir``'s config with no memory behind its weights, in fp32 as a run
     loads it (accelerate's sizes never round a dtype up: a bf16 checkpoint planned in its own
     dtype would count half the weights a run holds)."""
-    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    try:
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as e:  # as load_model says it, before any loading
+        raise ModelError(f"{model_dir}: not a causal language model that transformers can load "
+                         f"({e.__class__.__name__}: {str(e).splitlines()[0][:200]})") from e
     model.tie_weights()  # on the meta device tied embeddings come untied: one copy, as loaded
     return model
 
