@@ -100,14 +100,15 @@ def _overlap(out: Path, name: str, given: Path, in_place: bool) -> str | None:
 
 def claim_output(out: str | Path, kind: Output,
                  inputs: Mapping[str, str | Path | None] | None = None,
-                 in_place: bool = False) -> Path:
+                 in_place: bool = False, lock: bool = True) -> Path:
     """Refuse, before any work, an ``out`` this command may not (re)place.
 
     ``inputs`` maps a name (``--model``) to each path the command reads. ``out`` may be new, an
     empty directory, or a finished output of ``kind``; its staging directory may be absent or
     an earlier job of the same kind. An ``in_place`` output (``unlearn bench``) is extended,
     never replaced, so it may hold an input. Raises :class:`OutputError` naming the path
-    otherwise.
+    otherwise. ``lock=False`` checks only, writing nothing (a command that may still refuse
+    for another reason claims again, locking, once it will go on).
     """
     out = Path(out)
     for name, given in (inputs or {}).items():
@@ -125,8 +126,8 @@ def claim_output(out: str | Path, kind: Output,
         raise OutputError(f"{out}: exists and is not an output of `{kind.command}` (it has no "
                           f"{kind.record}); choose a new --out, or move it away yourself")
     _check_staging(staging_path(out), kind)
-    if out.parent.is_dir():  # else nothing can be writing it yet: atomic_directory locks it
-        lock_output(out)
+    if lock and out.parent.is_dir():  # else nothing can be writing it yet: atomic_directory
+        lock_output(out)  # locks it
     return out
 
 

@@ -90,20 +90,20 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
     check_model_dir(model)
     reference = reference_model(model, reference)
     mia, mmlu = beside_data(data, mia, "mia"), beside_data(data, mmlu, "mmlu")
+    inputs = {"--model": model, "--data": data, "--mia": mia, "--mmlu": mmlu, "--before": before,
+              "--reference": reference, "--general": general}
+    if out is not None:  # checked before any work, claimed once the plan fits
+        claim_output(out, EVAL, inputs, lock=False)
     compute_dtype = inference_dtype(dtype)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}: must be at least 1")
     lume = load_lume(data, split)
-    mia_docs = load_mia(mia) if mia else None
-    questions = load_mmlu(mmlu) if mmlu else None
-    never_seen = NeverSeen.of(general, mia_docs)
-    previous = _read_results(before) if before else None
+    mia_docs, questions = (load_mia(mia) if mia else None), (load_mmlu(mmlu) if mmlu else None)
+    never_seen, previous = NeverSeen.of(general, mia_docs), before and _read_results(before)
     plan = memory_plan(model, lume, mia_docs, questions, max_new_tokens, compute_dtype,
                        reference)
     if out is not None:
-        claim_output(out, EVAL, {"--model": model, "--data": data, "--mia": mia,
-                                 "--mmlu": mmlu, "--before": before,
-                                 "--reference": reference, "--general": general})
+        claim_output(out, EVAL, inputs)
     lm, tokenizer = load_model(model, dtype=compute_dtype, device=best_device())
     made_by = {"model": str(model), "model_files": model_fingerprint(model),
                "data": fingerprint([(r.id, r.input, r.output, r.task, r.split)

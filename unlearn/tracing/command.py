@@ -78,6 +78,7 @@ def locate(model: str | Path, data: str | Path, out: str | Path, samples: int = 
     started = time.perf_counter()
     check_seed(seed)
     check_answers(answers)
+    claim_output(out, LOCATE, {"--model": model, "--data": data}, lock=False)
     check_model_dir(model)
     compute = inference_dtype(dtype)
     lume = load_lume(data, split)
@@ -87,7 +88,7 @@ def locate(model: str | Path, data: str | Path, out: str | Path, samples: int = 
                          f"'What is NAME's X?' to trace")
     facts = facts[:max_facts] if max_facts else facts
     plan = memory_plan(model, facts, samples, compute)
-    claim_output(out, LOCATE, {"--model": model, "--data": data})
+    claim_output(out, LOCATE, {"--model": model, "--data": data})  # now locked
     lm, tokenizer = load_model(model, dtype=compute, device=best_device())
     record = trace_facts(lm, tokenizer, facts, samples, window, noise_scale, seed, answers)
     last_subject = record["indirect_effect"]["mlp"][GROUPS.index("last subject token")]
