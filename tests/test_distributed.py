@@ -40,16 +40,24 @@ def _cli(model, data, out, *extra) -> list[str]:
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tiny_target, synth_dir, tmp_path):
+    """One micro-batch a step (grad_accum=1): each process trains on its part of every
+    micro-batch (no weight-0 steps), and the averaged gradient is the one-process one."""
+    settings = [s for s in SETTINGS if not s.startswith("grad_accum")] + ["grad_accum=1"]
     run("gd", tiny_target[0], synth_dir, tmp_path / "one", seed=0,
-        **dict(s.split("=") for s in SETTINGS))
+        **dict(s.split("=") for s in settings))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                     str(ROOT / "configs" / "accelerate" / "cpu-2proc.yaml"),
-                    "--main_process_port", str(_free_port()),
-                    *_cli(tiny_target[0], synth_dir, tmp_path / "two")],
+                    "--main_process_port", str(_free_port()), "-m", "unlearn.cli", "run",
+                    "--method", "gd", "--model", str(tiny_target[0]), "--data", str(synth_dir),
+                    "--out", str(tmp_path / "two"), "--seed", "0", *settings],
                    check=True, env=env, cwd=ROOT, timeout=600)
     record = json.loads((tmp_path / "two" / "run.json").read_text())
     assert record["status"] == "complete" and record["processes"] == 2
+    alone = json.loads((tmp_path / "one" / "run.json").read_text())
+    for shared, whole in zip(record["history"], alone["history"], strict=True):
+        # the main process trained on its part of each step's tokens, not on all of them
+        assert 0.25 * whole["tokens"] < shared["tokens"] < 0.75 * whole["tokens"]
     one, two = _state(tmp_path / "one"), _state(tmp_path / "two")
     changed = [k for k in one if not torch.equal(one[k], _state(tiny_target[0])[k])]
     assert changed  # the comparison is between trained weights, not two untouched copies
@@ -103,6 +111,31 @@ def test_zero3_refuses_what_needs_whole_weights_mid_run(tiny_target, synth_dir, 
     assert done.returncode != 0
     assert "lora=true: not available under DeepSpeed ZeRO-3" in done.stderr
     assert not (tmp_path / "u").exists()
+
+
+def test_fsdp_is_refused_what_needs_whole_weights_and_saves_through_accelerate():
+    """FSDP runs on GPUs only (on CPUs accelerate falls back to DDP), so its accelerator is
+    stood in for: a sharded run saves the state dict accelerate gathers, and keeping a best
+    step is refused, naming FSDP and the launch that allows it."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from unlearn.accel import sharded, whole_state_dict
+    from unlearn.engine import _check_sharded
+    from unlearn.methods import get_method
+
+    def accelerator(kind):
+        return SimpleNamespace(distributed_type=kind, state=SimpleNamespace(deepspeed_plugin=None),
+                               get_state_dict=lambda model: {"gathered": model})
+
+    fsdp, ddp = accelerator(DistributedType.FSDP), accelerator(DistributedType.MULTI_GPU)
+    assert sharded(fsdp) and whole_state_dict(fsdp, "model") == {"gathered": "model"}
+    assert not sharded(ddp) and whole_state_dict(ddp, "model") is None
+    settings = get_method("gd").Config()
+    with pytest.raises(ValueError, match="select=score: not available under FSDP.*ddp.yaml"):
+        _check_sharded(fsdp, settings, "score", 0)
+    _check_sharded(fsdp, settings, "none", 0)  # nothing that needs whole weights: it runs
 
 
 def test_sigkilled_run_resumes_to_the_same_model(tiny_target, synth_dir, tmp_path):

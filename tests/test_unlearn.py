@@ -531,8 +531,7 @@ def test_sha256_paper_profile_computes_a_batch_as_the_authors_code_does(tiny_tar
     assert later == pytest.approx(-forget + retain_weight(retain - reference) * retain, rel=1e-5)
 
 
-def test_sha256_paper_profile_batches_and_accumulates_as_their_trainer(tiny_target, synth_dir,
-                                                                        tmp_path):
+def test_sha256_paper_profile_batches_and_accumulates_as_their_trainer(tiny_target, synth_dir):
     """Their DataLoader: micro-batches of 12 rows as the shuffle drew them (not each holding
     its share of forget and retain rows); their HF Trainer: each micro-batch's loss / 10,
     whatever its rows. bench/fidelity.py sha256 found the row-share weighting 1e-3 off."""
@@ -549,12 +548,24 @@ def test_sha256_paper_profile_batches_and_accumulates_as_their_trainer(tiny_targ
         **get_method("sha256").small_target))
     stratified = small.micro_batches(step)
     assert len(stratified) == small.config.grad_accum and stratified != micro
-    accelerator = make_accelerator(precision="fp32")
-    fixed = training.Trainer(accelerator, torch.nn.Linear(2, 2), [], [], tmp_path,
-                             micro_batch_weight=0.1)
-    assert [w for _, w in fixed._share([[1] * 12, [2] * 4])] == [0.1, 0.1]
-    rows = training.Trainer(accelerator, torch.nn.Linear(2, 2), [], [], tmp_path)
-    assert [w for _, w in rows._share([[1] * 12, [2] * 4])] == [0.75, 0.25]
+    assert [w for _, w in training.share([[1] * 12, [2] * 4], 1, 0, 0.1)] == [0.1, 0.1]
+    assert [w for _, w in training.share([[1] * 12, [2] * 4], 1, 0)] == [0.75, 0.25]
+
+
+def test_data_parallel_processes_share_real_rows_of_every_step():
+    """One micro-batch a step (grad_accum=1) over two processes: each trains on half its
+    rows, no process runs a weight-0 micro-batch, and the weights still add up to the
+    step's; a step of fewer rows than processes is the one place a weight-0 pass remains."""
+    for fixed in (None, 0.5):
+        step = [list(range(5))]
+        shares = [training.share(step, 2, rank, fixed) for rank in (0, 1)]
+        assert [[m for m, _ in s] for s in shares] == [[[0, 2, 4]], [[1, 3]]]
+        weights = [w for s in shares for _, w in s]
+        assert all(w > 0 for w in weights)
+        assert sum(weights) == pytest.approx(fixed or 1.0)
+    even = [training.share([[0, 1], [2, 3]], 2, rank) for rank in (0, 1)]
+    assert even == [[([0, 1], 0.5)], [([2, 3], 0.5)]]  # whole micro-batches when they go round
+    assert training.share([[7]], 2, 1) == [([7], 0.0)]
 
 
 def test_sha256_trains_only_the_mlps_of_the_traced_layers(tiny_target, synth_dir, tmp_path):

@@ -202,10 +202,16 @@ def prepare_frozen(accelerator: Accelerator, model):
     return engine
 
 
-def zero3_state_dict(accelerator: Accelerator, model) -> dict | None:
-    """Under ZeRO-3 the full state dict of a prepared model, gathered from its shards for
-    ``save_pretrained(state_dict=...)``: every process must call this, and only the main
-    process gets it. None otherwise (``save_pretrained`` reads the model's own weights)."""
-    if zero3(accelerator):
+def sharded(accelerator: Accelerator) -> bool:
+    """Whether each process holds only a shard of the weights: DeepSpeed ZeRO-3 or FSDP."""
+    return zero3(accelerator) or accelerator.distributed_type == DistributedType.FSDP
+
+
+def whole_state_dict(accelerator: Accelerator, model) -> dict | None:
+    """Where the weights are sharded (ZeRO-3, FSDP) the full state dict of a prepared model,
+    gathered through accelerate for ``save_pretrained(state_dict=...)``: every process must
+    call this, and the main process gets it. None otherwise (``save_pretrained`` reads the
+    model's own weights)."""
+    if sharded(accelerator):
         return accelerator.get_state_dict(model)
     return None

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 
-from .accel import make_accelerator, numel, start_logging, stop_logging, zero3
+from .accel import make_accelerator, numel, sharded, start_logging, stop_logging, zero3
 from .anchor import Anchor, sample_passages
 from .data import beside_data, load_lume, load_mia
 from .io import RUN, atomic_directory, claim_output, fingerprint, path_text, staging_path
@@ -207,7 +207,7 @@ class _Run:
         self.accelerator = make_accelerator(settings.precision, settings.batch_size,
                                             settings.max_grad_norm, settings.report_to,
                                             logging_dir)
-        self.rule = resolve_rule(settings, mia, sharded=zero3(self.accelerator))
+        self.rule = resolve_rule(settings, mia, sharded=sharded(self.accelerator))
         self.mia_data = load_mia(mia) if mia else None
         self.lm, self.tokenizer = load_model(model_dir, dtype=torch.float32)
         self.model_files = model_fingerprint(model_dir)  # before training: the source model
@@ -221,8 +221,8 @@ class _Run:
         self.run_id = fingerprint(method, asdict(settings), seed, self.model_files, path_text(mia),
                                   path_text(mmlu), teacher and model_fingerprint(teacher),
                                   [(e.ids, e.start) for e in self.forget + retain])
-        if zero3(self.accelerator):
-            _check_zero3(settings, self.rule, self.eval_every)
+        if sharded(self.accelerator):
+            _check_sharded(self.accelerator, settings, self.rule, self.eval_every)
         self.first_of_stage = {}
         for i, epoch in enumerate(self.plan):
             self.first_of_stage.setdefault(epoch.stage, i)
@@ -316,7 +316,7 @@ class _Run:
             trainer = Trainer(self.accelerator, self.lm, self.plan, self.segments, staging,
                               weight_decay=self.settings.weight_decay,
                               max_grad_norm=self.settings.max_grad_norm,
-                              keep_last_good=not zero3(self.accelerator),
+                              keep_last_good=not sharded(self.accelerator),
                               micro_batch_weight=(1 / self.settings.grad_accum
                                                   if self.settings.accumulation == "micro_batches"
                                                   else None))
@@ -331,7 +331,7 @@ class _Run:
                 self.progress = trainer.run(progress, self.loss, self.after_epoch,
                                             self.before_epoch, select)
             except NonFiniteLoss as e:
-                if not e.kept_last_good:  # ZeRO-3 keeps no copy: the weights in hand are bad
+                if not e.kept_last_good:  # sharded runs keep no copy: the weights in hand are bad
                     raise FloatingPointError(f"{self.method}: {e}; no model was saved; lower "
                                              f"lr= and rerun") from None
                 # the weights are those of the last good step: keep them, say so, then fail
@@ -404,8 +404,8 @@ def _anchor(settings, model, tokenizer, progress: dict, seed: int, accelerator
         return None
     if "anchor" not in progress:
         with evaluating(model):
-            passages = sample_passages(model, tokenizer, settings.anchor_samples, seed,
-                                       synced=zero3(accelerator) and accelerator.num_processes > 1)
+            synced = sharded(accelerator) and accelerator.num_processes > 1
+            passages = sample_passages(model, tokenizer, settings.anchor_samples, seed, synced)
             progress["anchor"] = Anchor.measure(model, passages, tokenizer.pad_token_id).state()
     state = progress["anchor"]
     if not state["passages"]:  # every passage ended at once: nothing to hold
@@ -413,18 +413,19 @@ def _anchor(settings, model, tokenizer, progress: dict, seed: int, accelerator
     return Anchor(state["passages"], state["start_nll"], tokenizer.pad_token_id, state["next"])
 
 
-def _check_zero3(settings, rule: str, eval_every: int) -> None:
-    """Refuse, before any work, what needs whole weights in one process mid-run: ZeRO-3 leaves
-    each process a shard (keeping a best step, merging LoRA). LoRA has no need of it: the
-    frozen base and a small trainable state fit where full fine-tuning would not."""
+def _check_sharded(accelerator, settings, rule: str, eval_every: int) -> None:
+    """Refuse, before any work, what needs whole weights in one process mid-run: ZeRO-3 and
+    FSDP leave each process a shard (keeping a best step, merging LoRA). LoRA has no need of
+    them: the frozen base and a small trainable state fit where full fine-tuning would not."""
     wanted = [name for name, on in (("lora=true", settings.lora),
                                     ("validation=", settings.validation),
                                     (f"select={rule}", rule != "none"),
                                     ("eval_every", eval_every)) if on]
     if wanted:
-        raise ValueError(f"{', '.join(wanted)}: not available under DeepSpeed ZeRO-3, which "
-                         f"shards the weights; launch with configs/accelerate/ddp.yaml or "
-                         f"fsdp.yaml, or drop the setting")
+        kind = "DeepSpeed ZeRO-3" if zero3(accelerator) else "FSDP"
+        raise ValueError(f"{', '.join(wanted)}: not available under {kind}, which shards the "
+                         f"weights; launch with configs/accelerate/ddp.yaml (whole weights on "
+                         f"each GPU, LoRA for a large model), or drop the setting")
 
 
 def _selection(selector, model, progress: dict, every: int, total_steps: int,

@@ -55,7 +55,10 @@ def _launch() -> tuple[int, bool]:
     """``(processes, sharded)`` as ``accelerate launch`` set them for this process."""
     zero3 = (launched_with_deepspeed()
              and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3")
-    return process_state().num_processes, zero3
+    # accelerate runs FSDP on GPUs only; on CPUs it falls back to data parallel
+    fsdp = (os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+            and torch.cuda.is_available())
+    return process_state().num_processes, zero3 or fsdp
 
 
 def _layer_widths(model) -> list[int]:

@@ -29,10 +29,11 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
-from .accel import zero3_state_dict
+from .accel import whole_state_dict
 from .io import reset_staging, write_json, writing
 from .settings import shown
 
@@ -131,13 +132,13 @@ def save_final(accelerator: Accelerator, prepared, model, tokenizer, staging: Pa
                record_name: str, record: dict, dtype: torch.dtype | None = None) -> None:
     """Write the finished ``model`` (unwrapped from ``prepared``; cast to ``dtype`` when given),
     its tokenizer and its record into the staging directory in place of the checkpoints. Every
-    process must call this: under ZeRO-3 they all take part in gathering the weights; the main
-    process writes."""
-    weights = zero3_state_dict(accelerator, prepared)
+    process must call this: where the weights are sharded they all take part in gathering
+    them; the main process writes."""
+    weights = whole_state_dict(accelerator, prepared)
     accelerator.wait_for_everyone()
     if dtype is not None and weights is None:  # training is over: out as the source came in
         model.to(dtype)
-    elif dtype is not None:  # ZeRO-3: the gathered copy, not the shards DeepSpeed still holds
+    elif dtype is not None:  # sharded: the gathered copy, not the shards still in training
         weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
         model.config.dtype = dtype
     if accelerator.is_main_process:
@@ -154,7 +155,7 @@ def save_final(accelerator: Accelerator, prepared, model, tokenizer, staging: Pa
 def save_copy(accelerator: Accelerator, prepared, model, tokenizer, directory: Path) -> None:
     """Write ``model`` as it is now (a training run goes on) to ``directory``, whole or not at
     all: it appears by a rename once written. Every process must call this (see save_final)."""
-    weights = zero3_state_dict(accelerator, prepared)
+    weights = whole_state_dict(accelerator, prepared)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         new = directory.with_name(directory.name + ".new")
@@ -193,6 +194,26 @@ def scalars(record: dict, prefix: str) -> dict[str, float]:
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             found[f"{prefix}/{key}"] = value
     return found
+
+
+def share(micro_batches: list[list], processes: int, rank: int,
+          fixed_weight: float | None = None) -> list[tuple[list, float]]:
+    """Process ``rank``'s micro-batches of a step with their weights: each micro-batch's share
+    of the step's rows, or ``fixed_weight`` whatever its rows (HF Trainer's 1/accumulation).
+
+    Processes take every ``processes``-th micro-batch. When their number does not divide
+    evenly, each is first cut into ``processes`` interleaved parts, each weighing its share
+    of the micro-batch, so every process trains on real rows every step (``grad_accum=1``
+    under 8 GPUs is 8 GPUs' speed, not one). Backward passes must all join the all-reduce:
+    only where a step holds too few rows to go round does a process run a micro-batch at
+    weight 0."""
+    rows = sum(len(m) for m in micro_batches)
+    weighted = [(m, fixed_weight or len(m) / rows) for m in micro_batches]
+    if len(weighted) % processes:
+        weighted = [(part, w * len(part) / len(m)) for m, w in weighted
+                    for part in (m[i::processes] for i in range(processes)) if part]
+    mine = weighted[rank::processes]
+    return mine + [(micro_batches[0], 0.0)] * (-(-len(weighted) // processes) - len(mine))
 
 
 class Trainer:
@@ -268,6 +289,15 @@ class Trainer:
             return flag
         return bool(self.acc.reduce(torch.tensor(float(flag), device=self.acc.device), "max"))
 
+    def _main_decides(self, flag: bool) -> bool:
+        """The main process's decision, on every process: each measures a stop rule on its own
+        (scores a float rounding apart), and one process leaving the loop while another goes on
+        would leave that one waiting in an all-reduce for ever."""
+        if self.acc.num_processes == 1:
+            return bool(flag)
+        decision = torch.tensor([float(bool(flag))], device=self.acc.device)
+        return bool(broadcast(decision, from_process=0).item())
+
     def resume(self, progress: dict) -> int:
         """The epoch to start from; loads the checkpoint ``progress`` came from (see
         :func:`resume_progress`) when there is one."""
@@ -287,17 +317,6 @@ class Trainer:
         raise FileNotFoundError(f"{self.staging}: progress says epoch {progress['epoch']} "
                                 "but no checkpoint holds it; delete the directory and rerun")
 
-    def _share(self, micro_batches: list) -> list[tuple[list, float]]:
-        """This process's micro-batches of a step (every ``num_processes``-th) with their share
-        of the step's rows (or the fixed ``micro_batch_weight``). Every process gets as many;
-        one short of work runs a micro-batch at weight 0, since data-parallel backward passes
-        must all join the all-reduce."""
-        rows = sum(len(m) for m in micro_batches)
-        processes, rank = self.acc.num_processes, self.acc.process_index
-        mine = [(m, self.micro_batch_weight or len(m) / rows)
-                for m in micro_batches[rank::processes]]
-        return mine + [(micro_batches[0], 0.0)] * (-(-len(micro_batches) // processes) - len(mine))
-
     @contextmanager
     def _accumulating(self):
         """Backward passes inside only add to the gradients: no all-reduce (DDP), and no
@@ -312,11 +331,12 @@ class Trainer:
     def step(self, micro_batches: list, loss_fn, where: str) -> tuple[float, int]:
         """One optimizer step over the micro-batches; the loss of each is weighted by its share
         of the step's rows, so accumulation gives the gradient of the whole batch. Processes
-        split the micro-batches between them (so ``grad_accum`` should be a multiple of their
-        number) and scale the weights so that the averaged gradient equals the one-process
-        gradient: a run's result does not depend on how many processes ran it."""
+        split the micro-batches between them (:func:`share`) and scale the weights so that the
+        averaged gradient equals the one-process gradient: a run's result does not depend on
+        how many processes ran it (exactly so when ``grad_accum`` is a multiple of them)."""
         processes = self.acc.num_processes
-        mine = self._share(micro_batches)
+        mine = share(micro_batches, processes, self.acc.process_index,
+                     self.micro_batch_weight)
         total, tokens = 0.0, 0
         for i, (micro, weight) in enumerate(mine):
             last = i == len(mine) - 1
@@ -395,13 +415,13 @@ class Trainer:
                 self.acc.log({"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0],
                               "train/tokens_per_second": n / (time.perf_counter() - step_start)},
                              step=global_step)
-                if after_step is not None and after_step(global_step):
+                if after_step is not None and self._main_decides(after_step(global_step)):
                     stop = True
                     break
             record = {"epoch": index, "stage": epoch.stage, "name": epoch.name,
                       "loss": fmean(losses) if losses else None, "step_losses": losses,
                       "tokens": tokens, "seconds": time.perf_counter() - t0}
-            if after_epoch and after_epoch(index, record):
+            if after_epoch and self._main_decides(after_epoch(index, record)):
                 stop = True
             self.acc.log(scalars(record, "epoch"), step=global_step)
             history.append(record)

@@ -41,7 +41,7 @@ class MemoryPlan:
     device: str  # where this process would run, as accelerate names it
     available: int | None  # bytes that device has for this process; None: unknown
     processes: int
-    sharded: bool  # ZeRO-3: weights, gradients and optimizer states split across processes
+    sharded: bool  # ZeRO-3, FSDP: weights, gradients, optimizer states split across processes
     trainable: int  # weights that train (counted on the meta device)
 
     @property
@@ -57,7 +57,7 @@ class MemoryPlan:
         device."""
         training = f"{self.trainable:,} weights train" if self.trainable else "nothing trains"
         lines = [f"memory plan per device ({self.processes} process(es)"
-                 f"{', ZeRO-3' if self.sharded else ''}; {training}):"]
+                 f"{', sharded' if self.sharded else ''}; {training}):"]
         lines += [f"  {name:<12} {size / GIB:8.2f} GiB" for name, size in self.parts.items()]
         room = ("" if self.available is None
                 else f" of {self.available / GIB:.2f} GiB on {self.device}")
