@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
@@ -325,11 +326,14 @@ def _interrupted_run(monkeypatch, steps: int, method: str, *args, **kwargs) -> N
 
 
 def test_killed_run_resumes_to_the_same_result(tiny_target, synth_dir, tmp_path, monkeypatch):
-    kw = dict(seed=3, epochs=1, chunk_size=3)
+    kw = dict(seed=3, epochs=1, chunk_size=3, lora=True)  # as the authors ran it
     run("sugd", tiny_target[0], synth_dir, tmp_path / "a", **kw)
     _interrupted_run(monkeypatch, 5, "sugd", tiny_target[0], synth_dir, tmp_path / "b", **kw)
     assert not (tmp_path / "b").exists()
-    assert (tmp_path / ".b.partial" / "checkpoint").is_dir()
+    checkpoint = tmp_path / ".b.partial" / "checkpoint"
+    with safe_open(checkpoint / "model.safetensors", "pt") as weights:
+        kept = list(weights.keys())  # the LoRA adapters: all a resume needs
+    assert kept and all("lora_" in k for k in kept)
     run("sugd", tiny_target[0], synth_dir, tmp_path / "b", **kw)
     # selection is on (the data has an MIA set): its trail carries over the interruption
     trails = [json.loads((tmp_path / d / "run.json").read_text())["selection"]["trail"]

@@ -33,16 +33,20 @@ from accelerate.utils import broadcast
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
-from .accel import whole_state_dict
+from .accel import whole_state_dict, zero3
 from .io import reset_staging, write_json, writing
 from .settings import shown
 
 CHECKPOINT_MINUTES_VARIABLE = "UNLEARN_CHECKPOINT_MINUTES"
 
 
+CHECKPOINT_SHARE = 0.05  # at most this share of a run's time goes to checkpoints, by default
+
+
 def checkpoint_minutes() -> float:
-    """Minutes between checkpoints (taken at the next epoch boundary): 2, or what the
-    environment variable ``UNLEARN_CHECKPOINT_MINUTES`` says (0: every epoch)."""
+    """Minutes between checkpoints (taken at the next epoch boundary): at least 2 and long
+    enough that writing them takes at most ``CHECKPOINT_SHARE`` of the run, or exactly what
+    the environment variable ``UNLEARN_CHECKPOINT_MINUTES`` says (0: every epoch)."""
     text = os.environ.get(CHECKPOINT_MINUTES_VARIABLE, "2")
     try:
         minutes = float(text)
@@ -266,7 +270,7 @@ class Trainer:
         # LM-head weight is stored once and restored by safetensors' load_model), optimizer
         # and RNG state loaded by accelerate with torch.load(weights_only=True), JSON for the rest
         try:
-            with writing(new):
+            with writing(new), self._trainable_only():
                 self.acc.save_state(str(new), safe_serialization=True)
         except BaseException:  # the previous checkpoint stays the one to resume from
             if self.acc.is_main_process:
@@ -282,6 +286,23 @@ class Trainer:
             os.replace(new, current)
             shutil.rmtree(old, ignore_errors=True)
         self.acc.wait_for_everyone()
+
+    @contextmanager
+    def _trainable_only(self):
+        """Checkpoints hold the trainable weights only (with LoRA, the adapters: megabytes
+        where the whole model of a 7B is 28 GB); the frozen rest is the source model's, loaded
+        again by a resumed run before the checkpoint is. ZeRO-3 saves through DeepSpeed."""
+        names = {n for n, p in self.model.named_parameters() if p.requires_grad}
+
+        def keep(models, weights, output_dir):
+            for i, state in enumerate(weights):
+                weights[i] = {k: v for k, v in state.items() if k in names}
+
+        handle = self.acc.register_save_state_pre_hook(keep)
+        try:
+            yield
+        finally:
+            handle.remove()
 
     def _any_process(self, flag: bool) -> bool:
         """True on every process when it is true on one (clocks differ between processes)."""
@@ -306,7 +327,8 @@ class Trainer:
         latest = _latest_checkpoint(self.staging)
         if latest is not None:
             try:
-                self.acc.load_state(str(latest))
+                # strict=False: the frozen weights are not in it (see _trainable_only)
+                self.acc.load_state(str(latest), **({} if zero3(self.acc) else {"strict": False}))
                 self.scheduler.load_state_dict(json.loads((latest / "scheduler.json").read_text()))
             except (pickle.UnpicklingError, SafetensorError, RuntimeError, OSError, KeyError,
                     ValueError) as e:
@@ -393,6 +415,7 @@ class Trainer:
                    initial=sum(len(e.steps) for e in self.plan[:start]), unit="step",
                    dynamic_ncols=True)
         last_save, every = time.monotonic(), checkpoint_minutes() * 60
+        adapt = CHECKPOINT_MINUTES_VARIABLE not in os.environ
         global_step = sum(len(e.steps) for e in self.plan[:start])
         for index in range(start, len(self.plan)):
             epoch = self.plan[index]
@@ -429,8 +452,11 @@ class Trainer:
             if stop:
                 break
             if self._any_process(time.monotonic() - last_save > every):
+                started = time.monotonic()
                 self.save(progress)
                 last_save = time.monotonic()
+                if adapt:  # a large model's checkpoint takes long: take fewer of them
+                    every = max(every, (last_save - started) / CHECKPOINT_SHARE)
         bar.close()
         progress["done"] = True
         return progress
