@@ -27,6 +27,23 @@ def test_the_plan_trains_what_the_run_trains(tiny_target, synth_dir, tmp_path, s
     assert parts["gradients"] == planned.trainable * 4 and parts["optimizer"] == 2 * 4 * (
         planned.trainable)
     assert parts["weights"] >= weights and parts["references"] == 0  # gd reads no copy
+    assert record["rollback"] is True  # the plan had room for the NaN rollback's copy
+
+
+def test_the_rollback_copy_is_given_up_first_where_memory_is_short(tiny_target):
+    gd = get_method("gd")
+    roomy = plan_run(gd, gd.Config(), tiny_target[0], device="cpu", available=2**40)
+    rollback = roomy.parts["rollback"]
+    assert rollback > 0
+    # room for everything but the rollback copy: the plan drops it and fits
+    short = (roomy.peak - rollback / 2) / HEADROOM
+    tight = plan_run(gd, gd.Config(), tiny_target[0], device="cpu", available=short)
+    assert tight.fits and tight.parts["rollback"] == 0
+    assert tight.parts == {**roomy.parts, "rollback": 0}
+    # no room even without it: refused with the copy still counted
+    tighter = plan_run(gd, gd.Config(), tiny_target[0], device="cpu",
+                       available=(roomy.peak - 2 * rollback) / HEADROOM)
+    assert not tighter.fits and tighter.parts["rollback"] == rollback
 
 
 def test_a_frozen_copy_is_planned_only_where_lora_cannot_stand_in(tiny_target):

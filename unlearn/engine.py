@@ -304,6 +304,13 @@ class _Run:
                 "forget-set", "retain-set", "harmonic-mean-task-aggregate")}
         return False
 
+    @property
+    def rollback(self) -> bool:
+        """Whether a copy of the weights before each update is kept, to give them back when a
+        loss turns NaN: where the weights are whole and the plan had room for it."""
+        planned = self.memory_plan is None or self.memory_plan["parts_mb"]["rollback"] > 0
+        return planned and not sharded(self.accelerator)
+
     def train(self, out: Path, adapter_only: bool) -> dict:
         """The loop, in a staging directory a rerun resumes; the model and ``run.json``."""
         staging, main = staging_path(out), self.accelerator.is_main_process
@@ -316,7 +323,7 @@ class _Run:
             trainer = Trainer(self.accelerator, self.lm, self.plan, self.segments, staging,
                               weight_decay=self.settings.weight_decay,
                               max_grad_norm=self.settings.max_grad_norm,
-                              keep_last_good=not sharded(self.accelerator),
+                              keep_last_good=self.rollback,
                               micro_batch_weight=(1 / self.settings.grad_accum
                                                   if self.settings.accumulation == "micro_batches"
                                                   else None))
@@ -382,6 +389,7 @@ class _Run:
             "teacher": path_text(self.teacher),
             "selection": selection,
             "memory_plan": self.memory_plan,  # planned before loading, beside peak_memory_mb
+            "rollback": self.rollback,  # a copy of the last finite weights was kept
         }
 
 

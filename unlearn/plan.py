@@ -6,7 +6,8 @@ will (:func:`~unlearn.methods.trainable.select_parameters`), and the memory is a
 
 - weights: the model as the run loads it, fp32 (autocast computes in bf16; weights stay fp32);
 - gradients and AdamW's two moments: 4 + 8 bytes per trainable weight;
-- the rollback copy: 4 bytes per trainable weight (the last finite weights, kept off ZeRO-3);
+- the rollback copy: 4 bytes per trainable weight (the last finite weights), kept where the
+  weights are whole and the plan has room for it (run.json's ``rollback``);
 - references: a frozen copy of the source where the method reads its logits or hidden states
   without LoRA (with LoRA the adapters are switched off instead), and the teacher, both in the
   run's precision (bf16 under bf16 autocast);
@@ -134,7 +135,12 @@ def plan_run(method: type[Method], config: UnlearnConfig, model_dir, teacher=Non
         "checks": _checks(model, config, sum(transient.values())),
         "runtime": CPU_RUNTIME if device == "cpu" else 0,
     }
-    return MemoryPlan(parts, device, available, processes, sharded, trainable)
+    plan = MemoryPlan(parts, device, available, processes, sharded, trainable)
+    if not plan.fits and parts["rollback"]:  # the NaN rollback is the first thing to give up
+        without = MemoryPlan({**parts, "rollback": 0}, device, available, processes, sharded,
+                             trainable)
+        return without if without.fits else plan
+    return plan
 
 
 def plan_attack(model_dir, training: UnlearnConfig, dtype: torch.dtype) -> MemoryPlan:
