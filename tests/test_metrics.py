@@ -54,7 +54,7 @@ class LastTokenPicksLetter(torch.nn.Module):
         self.config = SimpleNamespace(max_position_embeddings=4096)
         self.device = torch.device("cpu")
 
-    def forward(self, input_ids, attention_mask, logits_to_keep=0):
+    def forward(self, input_ids, attention_mask, logits_to_keep=0, use_cache=True):
         input_ids = input_ids[:, -logits_to_keep:]  # as HF's models: 0 keeps every position
         logits = torch.zeros(*input_ids.shape, self.vocab)
         picked = torch.tensor(self.letter_ids)[input_ids % 4]

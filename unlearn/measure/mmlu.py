@@ -46,7 +46,7 @@ def mmlu_correct(model, tokenizer, questions: list[Question], max_tokens: int = 
                       desc="mmlu", leave=False):
         ids, mask = pad([seqs[i] for i in batch], tokenizer.pad_token_id, left=True)
         logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                       logits_to_keep=1).logits[:, -1]
+                       logits_to_keep=1, use_cache=False).logits[:, -1]
         picked = logits[:, letters.to(logits.device)].argmax(-1).tolist()
         for i, p in zip(batch, picked):
             correct[i] = LETTERS[p] == questions[i].answer

@@ -180,7 +180,8 @@ class Reference:
     def _teacher_logits(self, batch: Batch, rows: torch.Tensor) -> torch.Tensor:
         # under ZeRO-3 every process runs every forward pass, whether it has forget rows or not
         keep = torch.ones_like(rows) if self.teacher_on_every_row else rows
-        logits = self.teacher(input_ids=batch.ids[keep], attention_mask=batch.mask[keep]).logits
+        logits = self.teacher(input_ids=batch.ids[keep], attention_mask=batch.mask[keep],
+                              use_cache=False).logits
         return logits[rows[keep], :-1]
 
     def teacher_kl(self, out: Outputs, batch: Batch) -> torch.Tensor:
@@ -204,14 +205,15 @@ class Reference:
     def logits(self, batch: Batch) -> torch.Tensor:
         net, context = self._frozen()
         with context:
-            return net(input_ids=batch.ids, attention_mask=batch.mask).logits[:, :-1]
+            return net(input_ids=batch.ids, attention_mask=batch.mask,
+                       use_cache=False).logits[:, :-1]
 
     @torch.no_grad()
     def hidden(self, batch: Batch, index: int) -> torch.Tensor:
         """``hidden_states[index]`` of the frozen model (0 = embeddings, i + 1 = after layer i)."""
         net, context = self._frozen()
         with context:
-            return net(input_ids=batch.ids, attention_mask=batch.mask,
+            return net(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False,
                        output_hidden_states=True).hidden_states[index]
 
     def nll_sum_of(self, batch: Batch) -> torch.Tensor:
