@@ -29,12 +29,12 @@ def prompt_ids(tokenizer, question: Question, limit: int) -> list[int]:
     return ids[-limit:]
 
 
-@torch.no_grad()
 def mmlu_accuracy(model, tokenizer, questions: list[Question], **kw) -> float:
     """The share of ``questions`` answered right (the letter with the highest logit)."""
     return sum(mmlu_correct(model, tokenizer, questions, **kw)) / len(questions)
 
 
+@torch.no_grad()  # where it is called directly too: a recorded graph keeps every layer's input
 def mmlu_correct(model, tokenizer, questions: list[Question], max_tokens: int = MMLU_TOKENS,
                  max_rows: int = MMLU_ROWS) -> list[bool]:
     """Per question, whether the letter with the highest logit is its answer."""
