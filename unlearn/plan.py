@@ -137,8 +137,7 @@ def plan_run(method: type[Method], config: UnlearnConfig, model_dir, teacher=Non
     }
     plan = MemoryPlan(parts, device, available, processes, sharded, trainable)
     if not plan.fits and parts["rollback"]:  # the NaN rollback is the first thing to give up
-        without = MemoryPlan({**parts, "rollback": 0}, device, available, processes, sharded,
-                             trainable)
+        without = replace(plan, parts={**parts, "rollback": 0})
         return without if without.fits else plan
     return plan
 

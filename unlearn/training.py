@@ -38,8 +38,6 @@ from .io import reset_staging, write_json, writing
 from .settings import shown
 
 CHECKPOINT_MINUTES_VARIABLE = "UNLEARN_CHECKPOINT_MINUTES"
-
-
 CHECKPOINT_SHARE = 0.05  # at most this share of a run's time goes to checkpoints, by default
 
 
