@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .accel import return_freed_memory
 from .data import DataError, check_data, import_documents, importing, load_lume, synthesize
 from .data import synth as synth_module
 from .data.importing import CUSTOM_TASK
@@ -520,5 +521,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def entry() -> int:
+    """The ``unlearn`` program (and ``python -m unlearn.cli``): the process is the command's
+    own, so its allocator may be set for it (:func:`unlearn.accel.return_freed_memory`)."""
+    return_freed_memory()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())
