@@ -101,13 +101,13 @@ def test_npo_loss_is_its_formula(tiny_target, synth_dir):
     model, batch = _batch(tiny_target, synth_dir)
     out = forward(model, batch)
     ref, gap = Reference(), [2.0, -1.0]  # log π_θ − log π_ref of the two forget rows
-    ref.forget_nll_sum = {batch.rows[i]: out.nll_sum[i].item() + gap[i] for i in range(2)}
+    ref.source_nll_sum = {(True, batch.rows[i]): out.nll_sum[i].item() + gap[i] for i in range(2)}
     method = get_method("npo")(get_method("npo").Config(beta=0.5))
     forget = [-(2 / 0.5) * _log_sigmoid(-0.5 * g) for g in gap]
     expected = sum(forget) / 2 + out.nll[2:].mean().item()
     assert method.loss(model, batch, ref).item() == pytest.approx(expected, rel=1e-5)
     # at the start (the model is its reference) every forget row costs (2/β)·ln 2
-    ref.forget_nll_sum = {batch.rows[i]: out.nll_sum[i].item() for i in range(2)}
+    ref.source_nll_sum = {(True, batch.rows[i]): out.nll_sum[i].item() for i in range(2)}
     only_forget = method.loss(model, batch, ref).item() - out.nll[2:].mean().item()
     assert only_forget == pytest.approx(4 * math.log(2), rel=1e-5)
 
@@ -225,7 +225,7 @@ def test_npo_kl_loss_is_its_weighted_formula(tiny_target, synth_dir):
     ce, ce_sum = _row_ce(model, batch)
     reference = _perturbed(model)
     ref, gap, beta = Reference(frozen=reference), [1.5, -0.5], 0.1
-    ref.forget_nll_sum = {batch.rows[i]: ce_sum[i].item() + gap[i] for i in range(2)}
+    ref.source_nll_sum = {(True, batch.rows[i]): ce_sum[i].item() + gap[i] for i in range(2)}
     npo = sum(-(2 / beta) * _log_sigmoid(-beta * g) for g in gap) / 2
     log_q = F.log_softmax(reference(input_ids=batch.ids, attention_mask=batch.mask)
                           .logits[:, :-1].float(), -1)

@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 import pickle
@@ -535,6 +536,39 @@ def test_sha256_paper_profile_computes_a_batch_as_the_authors_code_does(tiny_tar
     assert later == pytest.approx(-forget + retain_weight(retain - reference) * retain, rel=1e-5)
 
 
+def test_sha256_source_reference_weighs_retain_against_where_the_rows_started(tiny_target,
+                                                                             synth_dir):
+    """retain_reference=source: each retain row's loss under the source model, measured before
+    the first step, is what a batch's retain loss is compared with, from the first epoch on;
+    forget rows are not measured (SHA256 does not read them)."""
+    from types import SimpleNamespace
+
+    from unlearn.methods.sha256 import retain_weight
+    source, tokenizer = load_model(tiny_target[0])
+    data = load_lume(synth_dir)
+    config = get_method("sha256").Config(retain_reference="source", average="rows")
+    method = get_method("sha256")(config)
+    forget = engine._examples(tokenizer, data.forget[:2], True, config)
+    retain = engine._examples(tokenizer, data.retain[:3], False, config)
+    batch = Batch.of(forget + retain, tokenizer.pad_token_id, "cpu")
+    ref = Reference(method.reference)
+    assert ref.rows_to_measure(forget, retain) == retain
+    model = type(source)(source.config)  # a model trained away from the source
+    model.load_state_dict(source.state_dict())
+    with torch.no_grad():
+        model.lm_head.weight.mul_(0.5)
+        ref.measure_rows(source, [Batch.of(retain, tokenizer.pad_token_id, "cpu")],
+                         SimpleNamespace(autocast=contextlib.nullcontext))
+        before = forward(source, batch).nll[2:].mean().item()
+        out = forward(model, batch)
+        now, forgotten = out.nll[2:].mean().item(), out.nll[:2].mean().item()
+        loss = method.loss(model, batch, ref).item()  # epoch 0: no warm-up epoch
+    assert sorted(ref.source_nll_sum) == [(False, e.index) for e in retain]
+    m = retain_weight(now - before)
+    assert m != 1.2  # the source is far enough from the model for the weight to move
+    assert loss == pytest.approx(-forgotten + m * now, rel=1e-5)
+
+
 def test_sha256_paper_profile_batches_and_accumulates_as_their_trainer(tiny_target, synth_dir):
     """Their DataLoader: micro-batches of 12 rows as the shuffle drew them (not each holding
     its share of forget and retain rows); their HF Trainer: each micro-batch's loss / 10,
@@ -694,7 +728,7 @@ def test_npo_gradient_stays_finite_when_retain_rows_outnumber_forget_rows(tiny_t
     batch = Batch.of([Example(ids, 2, True, 0), Example(ids, 2, False, 7)],
                      tokenizer.pad_token_id, "cpu")
     reference = Reference()
-    reference.forget_nll_sum[0] = 5.0
+    reference.source_nll_sum[True, 0] = 5.0
     model.train()
     NPO(NPOConfig()).loss(model, batch, reference).backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -212,15 +212,15 @@ class _Run:
         self.lm, self.tokenizer = load_model(model_dir, dtype=torch.float32)
         self.model_files = model_fingerprint(model_dir)  # before training: the source model
         self.forget = _examples(self.tokenizer, self.lume.forget, True, settings)
-        retain = _examples(self.tokenizer, self.lume.retain, False, settings)
-        self.plan, self.segments = _plan(algorithm, self.forget, retain, seed)
+        self.retain = _examples(self.tokenizer, self.lume.retain, False, settings)
+        self.plan, self.segments = _plan(algorithm, self.forget, self.retain, seed)
         self.eval_points = eval_points
         self.eval_every = max(1, len(self.plan) // eval_points) if eval_points else eval_every
         self.total_steps = sum(len(e.steps) for e in self.plan)
         # a checkpoint resumes only the same job: method, settings, seed, these model files, data
         self.run_id = fingerprint(method, asdict(settings), seed, self.model_files, path_text(mia),
                                   path_text(mmlu), teacher and model_fingerprint(teacher),
-                                  [(e.ids, e.start) for e in self.forget + retain])
+                                  [(e.ids, e.start) for e in self.forget + self.retain])
         if sharded(self.accelerator):
             _check_sharded(self.accelerator, settings, self.rule, self.eval_every)
         self.first_of_stage = {}
@@ -265,10 +265,11 @@ class _Run:
         self.reference.forget_level = progress["forget_level"]
         self.anchor = _anchor(settings, bare, tokenizer, progress, self.seed, self.accelerator)
         size = settings.batch_size  # before any step (or the resumed one)
-        self.reference.measure_forget_rows(
-            self.prepared, (Batch.of(self.forget[i:i + size], tokenizer.pad_token_id,
+        rows = self.reference.rows_to_measure(self.forget, self.retain)
+        self.reference.measure_rows(
+            self.prepared, (Batch.of(rows[i:i + size], tokenizer.pad_token_id,
                                      self.accelerator.device)
-                            for i in range(0, len(self.forget), size)), self.accelerator)
+                            for i in range(0, len(rows), size)), self.accelerator)
         total_steps = self.total_steps
         # a staged method (SUGD's chunks) has not met a later stage's forget rows before that
         # stage: a model from an earlier stage still holds them, so checks (and stopping)

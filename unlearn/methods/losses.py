@@ -118,10 +118,10 @@ def kl_to_reference(out: Outputs, ref_logits: torch.Tensor, batch: Batch,
 
 
 #: what a method may ask of the reference (its ``Method.reference``): the frozen model's
-#: "logits" or "hidden" states during training, each forget row's summed output NLL under it,
-#: measured once before the first step ("forget_logprob"), or the "teacher" its forget rows are
-#: drawn to (:func:`forget_term`), when the run has one
-NEEDS = ("logits", "hidden", "forget_logprob", "teacher")
+#: "logits" or "hidden" states during training, each forget ("forget_logprob") or retain row's
+#: ("retain_logprob") summed output NLL under it, measured once before the first step, or the
+#: "teacher" its forget rows are drawn to (:func:`forget_term`), when the run has one
+NEEDS = ("logits", "hidden", "forget_logprob", "retain_logprob", "teacher")
 
 
 class Reference:
@@ -139,7 +139,8 @@ class Reference:
         self.needs = frozenset(needs)
         # one of them: a frozen copy of the source model, or the PEFT model in training
         self.frozen, self.peft_model = frozen, peft_model
-        self.forget_nll_sum: dict[int, float] = {}
+        # (forget?, row) -> the row's summed output NLL under the source model
+        self.source_nll_sum: dict[tuple[bool, int], float] = {}
         # the median NLL of never-seen text: where bounded ascent aims (forget_target)
         self.forget_level: float | None = None
         # the model before it was fine-tuned on the documents: forget rows are drawn to it
@@ -153,17 +154,21 @@ class Reference:
             self.frozen = prepare_frozen(accelerator,
                                          load_model(model_dir, frozen_dtype(accelerator))[0])
 
+    def rows_to_measure(self, forget: list, retain: list) -> list:
+        """The rows whose source NLL the method reads (:meth:`measure_rows`)."""
+        return ((forget if "forget_logprob" in self.needs else [])
+                + (retain if "retain_logprob" in self.needs else []))
+
     @torch.no_grad()
-    def measure_forget_rows(self, model, batches: Iterable[Batch], accelerator) -> None:
-        """Each forget row's summed output NLL under ``model`` (the source model, before any
-        step), when the method needs it; every process computes all of them (under ZeRO-3 each
-        forward pass needs every process)."""
-        if "forget_logprob" not in self.needs:
-            return
+    def measure_rows(self, model, batches: Iterable[Batch], accelerator) -> None:
+        """Each row's summed output NLL under ``model`` (the source model, before any step);
+        every process computes all of them (under ZeRO-3 each forward pass needs every
+        process)."""
         model.eval()
         for batch in batches:
             with accelerator.autocast():
-                self.forget_nll_sum.update(zip(batch.rows, forward(model, batch).nll_sum.tolist()))
+                nll_sum = forward(model, batch).nll_sum.tolist()
+            self.source_nll_sum.update(zip(zip(batch.forget.tolist(), batch.rows), nll_sum))
         model.train()
 
     def load_teacher(self, accelerator, teacher_dir: Path | None) -> None:
@@ -217,9 +222,9 @@ class Reference:
                        output_hidden_states=True).hidden_states[index]
 
     def nll_sum_of(self, batch: Batch) -> torch.Tensor:
-        """The reference's summed output NLL of each forget row of ``batch``, and 0 for the
-        others: finite everywhere, because a NaN in a row a loss then leaves out would still
-        turn its gradient to NaN (0 × NaN) on the way back."""
-        forget = batch.forget.tolist()
-        return torch.tensor([self.forget_nll_sum[r] if f else 0.0
-                             for r, f in zip(batch.rows, forget)], device=batch.ids.device)
+        """The reference's summed output NLL of each row of ``batch`` it measured (the kinds
+        the method needs), and 0 for the others: finite everywhere, because a NaN in a row a
+        loss then leaves out would still turn its gradient to NaN (0 × NaN) on the way back."""
+        keys = zip(batch.forget.tolist(), batch.rows)
+        return torch.tensor([self.source_nll_sum.get(key, 0.0) for key in keys],
+                            device=batch.ids.device)

@@ -10,7 +10,10 @@ whose retain loss exceeds it by ΔL gets ``m = clip(round(0.3·6^ΔL + 0.8, 1), 
 otherwise 1.2 (the paper says 2.8 at most; the code, followed here, 2.3). The authors' code
 divides the summed batch losses of the first epoch by the number of retain *rows*
 (``retain_reference=rows``), about a sixth of the mean loss at their batch of 12, so that in
-effect ``m`` follows the absolute retain loss; ``retain_reference=batches`` takes the mean.
+effect ``m`` follows the absolute retain loss; ``retain_reference=batches`` takes the mean;
+``retain_reference=source`` compares each batch's retain loss with the same rows' loss under the
+source model, measured before the first step (so ``m`` adapts from the first step, against
+where those very rows started rather than against a model already moved by epoch 0).
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ class SHA256Config(UnlearnConfig):
     micro_batches: str = "drawn"
     accumulation: str = "micro_batches"
 
-    CHOICES = {"average": ("tokens", "rows"), "retain_reference": ("rows", "batches"),
+    CHOICES = {"average": ("tokens", "rows"), "retain_reference": ("rows", "batches", "source"),
                "micro_batches": ("drawn", "stratified")}
 
 
@@ -74,6 +77,8 @@ class SHA256(Method):
 
     def __init__(self, config):
         super().__init__(config)
+        if config.retain_reference == "source":  # each retain row's loss before the first step
+            self.reference = (*self.reference, "retain_logprob")
         self.epoch = 0
         self.reference_losses: list[float] = []  # each first-epoch batch's retain loss
         self.reference_rows = 0  # and the retain rows they held
@@ -111,16 +116,25 @@ class SHA256(Method):
         tokens = out.tokens[rows].to(values.dtype)
         return (values[rows] * tokens).sum() / tokens.sum().clamp(min=1)
 
+    def _retain_weight(self, retain: torch.Tensor, out, batch, ref) -> float:
+        """``m`` for a micro-batch whose retain loss is ``retain`` (see the module's text)."""
+        if not batch.retain.any():
+            return BASE_WEIGHT
+        if self.config.retain_reference == "source":
+            before = ref.nll_sum_of(batch) / out.tokens.clamp(min=1)  # each row's mean, at start
+            return retain_weight(retain.item() - self._mean(before, out, batch.retain).item())
+        if self.epoch == 0:
+            self.reference_losses.append(retain.item())
+            self.reference_rows += int(batch.retain.sum())
+            return BASE_WEIGHT
+        if self.baseline_retain_loss is None:
+            return BASE_WEIGHT
+        return retain_weight(retain.item() - self.baseline_retain_loss)
+
     def loss(self, model, batch, ref):
         out = forward(model, batch)
         retain = self._mean(out.nll, out, batch.retain)
-        m = BASE_WEIGHT
-        if batch.retain.any():
-            if self.epoch == 0:
-                self.reference_losses.append(retain.item())
-                self.reference_rows += int(batch.retain.sum())
-            elif self.baseline_retain_loss is not None:
-                m = retain_weight(retain.item() - self.baseline_retain_loss)
+        m = self._retain_weight(retain, out, batch, ref)
         return self._mean(forget_term(out, batch, ref), out, batch.forget) + m * retain
 
     def state(self) -> dict:
