@@ -27,7 +27,9 @@ test: $(STAMP)
 # on the lowest versions pyproject.toml allows (constraints/minimum.txt), every test that leans
 # on transformers, peft, accelerate or rouge-score: loading, generation, the scorer and its golden
 # files, every method, LoRA and merging, checkpoints and resuming, selection, the command line,
-# the leak audit and the receipt's attack (the bench, which only combines these, is left out)
+# the leak audit and the receipt's attack (the bench, which only combines these, is left out);
+# the mechanics only: training-outcome bounds were measured on the current versions
+# (tests/MARGINS.md), not on these, and the main run checks them
 MIN_VENV := .venv-min
 MIN_TESTS := tests/test_data.py tests/test_methods.py tests/test_evaluate.py \
 	tests/test_architectures.py tests/test_locate.py tests/test_official_golden.py \
@@ -42,7 +44,7 @@ $(MIN_VENV)/.installed: pyproject.toml constraints/minimum.txt
 	touch $@
 
 test-min: $(MIN_VENV)/.installed
-	$(MIN_VENV)/bin/python -m pytest $(MIN_TESTS)
+	$(MIN_VENV)/bin/python -m pytest -m "not outcome" $(MIN_TESTS)
 
 demo: $(STAMP)
 	$(BIN)/unlearn demo --out runs/demo
