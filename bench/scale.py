@@ -116,6 +116,7 @@ def child(record: str, argv: list[str]) -> None:
 def measure(name: str, argv: list[str], work: Path) -> dict:
     """Run ``unlearn ARGV`` in its own process; its figures, and the plan a run recorded."""
     record = work / f"{name}.measured.json"
+    record.unlink(missing_ok=True)  # a command that dies or times out leaves none of its own
     out = Path(argv[argv.index("--out") + 1])
     shutil.rmtree(out, ignore_errors=True)  # a fresh command: its own peak is measured
     try:

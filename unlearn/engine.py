@@ -266,10 +266,11 @@ class _Run:
         self.anchor = _anchor(settings, bare, tokenizer, progress, self.seed, self.accelerator)
         size = settings.batch_size  # before any step (or the resumed one)
         rows = self.reference.rows_to_measure(self.forget, self.retain)
-        self.reference.measure_rows(
-            self.prepared, (Batch.of(rows[i:i + size], tokenizer.pad_token_id,
-                                     self.accelerator.device)
-                            for i in range(0, len(rows), size)), self.accelerator)
+        if rows:  # NPO's forget rows, SHA256's retain rows with retain_reference=source
+            self.reference.measure_rows(
+                self.prepared, (Batch.of(rows[i:i + size], tokenizer.pad_token_id,
+                                         self.accelerator.device)
+                                for i in range(0, len(rows), size)), self.accelerator)
         total_steps = self.total_steps
         # a staged method (SUGD's chunks) has not met a later stage's forget rows before that
         # stage: a model from an earlier stage still holds them, so checks (and stopping)
