@@ -104,11 +104,9 @@ def peak_mb() -> float:
 
 def child(record: str, argv: list[str]) -> None:
     """One command in this process, then its exit code, seconds and peak memory to ``record``."""
-    from unlearn.accel import return_freed_memory
-    from unlearn.cli import main
-    return_freed_memory()  # as the unlearn program does (unlearn.cli.entry)
+    from unlearn.cli import entry  # the unlearn program itself, allocator setting included
     started = time.perf_counter()
-    code = main(argv)
+    code = entry(argv)
     Path(record).write_text(json.dumps({"code": code, "seconds": time.perf_counter() - started,
                                         "peak_mb": peak_mb()}))
 

@@ -125,9 +125,9 @@ OWN_MAPPING_FROM = 1 << 20  # bytes
 def return_freed_memory() -> bool:
     """Have glibc give every block of 1 MiB or more its own mapping, returned to the system the
     moment the tensor holding it is freed. By default the threshold rises to 32 MiB after the
-    first large free, so a forward pass's freed temporaries stay in the heap: measured on four
-    OLMo-1B-width layers, a training step's peak resident set 16% above its live tensors (5.6 GB
-    against a 4.7 GB plan; 4.7 GB with this). Process-wide, so called by the command line (a
+    first large free, so a forward pass's freed temporaries stay in the heap and the resident
+    set outgrows the live tensors the memory plan counts (figures: README, "Scale"; docs/design.md,
+    "Memory"). Process-wide, so called by the command line (a
     process of its own), not by the library's functions. False where the C library is not
     glibc (macOS, musl), which leaves memory as it was."""
     try:

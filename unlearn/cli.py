@@ -521,11 +521,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def entry() -> int:
+def entry(argv: list[str] | None = None) -> int:
     """The ``unlearn`` program (and ``python -m unlearn.cli``): the process is the command's
     own, so its allocator may be set for it (:func:`unlearn.accel.return_freed_memory`)."""
     return_freed_memory()
-    return main()
+    return main(argv)
 
 
 if __name__ == "__main__":
