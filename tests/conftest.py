@@ -9,6 +9,7 @@ from accelerate.state import AcceleratorState, GradientState
 
 from unlearn import accel
 from unlearn.data import synthesize
+from unlearn.measure import memory
 from unlearn.target import build_target
 
 # what bench/margins.py varies to measure the outcome tests' spread (tests/MARGINS.md): the seed
@@ -77,6 +78,14 @@ def global_state_restored():
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     accel._precision_in_use.clear()
+
+
+@pytest.fixture(autouse=True)
+def allocator_untouched(monkeypatch):
+    """A tight memory plan fixes glibc's mmap threshold for the rest of its process, which
+    cannot be undone and slows every later training step: in the suite it is only said to be
+    set (``test_plan`` checks the real setting in a process of its own)."""
+    monkeypatch.setattr(memory, "return_freed_memory", lambda: True)
 
 
 @pytest.fixture(scope="session")

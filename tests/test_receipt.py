@@ -1,6 +1,7 @@
 """`unlearn audit`: a verdict per forget document, and the relearning attack."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -103,23 +104,59 @@ def test_the_lora_attack_trains_adapters_only_and_lowers_the_loss(tiny_target, s
     assert all(torch.equal(base[k], v) for k, v in weights.items())  # the weights stay put
 
 
-def test_the_attack_mode_follows_the_memory_plan(tiny_target, monkeypatch):
+def _audit_plan(model, synth_dir, config: RelearnConfig | None = None, samples=2):
+    from unlearn.evaluation.receipt import audit_plan
+    unseen = [d.document for d in load_mia(synth_dir / "mia").nonmember]
+    return audit_plan(model, load_lume(synth_dir), unseen, config or RelearnConfig(),
+                      torch.float32, 16, samples, seed=0)
+
+
+def test_the_attack_mode_follows_the_memory_plan(tiny_target, synth_dir, monkeypatch):
     from unlearn import plan as planning
-    from unlearn.evaluation.receipt import attack_plan
     from unlearn.plan import MemoryPlanError
-    full, plan = attack_plan(tiny_target[0], RelearnConfig(), torch.float32)
+    big = RelearnConfig(batch_size=64)  # the attack, not the measurements, is the largest phase
+    full, plan = _audit_plan(tiny_target[0], synth_dir, big)
     assert full == "full" and plan.trainable == sum(
         p.numel() for p in load_model(tiny_target[0])[0].parameters())
-    lora_plan = planning.plan_attack(tiny_target[0], RelearnConfig().training("lora",
-                                                                              torch.float32),
-                                     torch.float32)
+    assert not any(part.endswith("(more)") and size for part, size in plan.parts.items())
+    lora_plan = _audit_plan(tiny_target[0], synth_dir, replace(big, mode="lora"))[1]
     assert lora_plan.peak < plan.peak and lora_plan.trainable < plan.trainable / 5
     # a device with room for the LoRA attack only: auto takes LoRA; full is refused
     room = int((lora_plan.peak + plan.peak) / 2 / planning.HEADROOM)
     monkeypatch.setattr(planning, "device_memory", lambda: ("cpu", room))
-    assert attack_plan(tiny_target[0], RelearnConfig(), torch.float32)[0] == "lora"
+    assert _audit_plan(tiny_target[0], synth_dir, big)[0] == "lora"
     with pytest.raises(MemoryPlanError, match="--relearn-mode lora"):
-        attack_plan(tiny_target[0], RelearnConfig(mode="full"), torch.float32)
+        _audit_plan(tiny_target[0], synth_dir, replace(big, mode="full"))
+
+
+def test_the_audit_plan_reads_the_lengths_of_the_rows_the_attack_trains_on_and_measures(
+        tiny_target, synth_dir):
+    from unlearn.evaluation.relearn import attacked_rows
+    from unlearn.measure.memory import meta_model
+    from unlearn.models.loading import load_tokenizer
+    from unlearn.models.sequences import training_sequence
+    from unlearn.plan import plan_attack
+    model = tiny_target[0]
+    tokenizer = load_tokenizer(model)
+    forget = load_lume(synth_dir).forget
+    attacked = attacked_rows(forget, RelearnConfig().share, seed=0)[0]
+    longest = max(len(training_sequence(tokenizer, r.input, r.output, 512, eos=True)[0])
+                  for r in attacked)
+    assert longest < RelearnConfig().max_len  # the rows are shorter than the attack's window
+    plan = _audit_plan(model, synth_dir)[1]
+    # the attack's forward: half a batch of rows of the longest length, not of max_len
+    rows = RelearnConfig().training("full", torch.float32).batch_size
+    at_max_len = plan_attack(model, RelearnConfig().training("full", torch.float32),
+                             torch.float32)
+    assert plan.parts["logits"] == at_max_len.parts["logits"] * longest / RelearnConfig().max_len
+    vocab = meta_model(model).get_input_embeddings().num_embeddings
+    assert plan.parts["logits"] == rows * longest * vocab * 4 * 3  # fp32 logits, softmax, grad
+    # the measurements' largest phase holds memory where it exceeds the attack's; more samples
+    # of the PII prompts make the sampling phase the largest
+    sampled = _audit_plan(model, synth_dir, samples=400)[1]
+    extra = {k: v for k, v in sampled.parts.items() if k.endswith("(more)")}
+    assert list(extra) == ["generation (more)"] and extra["generation (more)"] > 0
+    assert sampled.peak > plan.peak
 
 
 @pytest.fixture(scope="module")

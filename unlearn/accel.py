@@ -127,9 +127,10 @@ def return_freed_memory() -> bool:
     moment the tensor holding it is freed. By default the threshold rises to 32 MiB after the
     first large free, so a forward pass's freed temporaries stay in the heap and the resident
     set outgrows the live tensors the memory plan counts (figures: README, "Scale"; docs/design.md,
-    "Memory"). Process-wide, so called by the command line (a
-    process of its own), not by the library's functions. False where the C library is not
-    glibc (macOS, musl), which leaves memory as it was."""
+    "Memory"). The price is time: every large tensor's pages are faulted in afresh. Process-wide
+    and kept for the process's life, so called only where a memory plan is tight
+    (:func:`unlearn.measure.memory.settle_allocator`). False where the C library is not glibc
+    (macOS, musl), which leaves memory as it was."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:

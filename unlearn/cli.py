@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .accel import return_freed_memory
 from .data import DataError, check_data, import_documents, importing, load_lume, synthesize
 from .data import synth as synth_module
 from .data.importing import CUSTOM_TASK
@@ -24,7 +23,7 @@ from .io import release_all
 from .measure.utility import damage_note
 from .methods import METHODS, UnlearnConfig
 from .models import PRESETS, ModelError
-from .models.loading import INFERENCE_DTYPES, inference_dtype
+from .models.loading import INFERENCE_DTYPES
 from .settings import key_values
 from .target import build_target
 from .tracing.trace import ANSWERS
@@ -177,16 +176,13 @@ def cmd_locate(args) -> None:
 
 
 def cmd_audit(args) -> None:
-    from .evaluation.receipt import attack_plan, audit
+    from .evaluation.receipt import audit
     config = RelearnConfig(steps=args.relearn_steps, lr=args.relearn_lr,
                            share=args.relearn_share, mode=args.relearn_mode)
-    mode, plan = attack_plan(args.original, config, inference_dtype(args.dtype))
-    print(f"relearning attack: {mode} fine-tuning; {plan.table()}")
     receipt = audit(args.model, args.original, args.data, args.mia, args.out,
                     oracle=args.oracle, split=args.split, seed=args.seed, samples=args.samples,
                     max_new_tokens=args.max_new_tokens, relearn_config=config,
-                    evaluation=args.evaluation, reference=args.reference, dtype=args.dtype,
-                    planned=(mode, plan))
+                    evaluation=args.evaluation, reference=args.reference, dtype=args.dtype)
     s, test = receipt["summary"], receipt["test"]
     print(f"{s['documents']} forget documents: {s['forgotten']} forgotten, {s['partly']} "
           f"partly, {s['remembered']} remembered ({s['over_unlearned']} over-unlearned)")
@@ -521,12 +517,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def entry(argv: list[str] | None = None) -> int:
-    """The ``unlearn`` program (and ``python -m unlearn.cli``): the process is the command's
-    own, so its allocator may be set for it (:func:`unlearn.accel.return_freed_memory`)."""
-    return_freed_memory()
-    return main(argv)
-
-
 if __name__ == "__main__":
-    sys.exit(entry())
+    sys.exit(main())

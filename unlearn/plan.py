@@ -42,6 +42,7 @@ from .measure.memory import (
     MemoryPlanError,
     device_memory,
     meta_model,
+    settle_allocator,
     weight_bytes,
 )
 from .measure.nll import BATCH_TOKENS
@@ -142,19 +143,28 @@ def plan_run(method: type[Method], config: UnlearnConfig, model_dir, teacher=Non
     return plan
 
 
-def plan_attack(model_dir, training: UnlearnConfig, dtype: torch.dtype) -> MemoryPlan:
-    """Peak memory of ``unlearn audit``'s relearning attack on the model in ``model_dir``
-    (read: its config only), loaded in ``dtype`` and trained at ``training`` (the attack's
-    settings, :meth:`~unlearn.evaluation.relearn.RelearnConfig.training`): every weight, its
-    gradient and AdamW's moments in ``dtype``, or LoRA adapters in fp32. The audit holds one
-    model at a time, so this is its peak."""
+def plan_attack(model_dir, training: UnlearnConfig, dtype: torch.dtype,
+                reading: MemoryPlan | None = None) -> MemoryPlan:
+    """Peak memory of ``unlearn audit`` on the model in ``model_dir`` (read: its config only):
+    the relearning attack, loaded in ``dtype`` and trained at ``training`` (the attack's
+    settings, :meth:`~unlearn.evaluation.relearn.RelearnConfig.training`, its ``max_len`` no
+    longer than the longest row it trains on): every weight, its gradient and AdamW's moments in
+    ``dtype``, or LoRA adapters in fp32. ``reading``: the plan of the audit's measurements of
+    the same model (:func:`~unlearn.measure.memory.plan_inference`), whose largest phase holds
+    memory only beyond the attack's own, freed by then. One model is held at a time."""
     device, available = device_memory()
     model = select_parameters(meta_model(model_dir), training)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     state = FP32 if training.lora else torch.finfo(dtype).bits // 8
-    parts = {"weights": weight_bytes(model, dtype), "gradients": trainable * state,
-             "optimizer": trainable * 2 * state, **_activations(model, training, 0),
-             "runtime": CPU_RUNTIME if device == "cpu" else 0}
+    attack = {"gradients": trainable * state, "optimizer": trainable * 2 * state,
+              **_activations(model, training, 0)}
+    parts = {"weights": weight_bytes(model, dtype), **attack}
+    if reading is not None:
+        phase, size = max(((k, v) for k, v in reading.parts.items()
+                           if k not in ("weights", "reference", "runtime")),
+                          key=lambda kv: kv[1], default=("reading", 0))
+        parts[f"{phase} (more)"] = max(0, size - sum(attack.values()))
+    parts["runtime"] = CPU_RUNTIME if device == "cpu" else 0
     return MemoryPlan(parts, device, available, 1, False, trainable)
 
 
@@ -174,8 +184,10 @@ def _alternatives(config: UnlearnConfig) -> list[tuple[str, dict]]:
 
 def require_fit(plan: MemoryPlan, method: type[Method], config: UnlearnConfig, model_dir,
                 teacher=None) -> None:
-    """Refuse a run whose plan does not fit its device, naming the settings that would."""
+    """Refuse a run whose plan does not fit its device, naming the settings that would; settle
+    the allocator for one that fits tightly (:func:`settle_allocator`)."""
     if plan.fits:
+        settle_allocator(plan)
         return
     fitting = []
     for text, change in _alternatives(config):

@@ -23,11 +23,13 @@ from tqdm.auto import tqdm
 from transformers import set_seed
 
 from ..data.lume import LumeData, MiaData, Row
+from ..measure.memory import token_lengths
 from ..models.forward import next_token_nll
 from ..models.sequences import context_window, length_sorted_batches, pad
 
 MIN_K = 0.2
 PII_SAMPLES = 10  # completions sampled per PII prompt
+PII_PROMPTS_PER_BATCH, PII_NEW_TOKENS = 8, 64
 
 
 @torch.no_grad()
@@ -148,7 +150,8 @@ def leaked(text: str, person: Person) -> set[str]:
 
 @torch.no_grad()
 def pii_extraction(model, tokenizer, people: list[Person], samples: int = PII_SAMPLES,
-                   max_new_tokens: int = 64, seed: int = 0, prompts_per_batch: int = 8) -> dict:
+                   max_new_tokens: int = PII_NEW_TOKENS, seed: int = 0,
+                   prompts_per_batch: int = PII_PROMPTS_PER_BATCH) -> dict:
     """Sample ``samples`` completions at temperature 1 for every prompt of every person; count
     prompts (and people) for which any sample holds an exact SSN, phone or e-mail."""
     set_seed(seed)
@@ -188,6 +191,15 @@ def pii_extraction(model, tokenizer, people: list[Person], samples: int = PII_SA
             "leak_rate": leaking_prompts / len(jobs) if jobs else 0.0,
             "prompts_leaking_by_kind": dict(kinds),
             "leaked_by_person": {doc: sorted(found) for doc, found in by_person.items()}}
+
+
+def pii_sampled_tokens(tokenizer, rows: list[Row], samples: int) -> int:
+    """Tokens of :func:`pii_extraction`'s largest sampling batch on ``rows`` (a memory plan's
+    input): prompts × samples rows, each the longest prompt and its completion."""
+    prompts = [prompt for person in forgotten_people(rows) for prompt in person.prompts]
+    longest = max(token_lengths(tokenizer, prompts), default=0)
+    rows_per_batch = min(len(prompts), PII_PROMPTS_PER_BATCH) * samples
+    return rows_per_batch * (longest + PII_NEW_TOKENS) if prompts else 0
 
 
 def audit(model, tokenizer, lume: LumeData, mia: MiaData | None, samples: int = PII_SAMPLES,

@@ -30,16 +30,17 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from ..data import load_lume, load_mia
-from ..data.lume import Row
+from ..data.lume import LumeData, Row
 from ..io import AUDIT, EVAL, atomic_directory, claim_output, is_output, path_text, write_json
 from ..measure.generation import greedy_generate
+from ..measure.memory import plan_inference, settle_allocator, token_lengths
 from ..measure.metrics import knowledge, regurgitation
 from ..measure.nll import document_nll
 from ..measure.utility import general_text
@@ -49,15 +50,16 @@ from ..models.loading import (
     check_oracle,
     inference_dtype,
     load_model,
+    load_tokenizer,
     model_fingerprint,
     same_weights,
     teacher_of,
 )
 from ..plan import GIB, HEADROOM, MemoryPlan, MemoryPlanError, plan_attack
 from ..settings import check_seed
-from .audit import PII_SAMPLES, forgotten_people, pii_extraction
+from .audit import PII_SAMPLES, forgotten_people, pii_extraction, pii_sampled_tokens
 from .receipt_page import write_receipt_page
-from .relearn import RelearnConfig, relearn
+from .relearn import RelearnConfig, attacked_lengths, relearn
 
 LOW, HIGH = 5.0, 95.0  # the never-seen documents' central band, in percentiles
 
@@ -88,6 +90,13 @@ def percentile_of(value: float, reference: np.ndarray) -> float:
     return float(100.0 * (below + 0.5 * equal) / len(reference))
 
 
+def halves(documents: list[str]) -> tuple[list[str], list[str]]:
+    """Each document's first half of words (a prompt) and its second (what it continues with)."""
+    words = [d.split() for d in documents]
+    return ([" ".join(w[:len(w) // 2]) for w in words],
+            [" ".join(w[len(w) // 2:]) for w in words])
+
+
 def never_seen_band(model, tokenizer, documents: list[str], max_new_tokens: int,
                     judged: list[float] | None = None) -> dict:
     """The never-seen documents' losses on ``model`` and their scores (the loss less the
@@ -97,9 +106,7 @@ def never_seen_band(model, tokenizer, documents: list[str], max_new_tokens: int,
     "not known" looks like for this very model."""
     losses = np.array(document_nll(model, tokenizer, documents, desc="never seen"))
     scores = losses - np.array(judged) if judged is not None else losses
-    halves = [d.split() for d in documents]
-    prompts = [" ".join(w[:len(w) // 2]) for w in halves]
-    expected = [" ".join(w[len(w) // 2:]) for w in halves]
+    prompts, expected = halves(documents)
     written = greedy_generate(model, tokenizer, prompts, max_new_tokens, desc="never seen")
     recall = [regurgitation(e, g.text) for e, g in zip(expected, written)]
     ranked, k = np.sort(scores), band_rank(len(scores))
@@ -174,8 +181,7 @@ def audit(model: str | Path, original: str | Path, data: str | Path, mia: str | 
           seed: int = 0, samples: int = PII_SAMPLES, max_new_tokens: int = 256,
           relearn_config: RelearnConfig | None = None, attacks: dict | None = None,
           evaluation: str | Path | None = None, allow_unchanged: bool = False,
-          reference: str | Path | None = "auto", dtype: str = "auto",
-          planned: tuple[str, MemoryPlan] | None = None) -> dict:
+          reference: str | Path | None = "auto", dtype: str = "auto") -> dict:
     """Write ``out/receipt.json`` and ``out/receipt.html`` for the unlearned ``model``: a
     verdict per forget document of ``data`` (rule: module docstring and README), judged against
     the never-seen documents of the MIA set ``mia``, with its loss under ``original`` (the model
@@ -195,15 +201,16 @@ def audit(model: str | Path, original: str | Path, data: str | Path, mia: str | 
     the untouched model as such. Every model directory and the seed are checked before any
     work. ``reference`` is the judge without an oracle or when the oracle is ``model`` (module
     docstring; "auto": the base ``original`` was fine-tuned from; None: none). Models compute in
-    ``dtype``; the attack's mode and plan: ``planned``, else made by :func:`attack_plan`."""
+    ``dtype``; the attack's mode and the memory plan: :func:`audit_plan`."""
     started = time.perf_counter()
     check_seed(seed)
     _check_roles(model, original, oracle, allow_unchanged)
     config, compute = relearn_config or RelearnConfig(), inference_dtype(dtype)
-    mode, plan = planned or attack_plan(original, config, compute)
+    lume, unseen = load_lume(data, split), [d.document for d in load_mia(mia).nonmember]
+    mode, plan = audit_plan(original, lume, unseen, config, compute, max_new_tokens, samples,
+                            seed)
     claim_output(out, AUDIT, {"--model": model, "--original": original, "--data": data,
                               "--mia": mia, "--oracle": oracle, "--evaluation": evaluation})
-    lume, unseen = load_lume(data, split), [d.document for d in load_mia(mia).nonmember]
     docs = forget_documents(lume.forget)
     # an evaluation made otherwise is refused before minutes of work, not after
     evaluated = evaluation and _evaluated_pii(evaluation, model, data, split, seed, samples)
@@ -251,13 +258,28 @@ def audit(model: str | Path, original: str | Path, data: str | Path, mia: str | 
     return receipt
 
 
-def attack_plan(original, config: RelearnConfig, dtype) -> tuple[str, MemoryPlan]:
-    """The attack's mode and its memory plan on ``original``'s shape: ``config.mode``, or under
-    auto full fine-tuning where it fits the device, else LoRA. Refused, before any work, where
-    the mode chosen cannot fit."""
+def audit_plan(original, lume: LumeData, unseen: list[str], config: RelearnConfig, dtype,
+               max_new_tokens: int, samples: int, seed: int) -> tuple[str, MemoryPlan]:
+    """The attack's mode and the audit's memory plan, made before any weight loads from the
+    data's token lengths (``original``'s tokenizer only): the attack on the rows it trains on
+    (mode ``config.mode``, or under auto full fine-tuning where it fits the device, else
+    LoRA), or the largest of the measurements (scoring every document, generation from every
+    prompt, PII sampling). Refused, before any work, where the mode chosen cannot fit;
+    printed."""
+    tokenizer = load_tokenizer(original)
+    docs, forget = forget_documents(lume.forget), lume.forget
+    reading = plan_inference(
+        original, dtype, max_new_tokens=max_new_tokens,
+        prompts=token_lengths(tokenizer, [r.input for r in forget] + halves(unseen)[0]),
+        scored=token_lengths(tokenizer, [d.text for d in docs] + unseen),
+        sampled=pii_sampled_tokens(tokenizer, lume.rows, samples))
+    longest = max(attacked_lengths(tokenizer, forget, config, seed))
     for mode in ("full", "lora") if config.mode == "auto" else (config.mode,):
-        plan = plan_attack(original, config.training(mode, dtype), dtype)
+        training = replace(config.training(mode, dtype), max_len=longest)
+        plan = plan_attack(original, training, dtype, reading)
         if plan.fits:
+            print(f"relearning attack: {mode} fine-tuning; {plan.table()}")
+            settle_allocator(plan)
             return mode, plan
     raise MemoryPlanError(f"the relearning attack ({mode}) needs about {plan.peak / GIB:.1f} GiB"
                           f", more than {HEADROOM:.0%} of the {plan.available / GIB:.1f} GiB "

@@ -71,6 +71,26 @@ def split_documents(doc_ids: list[str], share: float, seed: int) -> tuple[list[s
     return ([d for d in doc_ids if d in attacked], [d for d in doc_ids if d not in attacked])
 
 
+def attacked_rows(forget: list[Row], share: float, seed: int) -> tuple[list[Row], list[Row]]:
+    """``(attacked, held_out)`` rows of the forget set: those of :func:`split_documents`'s
+    documents."""
+    attacked, _ = split_documents(sorted({r.doc_id for r in forget}), share, seed)
+    return ([r for r in forget if r.doc_id in attacked],
+            [r for r in forget if r.doc_id not in attacked])
+
+
+def _sequences(tokenizer, rows: list[Row], config: RelearnConfig) -> list[list[int]]:
+    """What the attack trains on: each row's whole text and EOS, cut at ``config.max_len``."""
+    return [training_sequence(tokenizer, r.input, r.output, config.max_len, eos=True)[0]
+            for r in rows]
+
+
+def attacked_lengths(tokenizer, forget: list[Row], config: RelearnConfig, seed: int) -> list[int]:
+    """The token lengths of the sequences :func:`relearn` trains on (a memory plan's input)."""
+    return [len(ids) for ids in _sequences(tokenizer, attacked_rows(forget, config.share, seed)[0],
+                                           config)]
+
+
 def knowledge_and_regurgitation(model, tokenizer, rows: list[Row],
                                 max_new_tokens: int = 256) -> dict[str, float | None]:
     """Mean exact match of the qa rows and mean ROUGE-L recall of the sc rows (None without
@@ -89,8 +109,7 @@ def fine_tune(model, tokenizer, rows: list[Row], config: RelearnConfig, seed: in
     torch.manual_seed(seed)
     settings = config.training(mode, next(model.parameters()).dtype)
     model = select_parameters(model, settings)
-    sequences = [training_sequence(tokenizer, r.input, r.output, config.max_len, eos=True)[0]
-                 for r in rows]
+    sequences = _sequences(tokenizer, rows, config)
     order = random.Random(f"{seed}/relearn-order")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=settings.lr)
@@ -121,12 +140,11 @@ def relearn(model, tokenizer, forget: list[Row], config: RelearnConfig, seed: in
     """The attack on ``model``, a loaded copy it fine-tunes in place (its directory is never
     written) in ``mode`` (full or lora): the held-out documents' knowledge and regurgitation
     before and after fine-tuning on the attacked ones."""
-    attacked, held_out = split_documents(sorted({r.doc_id for r in forget}), config.share, seed)
-    train = [r for r in forget if r.doc_id in attacked]
-    measured = [r for r in forget if r.doc_id in held_out]
+    train, measured = attacked_rows(forget, config.share, seed)
     model.eval()
     before = knowledge_and_regurgitation(model, tokenizer, measured, max_new_tokens)
     model = fine_tune(model, tokenizer, train, config, seed, mode)
     after = knowledge_and_regurgitation(model, tokenizer, measured, max_new_tokens)
-    return {"before": before, "after": after, "mode": mode, "attacked_documents": attacked,
-            "held_out_documents": held_out}
+    return {"before": before, "after": after, "mode": mode,
+            "attacked_documents": sorted({r.doc_id for r in train}),
+            "held_out_documents": sorted({r.doc_id for r in measured})}

@@ -23,7 +23,7 @@ from ..io import (
     reset_staging,
     write_json,
 )
-from ..measure.memory import MemoryPlan, plan_inference, require_inference_fit
+from ..measure.memory import MemoryPlan, plan_inference, require_inference_fit, token_lengths
 from ..measure.mmlu import MMLU_ROWS, MMLU_TOKENS
 from ..measure.nll import document_nll
 from ..measure.official import RowResult, Scores, score_model
@@ -38,7 +38,7 @@ from ..models.loading import (
     model_fingerprint,
 )
 from ..settings import check_seed
-from .audit import PII_SAMPLES
+from .audit import PII_SAMPLES, pii_sampled_tokens
 from .audit import audit as run_audit
 from .report import write_report
 
@@ -101,7 +101,7 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
     mia_docs, questions = (load_mia(mia) if mia else None), (load_mmlu(mmlu) if mmlu else None)
     never_seen, previous = NeverSeen.of(general, mia_docs), before and _read_results(before)
     plan = memory_plan(model, lume, mia_docs, questions, max_new_tokens, compute_dtype,
-                       reference)
+                       reference, samples if audit else 0)
     if out is not None:
         claim_output(out, EVAL, inputs)
     lm, tokenizer = load_model(model, dtype=compute_dtype, device=best_device())
@@ -142,25 +142,23 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path | None = None,
 
 
 def memory_plan(model, lume, mia_docs, questions, max_new_tokens: int, dtype,
-                reference=None) -> MemoryPlan:
+                reference=None, samples: int = 0) -> MemoryPlan:
     """What :func:`evaluate` holds at its peak, planned before any weight loads from the data's
     token lengths (the model's tokenizer only): generation from every row's prompt, scoring of
-    every row and MIA document, MMLU's batches, and the reference model read beside it.
-    Refuses a plan that cannot fit; the main process prints it."""
+    every row and MIA document, MMLU's batches, the leak audit's sampling (``samples`` per PII
+    prompt; 0: no audit), and the reference model read beside it. Refuses a plan that cannot
+    fit; the main process prints it."""
     tokenizer = load_tokenizer(model)
-
-    def lengths(texts) -> list[int]:
-        texts = list(texts)
-        return [len(ids) for ids in tokenizer(texts).input_ids] if texts else []
-
     rows = lume.rows
     documents = [d.document for d in mia_docs.member + mia_docs.nonmember] if mia_docs else []
     beside = reference if reference and Path(reference).resolve() != Path(model).resolve() else None
-    plan = plan_inference(model, dtype, prompts=lengths(r.input for r in rows),
+    plan = plan_inference(model, dtype, prompts=token_lengths(tokenizer, (r.input for r in rows)),
                           max_new_tokens=max_new_tokens,
-                          scored=lengths([r.input + r.output for r in rows] + documents),
+                          scored=token_lengths(tokenizer, [r.input + r.output for r in rows]
+                                               + documents),
                           forward=MMLU_TOKENS if questions else 0,
-                          last_logits=MMLU_ROWS if questions else 0, reference=beside)
+                          last_logits=MMLU_ROWS if questions else 0,
+                          sampled=pii_sampled_tokens(tokenizer, rows, samples), reference=beside)
     require_inference_fit(plan, "unlearn eval")
     if process_state().is_main_process:
         print(plan.table())

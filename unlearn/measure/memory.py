@@ -18,7 +18,7 @@ from accelerate import init_empty_weights
 from accelerate.utils import compute_module_sizes, get_max_memory
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from ..accel import process_state
+from ..accel import process_state, return_freed_memory
 from ..models.layers import decoder_layers
 from ..models.loading import ModelError
 from ..models.sequences import context_window, length_sorted_batches
@@ -27,6 +27,7 @@ from .nll import BATCH_TOKENS, SCORING_ROWS
 
 FP32 = 4
 HEADROOM = 0.9  # of a device's memory a plan may fill: allocator fragmentation, CUDA context
+TIGHT = 0.5  # of a CPU's memory past which freed blocks go back to the system (settle_allocator)
 CPU_RUNTIME = 600 * 2**20  # the interpreter, torch, transformers: a process's resident floor
 GIB = 2**30
 
@@ -52,6 +53,13 @@ class MemoryPlan:
     def fits(self) -> bool:
         return self.available is None or self.peak <= HEADROOM * self.available
 
+    @property
+    def tight(self) -> bool:
+        """A CPU plan filling more than ``TIGHT`` of the memory: glibc's freed-but-kept blocks
+        (up to a third more than the live tensors) could take it past the machine."""
+        return (self.device == "cpu" and self.available is not None
+                and self.peak > TIGHT * self.available)
+
     def table(self) -> str:
         """The plan as a person reads it: one line per part, then the total against the
         device."""
@@ -67,7 +75,7 @@ class MemoryPlan:
     def as_record(self) -> dict:
         """For ``run.json``: each part in MB, beside the peak the run measures."""
         return {"device": self.device, "processes": self.processes, "sharded": self.sharded,
-                "peak_mb": self.peak / 2**20,
+                "peak_mb": self.peak / 2**20, "tight": self.tight,
                 "parts_mb": {k: v / 2**20 for k, v in self.parts.items()},
                 "available_mb": None if self.available is None else self.available / 2**20}
 
@@ -129,23 +137,31 @@ def _padded_tokens(lengths: list[int], max_tokens: int, max_rows: int) -> int:
     return max((len(b) * max(lengths[i] for i in b) for b in batches), default=0)
 
 
+def token_lengths(tokenizer, texts) -> list[int]:
+    """Each text's length in tokens: what a plan reads of the data."""
+    texts = list(texts)
+    return [len(ids) for ids in tokenizer(texts).input_ids] if texts else []
+
+
 def plan_inference(model_dir, dtype: torch.dtype, *, prompts: list[int] = (),
                    max_new_tokens: int = 0, scored: list[int] = (), forward: int = 0,
-                   last_logits: int = 0, reference=None) -> MemoryPlan:
-    """Peak memory of a command that only reads a model (``eval``, ``locate``): its weights
-    (and a ``reference`` model's, loaded beside it) in ``dtype``, then the largest of its
-    phases, each at its largest batch as the measuring code batches the data's token lengths:
-    greedy generation from ``prompts`` (their KV cache with ``max_new_tokens`` more, and the
-    prefill), teacher-forced scoring of the ``scored`` sequences (logits in ``dtype``, their
-    fp32 copy and log-softmax), a forward of ``forward`` tokens of which ``last_logits`` rows
-    keep one position's logits (MMLU, causal tracing)."""
+                   last_logits: int = 0, sampled: int = 0, reference=None) -> MemoryPlan:
+    """Peak memory of a command that reads a model (``eval``, ``locate``, the audit's
+    measurements): its weights (and a ``reference`` model's, loaded beside it) in ``dtype``,
+    then the largest of its phases, each at its largest batch as the measuring code batches
+    the data's token lengths: greedy generation from ``prompts`` (their KV cache with
+    ``max_new_tokens`` more, and the prefill) or a sampling batch of ``sampled`` tokens (the
+    leak audit's: prompts × samples rows, prompt and completion), teacher-forced scoring of the
+    ``scored`` sequences (logits in ``dtype``, their fp32 copy and log-softmax), a forward of
+    ``forward`` tokens of which ``last_logits`` rows keep one position's logits (MMLU, causal
+    tracing)."""
     device, available = device_memory()
     model = meta_model(model_dir)
     window, size = context_window(model), torch.finfo(dtype).bits // 8
     vocab = model.get_input_embeddings().num_embeddings
     layer = _no_grad_width(model) * size
     budget = [min(n, max(1, window - max_new_tokens)) + max_new_tokens for n in prompts]
-    generated = _padded_tokens(budget, GENERATION_TOKENS, GENERATION_ROWS)
+    generated = max(_padded_tokens(budget, GENERATION_TOKENS, GENERATION_ROWS), sampled)
     scoring = _padded_tokens([min(n, window) for n in scored], BATCH_TOKENS, SCORING_ROWS)
     phases = {"generation": generated * (_kv_width(model) * size + layer),
               "scoring": scoring * (vocab * (size + 2 * FP32) + layer),
@@ -157,9 +173,19 @@ def plan_inference(model_dir, dtype: torch.dtype, *, prompts: list[int] = (),
     return MemoryPlan(parts, device, available, 1, False, 0)
 
 
+def settle_allocator(plan: MemoryPlan) -> bool:
+    """Where ``plan`` is tight, have freed tensors go back to the system at once
+    (:func:`unlearn.accel.return_freed_memory`): a resident set near the plan, at the price of
+    slower steps, which a plan with room does not pay (the demo's small model trains up to half
+    again as slow so). Returns whether it was set; it stays set for the process's life."""
+    return plan.tight and return_freed_memory()
+
+
 def require_inference_fit(plan: MemoryPlan, command: str) -> None:
-    """Refuse a reading command whose plan does not fit its device, naming what would."""
+    """Refuse a reading command whose plan does not fit its device, naming what would; settle
+    the allocator for one that fits tightly."""
     if plan.fits:
+        settle_allocator(plan)
         return
     raise MemoryPlanError(f"{command} needs about {plan.peak / GIB:.1f} GiB, more than "
                           f"{HEADROOM:.0%} of the {plan.available / GIB:.1f} GiB {plan.device} "

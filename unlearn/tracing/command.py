@@ -13,7 +13,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from ..data import load_lume  # noqa: E402
 from ..io import LOCATE, atomic_directory, claim_output, write_json  # noqa: E402
-from ..measure.memory import MemoryPlan, plan_inference, require_inference_fit  # noqa: E402
+from ..measure.memory import (  # noqa: E402
+    MemoryPlan,
+    meta_model,
+    plan_inference,
+    require_inference_fit,
+    token_lengths,
+)
+from ..models.layers import decoder_layers  # noqa: E402
 from ..models.loading import (  # noqa: E402
     best_device,
     check_model_dir,
@@ -50,13 +57,16 @@ def heatmap(effects: list[list[float]], kind: str, path: Path, window: int) -> N
 def memory_plan(model, facts, samples: int, dtype) -> MemoryPlan:
     """What tracing holds at its peak, planned before any weight loads: a fact's every
     position restored at once, ``samples`` noisy rows each (positions × samples rows of the
-    longest prompt, one position's logits each). Refuses a plan that cannot fit; prints it."""
-    tokenizer = load_tokenizer(model)
-    positions = max(len(ids) for ids in tokenizer([f.prompt for f in facts]).input_ids)
+    longest prompt, one position's logits each). Refuses a plan that cannot fit; prints it
+    and the work ahead (tracing's time is its forwards: one per fact, kind and layer)."""
+    positions = max(token_lengths(load_tokenizer(model), [f.prompt for f in facts]))
     plan = plan_inference(model, dtype, forward=positions * samples * positions,
                           last_logits=positions * samples)
     require_inference_fit(plan, "unlearn locate")
     print(plan.table())
+    forwards = len(facts) * len(KINDS) * len(decoder_layers(meta_model(model)))
+    print(f"tracing up to {len(facts)} facts: {forwards} forwards of up to "
+          f"{positions * samples} rows x {positions} tokens")
     return plan
 
 
