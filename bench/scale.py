@@ -192,8 +192,14 @@ def main() -> None:
         rows.append(measure("eval", ["eval", "--model", str(model), "--data", args.data,
                                      "--out", str(work / "eval"), "--max-new-tokens",
                                      str(MAX_NEW_TOKENS)], work))
-    unlearned = next((Path(r["argv"].split("--out ")[1].split()[0]) for r in rows
-                      if r["code"] == 0 and "run --method" in r["argv"]), None)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    name = f"scale-{device.replace(' ', '_')}-{args.shape}.json"
+    results = Path(__file__).parent / "results" / name
+    # a partial rehearsal (--methods, --commands) replaces its own rows and keeps the others
+    kept = json.loads(results.read_text())["rows"] if results.is_file() else []
+    # the audit's model: one this rehearsal unlearned, else one an earlier rehearsal left
+    unlearned = next((out for r in rows + kept if r["code"] == 0 and "run --method" in r["argv"]
+                      and (out := Path(r["argv"].split("--out ")[1].split()[0])).is_dir()), None)
     if "audit" in commands and unlearned:
         rows.append(measure("audit", ["audit", "--model", str(unlearned), "--original",
                                       str(model), "--data", args.data, "--mia",
@@ -205,11 +211,6 @@ def main() -> None:
                                        "--out", str(work / "locate"), "--samples", "2",
                                        # one fact: 3 kinds × 16 layers of 1B forwards on a CPU
                                        "--max-facts", "1", "--answers", "predicted"], work))
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    name = f"scale-{device.replace(' ', '_')}-{args.shape}.json"
-    results = Path(__file__).parent / "results" / name
-    # a partial rehearsal (--methods, --commands) replaces its own rows and keeps the others
-    kept = json.loads(results.read_text())["rows"] if results.is_file() else []
     ran = {r["command"] for r in rows}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()

@@ -27,7 +27,9 @@ from .nll import BATCH_TOKENS, SCORING_ROWS
 
 FP32 = 4
 HEADROOM = 0.9  # of a device's memory a plan may fill: allocator fragmentation, CUDA context
-TIGHT = 0.5  # of a CPU's memory past which freed blocks go back to the system (settle_allocator)
+# of a CPU's memory past which freed blocks go back to the system (settle_allocator): there the
+# heap's kept blocks (measured up to 40% of a plan) are gigabytes a machine may not have
+TIGHT = 0.25
 CPU_RUNTIME = 600 * 2**20  # the interpreter, torch, transformers: a process's resident floor
 GIB = 2**30
 
@@ -66,10 +68,10 @@ class MemoryPlan:
         training = f"{self.trainable:,} weights train" if self.trainable else "nothing trains"
         lines = [f"memory plan per device ({self.processes} process(es)"
                  f"{', sharded' if self.sharded else ''}; {training}):"]
-        lines += [f"  {name:<12} {size / GIB:8.2f} GiB" for name, size in self.parts.items()]
+        lines += [f"  {name:<15} {size / GIB:8.2f} GiB" for name, size in self.parts.items()]
         room = ("" if self.available is None
                 else f" of {self.available / GIB:.2f} GiB on {self.device}")
-        lines.append(f"  {'peak':<12} {self.peak / GIB:8.2f} GiB{room}")
+        lines.append(f"  {'peak':<15} {self.peak / GIB:8.2f} GiB{room}")
         return "\n".join(lines)
 
     def as_record(self) -> dict:
