@@ -138,6 +138,26 @@ def test_eval_and_locate_plan_their_phases_and_refuse_before_any_output(tiny_tar
     assert not list(tmp_path.iterdir())  # nothing was written
 
 
+def test_a_cpu_reads_the_checkpoint_as_saved_beside_the_weights_it_makes(tiny_target, tmp_path,
+                                                                       monkeypatch):
+    """Loading is a phase of its own: a bf16 checkpoint read into fp32 weights holds both (a
+    model whose other phases are small, as tracing's, peaks there); a GPU's copy is made from
+    the CPU's, so its device never holds the checkpoint."""
+    import torch
+
+    from unlearn.measure import memory
+    model, tokenizer = load_model(tiny_target[0])
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    tokenizer.save_pretrained(tmp_path / "bf16")
+    weights = sum(p.numel() for p in model.parameters())
+    plan = memory.plan_inference(tmp_path / "bf16", torch.float32, forward=1)
+    assert plan.parts["loading"] == pytest.approx(2 * weights, rel=1e-3)  # bf16, beside fp32
+    assert plan.parts["weights"] == pytest.approx(4 * weights, rel=1e-3)
+    monkeypatch.setattr(memory, "device_memory", lambda: ("cuda:0", 80 << 30))
+    assert "loading" not in memory.plan_inference(tmp_path / "bf16", torch.float32,
+                                                  forward=1).parts
+
+
 FREED_BLOCKS = """
 import sys, torch
 from unlearn.measure.memory import MemoryPlan, settle_allocator

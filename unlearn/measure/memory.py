@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..accel import process_state, return_freed_memory
 from ..models.layers import decoder_layers
-from ..models.loading import ModelError
+from ..models.loading import ModelError, saved_dtype
 from ..models.sequences import context_window, length_sorted_batches
 from .generation import GENERATION_ROWS, GENERATION_TOKENS
 from .nll import BATCH_TOKENS, SCORING_ROWS
@@ -156,7 +156,8 @@ def plan_inference(model_dir, dtype: torch.dtype, *, prompts: list[int] = (),
     leak audit's: prompts × samples rows, prompt and completion), teacher-forced scoring of the
     ``scored`` sequences (logits in ``dtype``, their fp32 copy and log-softmax), a forward of
     ``forward`` tokens of which ``last_logits`` rows keep one position's logits (MMLU, causal
-    tracing)."""
+    tracing), and on a CPU the loading itself (the checkpoint as saved, read beside the
+    weights made of it)."""
     device, available = device_memory()
     model = meta_model(model_dir)
     window, size = context_window(model), torch.finfo(dtype).bits // 8
@@ -167,7 +168,10 @@ def plan_inference(model_dir, dtype: torch.dtype, *, prompts: list[int] = (),
     scoring = _padded_tokens([min(n, window) for n in scored], BATCH_TOKENS, SCORING_ROWS)
     phases = {"generation": generated * (_kv_width(model) * size + layer),
               "scoring": scoring * (vocab * (size + 2 * FP32) + layer),
-              "forward": forward * layer + last_logits * vocab * 2 * FP32}
+              "forward": forward * layer + last_logits * vocab * 2 * FP32,
+              # a CPU process reads the checkpoint (mapped, in its saved dtype) beside the
+              # weights it converts it into; a GPU's copy is made from the CPU's
+              "loading": weight_bytes(model, saved_dtype(model_dir)) if device == "cpu" else 0}
     phase = max(phases, key=phases.get)
     parts = {"weights": weight_bytes(model, dtype),
              "reference": weight_bytes(meta_model(reference), dtype) if reference else 0,

@@ -65,7 +65,7 @@ def memory_plan(model, facts, samples: int, dtype) -> MemoryPlan:
     require_inference_fit(plan, "unlearn locate")
     print(plan.table())
     forwards = len(facts) * len(KINDS) * len(decoder_layers(meta_model(model)))
-    print(f"tracing up to {len(facts)} facts: {forwards} forwards of up to "
+    print(f"tracing up to {len(facts)} fact{'s' * (len(facts) != 1)}: {forwards} forwards of up to "
           f"{positions * samples} rows x {positions} tokens")
     return plan
 
