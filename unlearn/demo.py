@@ -20,9 +20,9 @@ from .settings import check_seed
 
 DEMO_METHODS = ("sugd", "sha256")  # the seed systems; `unlearn bench` adds the baselines
 # sized for `make demo` under 15 minutes on 2 cores, install included (timings: README); the
-# pretraining passes over the corpus are enough for unseen documents to get a moderate loss
-DEMO_DOCS_PER_TASK = 7
-DEMO_TARGET = {"small": {"pretrain_tokens": 160_000}}
+# corpus is a dozen passes of pretraining, enough for unseen documents to get a moderate loss
+DEMO_DOCS_PER_TASK = 8
+DEMO_TARGET = {"small": {"pretrain_tokens": 200_000}}
 DEMO_EVAL_POINTS = 2  # each run's trajectory in the report; the receipts take the time saved
 COLUMNS = ["model", "task aggregate", "MIA score", "MMLU", "final score", "vs oracle", "utility u",
            "S", "kept step", "PII leak rate", "forgotten share", "remembered share",
