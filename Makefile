@@ -6,10 +6,17 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install lint test test-min demo clean
 
-$(STAMP): pyproject.toml
+CORE := $(VENV)/.core
+
+# what `unlearn` itself needs (the demo's install)
+$(CORE): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e .
+	touch $(CORE)
+
+$(STAMP): $(CORE)
 	# DeepSpeed (ZeRO-3, tested on CPU processes) compiles against the torch above
 	$(BIN)/pip install --quiet --no-build-isolation 'deepspeed>=0.16'
 	$(BIN)/pip install --quiet -e '.[test,bench]'
@@ -46,7 +53,7 @@ $(MIN_VENV)/.installed: pyproject.toml constraints/minimum.txt
 test-min: $(MIN_VENV)/.installed
 	$(MIN_VENV)/bin/python -m pytest -m "not outcome" $(MIN_TESTS)
 
-demo: $(STAMP)
+demo: $(CORE)
 	$(BIN)/unlearn demo --out runs/demo
 
 clean:
