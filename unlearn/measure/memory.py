@@ -28,7 +28,7 @@ from .nll import BATCH_TOKENS, SCORING_ROWS
 FP32 = 4
 HEADROOM = 0.9  # of a device's memory a plan may fill: allocator fragmentation, CUDA context
 # of a CPU's memory past which freed blocks go back to the system (settle_allocator): there the
-# heap's kept blocks (measured up to 40% of a plan) are gigabytes a machine may not have
+# heap's kept blocks are gigabytes a machine may not have (figures: docs/design.md, "Memory")
 TIGHT = 0.25
 CPU_RUNTIME = 600 * 2**20  # the interpreter, torch, transformers: a process's resident floor
 GIB = 2**30
@@ -57,8 +57,8 @@ class MemoryPlan:
 
     @property
     def tight(self) -> bool:
-        """A CPU plan filling more than ``TIGHT`` of the memory: glibc's freed-but-kept blocks
-        (up to a third more than the live tensors) could take it past the machine."""
+        """A CPU plan filling more than ``TIGHT`` of the memory: glibc's freed-but-kept blocks,
+        beyond the live tensors the plan counts, could take it past the machine."""
         return (self.device == "cpu" and self.available is not None
                 and self.peak > TIGHT * self.available)
 
@@ -182,8 +182,8 @@ def plan_inference(model_dir, dtype: torch.dtype, *, prompts: list[int] = (),
 def settle_allocator(plan: MemoryPlan) -> bool:
     """Where ``plan`` is tight, have freed tensors go back to the system at once
     (:func:`unlearn.accel.return_freed_memory`): a resident set near the plan, at the price of
-    slower steps, which a plan with room does not pay (the demo's small model trains up to half
-    again as slow so). Returns whether it was set; it stays set for the process's life."""
+    slower steps, which a plan with room does not pay (figures: docs/design.md, "Memory").
+    Returns whether it was set; it stays set for the process's life."""
     return plan.tight and return_freed_memory()
 
 
