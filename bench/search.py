@@ -63,7 +63,21 @@ def npo_space(trial: optuna.Trial) -> dict:
             "anchor_weight": trial.suggest_categorical("anchor_weight", [0.0, 0.3, 1.0, 3.0])}
 
 
-SPACES = {"sugd": sugd_space, "gd": gd_space, "npo": npo_space, "npo_kl": npo_space}
+def sha256_space(trial: optuna.Trial) -> dict:
+    """SHA256: which early MLPs move (the small target has 8 layers), where forget rows are
+    drawn, how hard and how long, what the retain weight is measured against, and the hold on
+    general text."""
+    return {"teacher": trial.suggest_categorical("teacher", ["none", "auto"]),
+            "layers": trial.suggest_categorical("layers", ["0-2", "0-3", "0-5", "all"]),
+            "lr": trial.suggest_float("lr", 1e-4, 3e-3, log=True),
+            "epochs": trial.suggest_int("epochs", 4, 20),
+            "retain_reference": trial.suggest_categorical("retain_reference",
+                                                          ["rows", "batches", "source"]),
+            "anchor_weight": trial.suggest_categorical("anchor_weight", [0.0, 0.3, 1.0])}
+
+
+SPACES = {"sugd": sugd_space, "gd": gd_space, "npo": npo_space, "npo_kl": npo_space,
+          "sha256": sha256_space}
 
 
 def training_seconds(model: Path) -> float:
