@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 import optuna
 
 import unlearn
+from unlearn.accel import resolve_precision
 from unlearn.io import write_json
 from unlearn.settings import key_values
 
@@ -159,7 +161,9 @@ def main() -> None:
         study.enqueue_trial(json.loads(params), skip_if_exists=True)
     header = {"command": "python " + " ".join(sys.argv), "method": args.method,
               "target": args.target, "oracle": args.oracle, "data": args.data,
-              "target_seconds": target_seconds, "budget": args.budget, "fixed": fixed}
+              "target_seconds": target_seconds, "budget": args.budget, "fixed": fixed,
+              # trained models differ between CPUs with and without bf16: say which ran it
+              "machine": f"{os.cpu_count()} cores, {resolve_precision()} training"}
     path = RESULTS / f"search-{args.name}.json"
     study.optimize(objective(args, fixed, target_seconds), n_trials=args.trials,
                    callbacks=[lambda s, _: write_study(s, path, header)])

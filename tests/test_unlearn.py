@@ -202,6 +202,19 @@ def test_last_k_layers_full_fine_tuning_touches_nothing_else(tiny_target, synth_
     assert changed and all(k.startswith("model.layers.3.mlp.") for k in changed), changed
 
 
+def test_a_layer_slice_trains_every_layer_but_the_last_ones(tiny_target, synth_dir, tmp_path):
+    # SHA256's small profile with a teacher trains the MLPs of layers 0:-2, at any depth
+    config, _ = resolve_config(get_method("sha256"), tiny_target[0], "auto")
+    assert (config.layers, config.teacher, config.modules) == ("0:-2", "auto", "mlp")
+    run("gd", tiny_target[0], synth_dir, tmp_path / "u", layers="0:-2", modules="mlp", **FAST)
+    after, original = _state(tmp_path / "u"), _state(tiny_target[0])
+    changed = {int(k.split(".")[2]) for k in original if not torch.equal(after[k], original[k])}
+    assert changed == {0, 1}  # the tiny target's 4 layers but the last two
+    with pytest.raises(ValueError, match=re.escape("layers=0:-4: no layer of the model's 4")):
+        run("gd", tiny_target[0], synth_dir, tmp_path / "none", layers="0:-4", **FAST)
+    assert not (tmp_path / "none").exists()
+
+
 def test_sugd_paper_trains_outside_the_decoder_layers_as_its_code_does(tiny_target):
     """SUGD's notebook freezes decoder layers below the last k and nothing else: embeddings,
     final norm and head train (bench/fidelity.py matches their losses only so)."""

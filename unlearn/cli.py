@@ -64,16 +64,18 @@ def _methods_epilog() -> str:
     changes."""
     shared = {f.name: f.default for f in fields(UnlearnConfig)}
     lines = ["methods (settings of their own or changed, paper defaults; 'small:' the "
-             "overrides for small from-scratch targets):"]
+             "overrides for small from-scratch targets, and those where a teacher exists):"]
     for name, cls in sorted(METHODS.items()):
         doc = " ".join((sys.modules[cls.__module__].__doc__ or cls.__doc__ or "").split())
         first = re.split(r"(?<! al)\.\s", doc)[0]  # the first sentence ("et al." is not an end)
         lines.append(f"  {name:8} " + textwrap.shorten(first, 88, placeholder=" ..."))
         own = [f"{f.name}={f.default}" for f in fields(cls.Config)
                if shared.get(f.name, object()) != f.default]
-        small = [f"{k}={v}" for k, v in (getattr(cls, "small_target", None) or {}).items()]
+        small = " ".join(f"{k}={v}" for k, v in cls.small_target.items())
+        based = " ".join(f"{k}={v}" for k, v in cls.small_target_with_teacher.items())
         settings = (" ".join(own) or "(the shared settings only)") + (
-            f"; small: {' '.join(small)}" if small else "")
+            f"; small: {small}" if small else "") + (
+            f"; then, where the target's base was kept: {based}" if based else "")
         lines += textwrap.wrap(settings, 99, initial_indent=" " * 11, subsequent_indent=" " * 11)
     lines += textwrap.wrap("shared settings of every method (lr, epochs, batch_size, layers, "
                            "lora, select, ...): help(unlearn.methods.UnlearnConfig) and the "

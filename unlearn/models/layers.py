@@ -20,19 +20,24 @@ def decoder_layers(model) -> nn.ModuleList:
 
 def check_layer_spec(spec: str) -> None:
     """Raise a ValueError naming ``layers=`` when ``spec`` is not ``all``, ``auto``,
-    ``last:K`` or a comma list of indices and ranges (the model's size is checked later)."""
+    ``last:K``, a slice ``A:B`` or a comma list of indices and ranges (the model's size is
+    checked later)."""
     _parse(spec)
 
 
-def _parse(spec: str) -> str | int | list[int]:
-    """``"all"``, ``"auto"``, K of ``last:K``, or the indices listed."""
+def _parse(spec: str) -> str | int | slice | list[int]:
+    """``"all"``, ``"auto"``, K of ``last:K``, a slice, or the indices listed."""
     spec = spec.strip()
     if spec in ("all", "auto"):
         return spec
-    usage = f"layers={spec}: use all, last:K, auto or indices and ranges like 0-5 or 0,3,5"
+    usage = (f"layers={spec}: use all, last:K, auto, a slice like 0:-2 (every layer but the "
+             f"last two) or indices and ranges like 0-5 or 0,3,5")
     try:
         if spec.startswith("last:"):
             return int(spec[5:])
+        if ":" in spec:  # Python's slice over the layers: a share of any depth
+            start, stop = (int(x) if x.strip() else None for x in spec.split(":"))
+            return slice(start, stop)
         chosen = set()
         for part in (p.strip() for p in spec.split(",") if p.strip()):
             low, _, high = part.partition("-")
@@ -45,13 +50,17 @@ def _parse(spec: str) -> str | int | list[int]:
 
 
 def layer_indices(spec: str, n: int) -> list[int]:
-    """``all``, ``last:K`` or a comma list of indices and ranges (``0,3,5``, ``0-5``) as sorted
-    layer indices in ``range(n)``."""
+    """``all``, ``last:K``, a slice (``0:-2``: every layer but the last two) or a comma list of
+    indices and ranges (``0,3,5``, ``0-5``) as sorted layer indices in ``range(n)``."""
     parsed = _parse(spec)
     if parsed == "all":
         return list(range(n))
     if parsed == "auto":
         raise ValueError("layers=auto: read the layers from the trace first")
+    if isinstance(parsed, slice):
+        if not range(n)[parsed]:
+            raise ValueError(f"layers={spec}: no layer of the model's {n} in that slice")
+        return list(range(n)[parsed])
     if isinstance(parsed, int):
         if not 1 <= parsed <= n:
             raise ValueError(f"layers={spec}: the model has {n} layers; use last:1..last:{n}")
