@@ -209,12 +209,14 @@ def _row_ce(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
 def test_ga_and_gd_losses_are_their_formulas(tiny_target, synth_dir):
     model, batch = _batch(tiny_target, synth_dir)
     ce, _ = _row_ce(model, batch)
+    # the memorised rows' CE is about 0.02 nats, so float rounding (which differs between CPUs'
+    # kernels) is a larger share of it: 1e-5 nats absolute, far below any term left out
     ga = get_method("ga")(get_method("ga").Config())
     assert ga.loss(model, batch, Reference()).item() == pytest.approx(
-        -ce[:2].mean().item(), rel=1e-4)  # ascent on the forget rows, retain rows ignored
+        -ce[:2].mean().item(), rel=1e-4, abs=1e-5)  # ascent on the forget rows only
     gd = get_method("gd")(get_method("gd").Config(retain_weight=2.0))
     assert gd.loss(model, batch, Reference()).item() == pytest.approx(
-        -ce[:2].mean().item() + 2.0 * ce[2:].mean().item(), rel=1e-4)
+        -ce[:2].mean().item() + 2.0 * ce[2:].mean().item(), rel=1e-4, abs=1e-5)
 
 
 @torch.no_grad()
