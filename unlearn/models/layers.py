@@ -58,9 +58,10 @@ def layer_indices(spec: str, n: int) -> list[int]:
     if parsed == "auto":
         raise ValueError("layers=auto: read the layers from the trace first")
     if isinstance(parsed, slice):
-        if not range(n)[parsed]:
+        chosen = list(range(n)[parsed])
+        if not chosen:
             raise ValueError(f"layers={spec}: no layer of the model's {n} in that slice")
-        return list(range(n)[parsed])
+        return chosen
     if isinstance(parsed, int):
         if not 1 <= parsed <= n:
             raise ValueError(f"layers={spec}: the model has {n} layers; use last:1..last:{n}")
