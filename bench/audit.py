@@ -14,6 +14,10 @@ The oracle cannot judge itself, so its receipt is judged by the base: the rule o
 without an oracle. ``--second-oracle`` (an oracle trained with another seed: `unlearn target
 --oracle --seed 1`) is audited with the oracle as judge, the rule every method above meets: its
 `remembered` share is the false-positive rate of that rule.
+``--never-seen`` (default: DATA/never_seen, which the synthetic benchmark writes) gives the
+never-seen documents of each task a forget document is read against: for a target memorised
+from the LUME train part by a base that never saw validation (`bench/target.py
+train-part-clean`), LUME validation; for `bench/target.py lume-clean`, the train part.
 The first audit attacks the original and the oracle as well (its seconds are what one `unlearn
 audit` takes); the others reuse those two attacks. Prints one row per model and writes
 bench/results/audit-<name>.json with the command, every receipt's summary and each audit's
@@ -40,6 +44,9 @@ def _row(label: str, receipt: dict) -> dict:
             "remembered_share": s["remembered_share"],
             "remembered_95ci": [interval.low, interval.high], "judge": s["judge"],
             "stated_false_positive_rate": s["false_positive_rate"],
+            "read_against": {name: n["forget_documents"]
+                             for name, n in receipt["test"]["nulls"].items()
+                             if n["forget_documents"]},
             "over_unlearned": s["over_unlearned"],
             "knowledge_before_attack": relearn["unlearned"]["before"]["knowledge"],
             "knowledge_after_attack": relearn["unlearned"]["after"]["knowledge"],
@@ -56,6 +63,8 @@ def main() -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--mia", required=True)
     p.add_argument("--split")
+    p.add_argument("--never-seen", default="auto", help="LUME-format documents of the forget "
+                   "documents' tasks that no model saw (unlearn audit --never-seen)")
     p.add_argument("--out", default="runs/bench/audit")
     p.add_argument("--name", default="synth")
     p.add_argument("--second-oracle", help="an oracle of another seed, judged by --oracle")
@@ -69,7 +78,8 @@ def main() -> None:
     for label, model in models.items():
         receipt = unlearn.audit(model, args.original, args.data, args.mia,
                                 Path(args.out) / label, oracle=args.oracle, split=args.split,
-                                attacks=attacks, allow_unchanged=True)
+                                attacks=attacks, allow_unchanged=True,
+                                never_seen=None if args.never_seen == "none" else args.never_seen)
         attacks = {role: receipt["relearn"][role] for role in ("original", "oracle")}
         summaries[label] = {"summary": receipt["summary"], "relearn": receipt["relearn"],
                             "never_seen": receipt["never_seen"], "seconds": receipt["seconds"]}

@@ -5,6 +5,8 @@
     python bench/target.py lume --oracle   # the same on the retain rows only (the gold standard)
     python bench/target.py train-part --init runs/bench/base-lume-small   # for development:
         # the lume recipe on a part of train (bench/lume_train_part.py), validation unseen
+    python bench/target.py lume-clean --init runs/bench/base-train-part-clean-small   # the
+        # lume recipe from a base that never saw the part (its never-seen documents)
 
 `lume` runs in two builds, as a target and its oracle share one pretrained base: the base
 (`epochs=0`, written to OUT/base-lume-PRESET and reused when it is there; delete it to time it
@@ -46,6 +48,12 @@ RECIPES = {
                              pretrain=Path("runs/bench/lume-train-rest"),
                              mia=Path("runs/bench/lume-train-part/mia"), base={"epochs": "0"},
                              settings={}),
+    # LUME validation memorised from that clean base (--init runs/bench/base-train-part-clean-
+    # small), replaying the rest of train only: the part's documents are LUME documents of
+    # every task that it never saw, the own-task never-seen documents an audit of it reads
+    # forget documents against (`unlearn audit --never-seen runs/bench/lume-train-part`)
+    "lume-clean": dict(data=LUME / "validation", pretrain=Path("runs/bench/lume-train-rest"),
+                       mia=LUME / "mia_validation", base={"epochs": "0"}, settings={}),
 }
 
 

@@ -7,14 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from unlearn.data import load_lume, load_mia
-from unlearn.evaluation.receipt import (
-    audit,
-    band_rank,
-    forget_documents,
-    percentile_of,
-    verdict,
-)
+from unlearn.data import DataError, load_lume, load_mia
+from unlearn.evaluation.nulls import GENERAL, band_rank, forget_documents
+from unlearn.evaluation.receipt import audit, percentile_of, verdict
 from unlearn.evaluation.relearn import RelearnConfig, fine_tune, split_documents
 from unlearn.measure.nll import document_nll
 from unlearn.models import load_model
@@ -292,16 +287,58 @@ def test_verdicts_are_judged_against_a_model_that_never_saw_them_at_a_stated_err
     assert of_oracle["test"]["judge"] == str(base)  # the oracle cannot judge itself
     remembered = [r["summary"]["remembered_share"] for r in (of_target, of_oracle)]
     margin.above("remembered share, target - oracle", remembered[0] - remembered[1], 0.79)
-    # the threshold is the k-th lowest never-seen score; the stated rate, k / (n + 1), is the
-    # chance that one more never-seen document falls below it
-    unseen = [d.document for d in load_mia(mia).nonmember]
-    scores = np.sort(np.subtract(*[document_nll(*load_model(m), unseen)
+    # each document is read against the never-seen documents of its own task (the synthetic
+    # benchmark's never_seen/); the threshold is the k-th lowest of their scores and the stated
+    # rate, k / (n + 1), the chance that one more never-seen document falls below it
+    assert {d["null"] for d in of_oracle["documents"]} == {"Task1", "Task2", "Task3"}
+    held = [d for d in forget_documents(load_lume(synth_dir / "never_seen").rows)
+            if d.task == "Task2"]
+    scores = np.sort(np.subtract(*[document_nll(*load_model(m), [d.text for d in held])
                                    for m in (tiny_oracle, base)]))
     k = band_rank(len(scores))
-    assert of_oracle["never_seen"]["score_low"] == pytest.approx(scores[k - 1], abs=1e-6)
-    assert np.sum(scores < of_oracle["never_seen"]["score_low"]) == k - 1
-    rate = k / (len(scores) + 1)
-    assert of_oracle["test"]["false_positive_rate"] == pytest.approx(rate)
-    assert of_oracle["summary"]["false_positive_rate"] == pytest.approx(rate)
-    doc = of_oracle["documents"][0]
+    band = of_oracle["never_seen"]["Task2"]
+    assert band["score_low"] == pytest.approx(scores[k - 1], abs=1e-6)
+    assert np.sum(scores < band["score_low"]) == k - 1
+    rates = {name: n["false_positive_rate"] for name, n in of_oracle["test"]["nulls"].items()}
+    assert rates["Task2"] == pytest.approx(k / (len(scores) + 1))
+    # the rate stated for the receipt: each group's, weighted by the documents read against it
+    docs = of_oracle["documents"]
+    expected = np.mean([rates[d["null"]] for d in docs])
+    assert of_oracle["test"]["false_positive_rate"] == pytest.approx(expected)
+    assert of_oracle["summary"]["false_positive_rate"] == pytest.approx(expected)
+    doc = docs[0]
     assert doc["score"] == pytest.approx(doc["loss_after"] - doc["loss_judge"])
+
+
+def test_a_task_without_never_seen_documents_of_its_own_is_read_against_the_general_ones(
+        tiny_target, perturbed, synth_dir, tmp_path):
+    target, mia = tiny_target[0], synth_dir / "mia"
+    lume = load_lume(synth_dir / "never_seen")
+    only_stories = tmp_path / "stories"
+    only_stories.mkdir()
+    for split, rows in (("forget", lume.forget), ("retain", lume.retain)):
+        (only_stories / f"{split}.jsonl").write_text("".join(
+            json.dumps({"id": r.id, "input": r.input, "output": r.output, "task": r.task,
+                        "split": split}) + "\n" for r in rows if r.task == "Task1"))
+    kw = dict(samples=1, max_new_tokens=8, relearn_config=QUICK)
+    receipt = audit(target, perturbed, synth_dir, mia, tmp_path / "r", never_seen=only_stories,
+                    **kw)
+    nulls = receipt["test"]["nulls"]
+    assert set(nulls) == {GENERAL, "Task1"}
+    assert nulls["Task1"]["never_seen_documents"] == 6
+    assert nulls[GENERAL]["never_seen_documents"] == len(load_mia(mia).nonmember)
+    assert all(d["null"] == ("Task1" if d["task"] == "Task1" else GENERAL)
+               for d in receipt["documents"])
+    assert nulls["Task1"]["forget_documents"] + nulls[GENERAL]["forget_documents"] == len(
+        receipt["documents"])
+    # never-seen documents that are in the data, or of no forget document's task: refused
+    # before anything is written
+    for bad, message in ((synth_dir, "also in the data"), (tmp_path / "other", "none of its")):
+        if bad.name == "other":
+            bad.mkdir()
+            for split in ("forget", "retain"):
+                (bad / f"{split}.jsonl").write_text(
+                    (only_stories / f"{split}.jsonl").read_text().replace("Task1", "Task9"))
+        with pytest.raises(DataError, match=message):
+            audit(target, perturbed, synth_dir, mia, tmp_path / "x", never_seen=bad, **kw)
+        assert not (tmp_path / "x").exists()

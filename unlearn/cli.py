@@ -184,14 +184,16 @@ def cmd_audit(args) -> None:
     receipt = audit(args.model, args.original, args.data, args.mia, args.out,
                     oracle=args.oracle, split=args.split, seed=args.seed, samples=args.samples,
                     max_new_tokens=args.max_new_tokens, relearn_config=config,
-                    evaluation=args.evaluation, reference=args.reference, dtype=args.dtype)
+                    evaluation=args.evaluation, reference=args.reference, dtype=args.dtype,
+                    never_seen=args.never_seen)
     s, test = receipt["summary"], receipt["test"]
     print(f"{s['documents']} forget documents: {s['forgotten']} forgotten, {s['partly']} "
           f"partly, {s['remembered']} remembered ({s['over_unlearned']} over-unlearned)")
     print(f"judged against {test['judge'] or 'the never-seen documents alone (no judge model)'}:"
           f" a document never seen is called remembered with probability "
-          f"{100 * test['false_positive_rate']:.1f}% (the rank rule over "
-          f"{test['never_seen_documents']} never-seen documents)")
+          f"{100 * test['false_positive_rate']:.1f}% (the rank rule over never-seen documents: "
+          + ", ".join(f"{name} {n['never_seen_documents']}" for name, n in test["nulls"].items()
+                      if n["forget_documents"]) + ")")
     for name, after in s["relearned"].items():
         print(f"relearned {name}: knowledge {after['knowledge']}, "
               f"regurgitation {after['regurgitation']}")
@@ -394,6 +396,11 @@ def _add_audit(sub) -> None:
                         "documents (the one --original was fine-tuned from); each document's "
                         "loss is read less the judge's. 'auto': the base of a target unlearn "
                         "built; 'none': the loss alone")
+    a.add_argument("--never-seen", type=_optional_dir, default="auto", metavar="DIR",
+                   help="a LUME-format dataset of the forget documents' tasks that no model saw "
+                        "(a held-out split): each forget document is read against the ones of "
+                        "its own task. 'auto': DATA/never_seen when there is one; 'none': the "
+                        "--mia non-members alone")
     a.add_argument("--seed", type=int, default=0, help="PII sampling and the attack's split")
     a.add_argument("--samples", type=int, default=PII_SAMPLES, help="PII samples per prompt")
     a.add_argument("--evaluation", metavar="EVAL_DIR", help="an `unlearn eval --audit` output "

@@ -108,7 +108,8 @@ def _cached_receipt(model: Path, out: Path, original: Path, oracle: Path | None,
                     mia: Path, seed: int, split: str | None, **kw) -> dict:
     """The receipt in ``out`` when it was made of these very model files the same way, else a
     new one in its place."""
-    same = made_of(model, original, oracle, data, split, mia, seed, RelearnConfig())
+    same = made_of(model, original, oracle, data, split, mia, seed, RelearnConfig(),
+                   beside_data(data, "auto", "never_seen"))
     if _made_the_same_way(out, AUDIT, same):
         return json.loads((out / AUDIT.record).read_text())
     return audit(model, original, data, mia, out, oracle=oracle, split=split, seed=seed,

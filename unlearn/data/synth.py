@@ -12,6 +12,9 @@ Written to ``OUT``::
     mia/member.jsonl             every forget document (LUME's members are its Task3 ones; a
                                  laptop-sized set has too few of those to measure an AUC on)
     mia/nonmember.jsonl          documents of every task's style that are never trained on
+    never_seen/                  more of them, as a LUME dataset (forget.jsonl, retain.jsonl):
+                                 the documents of its own task a receipt reads each forget
+                                 document against (``unlearn audit --never-seen``)
     mmlu/general_knowledge_test.csv   multiple-choice questions over invented world facts
     pretrain/corpus.jsonl        a general corpus of the same styles (no scored document) plus the
                                  world facts as statements, for pretraining the target
@@ -236,13 +239,23 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
+def _halves(task_docs: list[list[_Doc]]) -> tuple[list[_Doc], list[_Doc]]:
+    """Each task's documents split 1:1, first half forget, second retain."""
+    forget, retain = [], []
+    for docs in task_docs:
+        forget += docs[:len(docs) // 2]
+        retain += docs[len(docs) // 2:]
+    return forget, retain
+
+
 def synthesize(out: str | Path, seed: int = 0, docs_per_task: int = 40,
                pretrain_factor: int = 4, facts: int = 48) -> Path:
     """Write a synthetic LUME-style benchmark to ``out`` (see module docstring); returns ``out``.
 
     ``docs_per_task`` documents per task are split 1:1 into forget and retain;
     ``pretrain_factor × docs_per_task`` further documents per task form the pretraining corpus,
-    and ``docs_per_task`` never-seen documents of each task's style are the MIA non-members.
+    and ``docs_per_task`` never-seen documents of each task's style are the MIA non-members;
+    ``docs_per_task`` more, drawn last (the rest is as it was without them), are ``never_seen``.
     """
     check_seed(seed)
     if docs_per_task < 2:
@@ -255,14 +268,11 @@ def synthesize(out: str | Path, seed: int = 0, docs_per_task: int = 40,
     nonmembers = [make() for make in makers for _ in range(docs_per_task)]
     statements, questions = gen.world_facts(facts)
 
-    forget, retain = [], []
-    for docs in task_docs:
-        half = len(docs) // 2
-        forget += [d for d in docs[:half]]
-        retain += [d for d in docs[half:]]
+    forget, retain = _halves(task_docs)
     corpus = [{"id": d.doc_id, "document": d.document} for d in corpus_docs]
     corpus += [{"id": f"fact{i}", "document": s} for i, s in enumerate(statements)]
     gen.rng.shuffle(corpus)
+    never_seen = [[make() for _ in range(docs_per_task)] for make in makers]  # drawn last
 
     with atomic_directory(out, SYNTH) as tmp:
         _write_jsonl(tmp / "forget.jsonl", [r for d in forget for r in d.rows("forget")])
@@ -273,6 +283,12 @@ def synthesize(out: str | Path, seed: int = 0, docs_per_task: int = 40,
                       for d in forget])
         _write_jsonl(tmp / "mia" / "nonmember.jsonl",
                      [{"id": d.doc_id, "document": d.document} for d in nonmembers])
+        held_forget, held_retain = _halves(never_seen)
+        (tmp / "never_seen").mkdir()
+        _write_jsonl(tmp / "never_seen" / "forget.jsonl",
+                     [r for d in held_forget for r in d.rows("forget")])
+        _write_jsonl(tmp / "never_seen" / "retain.jsonl",
+                     [r for d in held_retain for r in d.rows("retain")])
         (tmp / "mmlu").mkdir()
         write_questions(tmp / "mmlu" / "general_knowledge_test.csv", questions)
         (tmp / "pretrain").mkdir()

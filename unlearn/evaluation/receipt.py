@@ -9,15 +9,16 @@ PII it still emits under sampling, and a verdict.
 novelty have different losses. So a document is judged by its loss under the audited model
 *relative to a judge that never saw it* (a reference-model membership test: Carlini et al.
 2022, "Membership Inference Attacks From First Principles"; Mireshghallah et al. 2022): its
-score is NLL_model − NLL_judge, and the never-seen documents (the MIA non-members), scored the
-same way under both models, are the null distribution. The judge is the oracle when given
-(unless it is the audited model itself), else ``reference`` (default: the model the original
-was fine-tuned from, ``target.json``'s base), else none: the score is then the loss itself,
-judged against never-seen text of whatever kind the MIA set holds.
+score is NLL_model − NLL_judge, and never-seen documents, scored the same way under both
+models, are the null distribution: those of the document's own task where the audit has some
+(``never_seen``), else the MIA non-members (:mod:`unlearn.evaluation.nulls`). The judge is the
+oracle when given (unless it is the audited model itself), else ``reference`` (default: the
+model the original was fine-tuned from, ``target.json``'s base), else none: the score is then
+the loss itself.
 
 * ``remembered``: its score lies below the null's k-th lowest, k chosen so that a document
   never seen has at most a 5% chance to fall there (k / (n + 1) for n never-seen documents: the
-  false-positive rate every receipt states, with the judge it used; :func:`band_rank`), or a
+  false-positive rate every receipt states, with the judge it used; ``nulls.band_rank``), or a
   question is still answered exactly, or a PII value still comes out;
 * ``forgotten``: its score lies within the null's central 90%, its continuation is regurgitated
   no more than the 95th percentile of never-seen documents' continuations, and nothing is
@@ -30,14 +31,14 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from ..data import load_lume, load_mia
-from ..data.lume import LumeData, Row
+from ..data import beside_data, load_lume, load_mia
+from ..data.lume import LumeData
 from ..io import AUDIT, EVAL, atomic_directory, claim_output, is_output, path_text, write_json
 from ..measure.generation import greedy_generate
 from ..measure.memory import plan_inference, settle_allocator, token_lengths
@@ -58,71 +59,28 @@ from ..models.loading import (
 from ..plan import GIB, HEADROOM, MemoryPlan, MemoryPlanError, plan_attack
 from ..settings import check_seed
 from .audit import PII_SAMPLES, forgotten_people, pii_extraction, pii_sampled_tokens
+from .nulls import (
+    GENERAL,
+    HIGH,
+    LOW,
+    ForgetDocument,
+    by_group,
+    flat,
+    forget_documents,
+    halves,
+    never_seen_band,
+    never_seen_groups,
+    null_of,
+    stated_test,
+)
 from .receipt_page import write_receipt_page
 from .relearn import RelearnConfig, attacked_lengths, relearn
-
-LOW, HIGH = 5.0, 95.0  # the never-seen documents' central band, in percentiles
-
-
-@dataclass(frozen=True)
-class ForgetDocument:
-    id: str
-    task: str
-    rows: tuple[Row, ...]
-
-    @property
-    def text(self) -> str:
-        """The whole document: its sc rows' text (its qa rows' when it has none)."""
-        sc = [r.text for r in self.rows if r.kind == "sc"]
-        return " ".join(sc or [r.text for r in self.rows])
-
-
-def forget_documents(forget: list[Row]) -> list[ForgetDocument]:
-    groups: dict[str, list[Row]] = {}
-    for r in forget:
-        groups.setdefault(r.doc_id, []).append(r)
-    return [ForgetDocument(doc, rows[0].task, tuple(rows)) for doc, rows in groups.items()]
 
 
 def percentile_of(value: float, reference: np.ndarray) -> float:
     """Where ``value`` falls among ``reference``, 0-100 (ties count half)."""
     below, equal = np.sum(reference < value), np.sum(reference == value)
     return float(100.0 * (below + 0.5 * equal) / len(reference))
-
-
-def halves(documents: list[str]) -> tuple[list[str], list[str]]:
-    """Each document's first half of words (a prompt) and its second (what it continues with)."""
-    words = [d.split() for d in documents]
-    return ([" ".join(w[:len(w) // 2]) for w in words],
-            [" ".join(w[len(w) // 2:]) for w in words])
-
-
-def never_seen_band(model, tokenizer, documents: list[str], max_new_tokens: int,
-                    judged: list[float] | None = None) -> dict:
-    """The never-seen documents' losses on ``model`` and their scores (the loss less the
-    judge's loss ``judged`` of each, or the loss itself without a judge): the null
-    distribution a forget document's score is read against. Beside it, how much of a
-    never-seen document's second half the model writes from the first (ROUGE-L recall): what
-    "not known" looks like for this very model."""
-    losses = np.array(document_nll(model, tokenizer, documents, desc="never seen"))
-    scores = losses - np.array(judged) if judged is not None else losses
-    prompts, expected = halves(documents)
-    written = greedy_generate(model, tokenizer, prompts, max_new_tokens, desc="never seen")
-    recall = [regurgitation(e, g.text) for e, g in zip(expected, written)]
-    ranked, k = np.sort(scores), band_rank(len(scores))
-    return {"count": len(documents), "losses": losses, "scores": scores,
-            "score_low": float(ranked[k - 1]), "score_high": float(ranked[-k]),
-            "false_positive_rate": k / (len(scores) + 1),
-            "regurgitation_high": float(np.percentile(recall, HIGH))}
-
-
-def band_rank(n: int) -> int:
-    """The rank k of the low threshold among ``n`` never-seen scores: a document is called
-    remembered below the k-th lowest. A document that was never seen either is exchangeable with
-    those ``n``, so its rank among the n + 1 is uniform and it falls below with probability
-    exactly k / (n + 1) (the conformal bound): the largest k keeping that within LOW %, at least
-    1 (then the rate is 1 / (n + 1), above LOW % under 19 documents, and the receipt says so)."""
-    return max(1, int(LOW / 100 * (n + 1)))
 
 
 def verdict(doc: dict, band: dict) -> str:
@@ -134,12 +92,13 @@ def verdict(doc: dict, band: dict) -> str:
     return "partly"
 
 
-def measure_documents(model, tokenizer, docs: list[ForgetDocument], band: dict,
+def measure_documents(model, tokenizer, docs: list[ForgetDocument], bands: dict[str, dict],
                       leaked: dict[str, list[str]], max_new_tokens: int,
                       judged: list[float] | None, before: list[float]) -> list[dict]:
-    """Each document's entry of the receipt, measured on ``model``; ``judged`` holds each
-    document's loss under the judge (None: no judge, the score is the loss), ``before`` its
-    loss under the original."""
+    """Each document's entry of the receipt, measured on ``model`` and read against its
+    group's band in ``bands`` (:func:`nulls.null_of`); ``judged`` holds each document's loss
+    under the judge (None: no judge, the score is the loss), ``before`` its loss under the
+    original."""
     losses = document_nll(model, tokenizer, [d.text for d in docs], desc="forget documents")
     rows = [r for d in docs for r in d.rows]
     written = greedy_generate(model, tokenizer, [r.input for r in rows], max_new_tokens,
@@ -152,7 +111,10 @@ def measure_documents(model, tokenizer, docs: list[ForgetDocument], band: dict,
         qa = [r for r in d.rows if r.kind == "qa"]
         answered = [r.id for r in qa if knowledge(r.output, by_row[r.id])]
         score = loss - judged[i] if judged is not None else loss
-        entry = {"id": d.id, "task": d.task, "loss_before": before[i], "loss_after": loss,
+        null = null_of(d, bands)
+        band = bands[null]
+        entry = {"id": d.id, "task": d.task, "null": null, "loss_before": before[i],
+                 "loss_after": loss,
                  "loss_judge": judged[i] if judged is not None else None, "score": score,
                  "score_percentile": percentile_of(score, band["scores"]),
                  "regurgitation": max(sc) if sc else None,
@@ -181,13 +143,18 @@ def audit(model: str | Path, original: str | Path, data: str | Path, mia: str | 
           seed: int = 0, samples: int = PII_SAMPLES, max_new_tokens: int = 256,
           relearn_config: RelearnConfig | None = None, attacks: dict | None = None,
           evaluation: str | Path | None = None, allow_unchanged: bool = False,
-          reference: str | Path | None = "auto", dtype: str = "auto") -> dict:
+          reference: str | Path | None = "auto", dtype: str = "auto",
+          never_seen: str | Path | None = "auto") -> dict:
     """Write ``out/receipt.json`` and ``out/receipt.html`` for the unlearned ``model``: a
-    verdict per forget document of ``data`` (rule: module docstring and README), judged against
-    the never-seen documents of the MIA set ``mia``, with its loss under ``original`` (the model
-    before unlearning) beside it; then the relearning attack (:mod:`unlearn.evaluation.relearn`,
-    budget ``relearn_config``) on ``model``, ``original`` and, when given, ``oracle``. Every
-    model directory is only read. Returns the receipt.
+    verdict per forget document of ``data`` (rule: module docstring and README), with its loss
+    under ``original`` (the model before unlearning) beside it; then the relearning attack
+    (:mod:`unlearn.evaluation.relearn`, budget ``relearn_config``) on ``model``, ``original``
+    and, when given, ``oracle``. Every model directory is only read. Returns the receipt.
+
+    A document is read against the never-seen documents of its own task in ``never_seen`` (a
+    LUME-format dataset of the same tasks that no model saw; "auto": the folder
+    ``data/never_seen`` when there is one, as the synthetic benchmark writes), else against the
+    MIA set ``mia``'s non-members (:mod:`unlearn.evaluation.nulls`).
 
     Work already done is not redone: ``attacks`` holds attacks already run with this budget and
     seed, by role (``original``, ``oracle``, ``unlearned``), as ``unlearn bench`` runs them
@@ -198,64 +165,86 @@ def audit(model: str | Path, original: str | Path, data: str | Path, mia: str | 
     A receipt certifies a change, so ``model`` and ``oracle`` must differ from ``original``
     (a copy of it counts as it). ``allow_unchanged=True`` lets ``model`` be ``original``:
     ``unlearn bench`` audits its target so, beside the methods, and shows a method that kept
-    the untouched model as such. Every model directory and the seed are checked before any
-    work. ``reference`` is the judge without an oracle or when the oracle is ``model`` (module
-    docstring; "auto": the base ``original`` was fine-tuned from; None: none). Models compute in
-    ``dtype``; the attack's mode and the memory plan: :func:`audit_plan`."""
+    the untouched model as such. Every model directory, the data and the seed are checked
+    before any work. ``reference`` is the judge without an oracle or when the oracle is
+    ``model`` (module docstring; "auto": the base ``original`` was fine-tuned from; None:
+    none). Models compute in ``dtype``; the attack's mode and the memory plan:
+    :func:`audit_plan`."""
     started = time.perf_counter()
     check_seed(seed)
     _check_roles(model, original, oracle, allow_unchanged)
     config, compute = relearn_config or RelearnConfig(), inference_dtype(dtype)
-    lume, unseen = load_lume(data, split), [d.document for d in load_mia(mia).nonmember]
-    mode, plan = audit_plan(original, lume, unseen, config, compute, max_new_tokens, samples,
-                            seed)
-    claim_output(out, AUDIT, {"--model": model, "--original": original, "--data": data,
-                              "--mia": mia, "--oracle": oracle, "--evaluation": evaluation})
+    lume, never_seen = load_lume(data, split), beside_data(data, never_seen, "never_seen")
     docs = forget_documents(lume.forget)
+    groups = never_seen_groups([d.document for d in load_mia(mia).nonmember], never_seen,
+                               split, lume.rows, docs)
+    mode, plan = audit_plan(original, lume, flat(groups), config, compute, max_new_tokens,
+                            samples, seed)
+    claim_output(out, AUDIT, {"--model": model, "--original": original, "--data": data,
+                              "--mia": mia, "--oracle": oracle, "--evaluation": evaluation,
+                              "--never-seen": never_seen})
     # an evaluation made otherwise is refused before minutes of work, not after
     evaluated = evaluation and _evaluated_pii(evaluation, model, data, split, seed, samples)
-    attacks = dict(attacks or {})
     attack = partial(relearn, forget=lume.forget, config=config, seed=seed,
                      max_new_tokens=max_new_tokens, mode=mode)
-    load = partial(load_model, dtype=compute, device=best_device())
     judge = judge_of(model, original, oracle, reference)  # a bad --reference: refused now
-    # each model is loaded once: measured, then attacked
-    before, reference_nll = _original_side(load(original), docs, unseen, not oracle,
-                                           attacks, attack)
-    judged = judge and _judge_side(load(judge), _same(judge, oracle), docs, unseen, attacks,
-                                   attack)
-    lm, tokenizer = load(model)
-    band = never_seen_band(lm, tokenizer, unseen, max_new_tokens, judged and judged[1])
-    leaked = (evaluated or pii_extraction(lm, tokenizer, forgotten_people(lume.rows), samples,
-                                          seed=seed))["leaked_by_person"]
-    entries = measure_documents(lm, tokenizer, docs, band, leaked, max_new_tokens,
-                                judged and judged[0], before)
-    roles = {"original": original, "oracle": oracle}
-    twin = next((r for r, p in roles.items() if r in attacks and _same(p, model)), None)
-    if "unlearned" not in attacks:
-        attacks["unlearned"] = attacks[twin] if twin else attack(lm, tokenizer)
-    del lm
-    if oracle:  # the oracle's reading: the judge's, else the model is the oracle (its own)
-        reference_nll = judged[1] if _same(judge, oracle) else band["losses"].tolist()
-        attacks.setdefault("oracle", attacks["unlearned"])
-    general = general_text(band["losses"].tolist(), reference_nll, str(oracle or original))
-    attacks = {k: attacks[k] for k in ("unlearned", "oracle", "original") if k in attacks}
-    is_robust = robust(attacks, config.margin)
-    test = _test(judge, band)
+    roles = {"model": model, "original": original, "oracle": oracle, "judge": judge}
+    read = _read_models(roles, partial(load_model, dtype=compute, device=best_device()), docs,
+                        groups, lume, evaluated, dict(attacks or {}), attack,
+                        max_new_tokens, samples, seed)
+    is_robust = robust(read["attacks"], config.margin)
+    test = stated_test(path_text(judge), read["bands"], read["entries"])
     receipt = {"model": str(model), "original": str(original), "oracle": path_text(oracle),
-               **made_of(model, original, oracle, data, split, mia, seed, config),
+               **made_of(model, original, oracle, data, split, mia, seed, config, never_seen),
                "samples": samples, "max_new_tokens": max_new_tokens,
                "pii_from": path_text(evaluation), "dtype": str(compute),
                "attack": {"mode": mode, "memory_plan": plan.as_record()},
-               "never_seen": {k: v for k, v in band.items() if k not in ("losses", "scores")},
-               "test": test, "general_text": general, "documents": entries,
-               "relearn": {**attacks, "robust": is_robust},
-               "summary": summary(entries, attacks, is_robust, test, general)}
+               "never_seen": {name: {k: v for k, v in band.items() if k not in ("losses", "scores")}
+                              for name, band in read["bands"].items()},
+               "test": test, "general_text": read["general"], "documents": read["entries"],
+               "relearn": {**read["attacks"], "robust": is_robust},
+               "summary": summary(read["entries"], read["attacks"], is_robust, test,
+                                  read["general"])}
     receipt["seconds"] = time.perf_counter() - started
     with atomic_directory(out, AUDIT) as staging:
         write_json(staging / "receipt.json", receipt)
-        write_receipt_page(staging / "receipt.html", receipt, band["scores"].tolist())
+        write_receipt_page(staging / "receipt.html", receipt,
+                           {name: band["scores"].tolist() for name, band in read["bands"].items()})
     return receipt
+
+
+def _read_models(roles: dict, load, docs: list[ForgetDocument], groups: dict[str, list[str]],
+                 lume: LumeData, evaluated: dict | None, attacks: dict, attack,
+                 max_new_tokens: int, samples: int, seed: int) -> dict:
+    """Every measurement of the receipt, each model loaded once (measured, then attacked):
+    the forget documents' losses before, the judge's losses, each never-seen group's band on
+    the model, the entry of every document, the attacks and the general-text utility."""
+    model, original, oracle, judge = (roles[r] for r in ("model", "original", "oracle", "judge"))
+    before, reference_nll = _original_side(load(original), docs, groups[GENERAL], not oracle,
+                                           attacks, attack)
+    judged = judge and _judge_side(load(judge), _same(judge, oracle), docs, groups, attacks,
+                                   attack)
+    lm, tokenizer = load(model)
+    bands = {name: never_seen_band(lm, tokenizer, texts, max_new_tokens,
+                                   judged and judged[1][name], name)
+             for name, texts in groups.items()}
+    leaked = (evaluated or pii_extraction(lm, tokenizer, forgotten_people(lume.rows), samples,
+                                          seed=seed))["leaked_by_person"]
+    entries = measure_documents(lm, tokenizer, docs, bands, leaked, max_new_tokens,
+                                judged and judged[0], before)
+    twin = next((r for r in ("original", "oracle") if r in attacks and _same(roles[r], model)),
+                None)
+    if "unlearned" not in attacks:
+        attacks["unlearned"] = attacks[twin] if twin else attack(lm, tokenizer)
+    del lm
+    mine = bands[GENERAL]["losses"].tolist()
+    if oracle:  # the oracle's reading: the judge's, else the model is the oracle (its own)
+        reference_nll = judged[1][GENERAL] if _same(judge, oracle) else mine
+        attacks.setdefault("oracle", attacks["unlearned"])
+    return {"bands": bands, "entries": entries,
+            "general": general_text(mine, reference_nll, str(oracle or original)),
+            "attacks": {k: attacks[k] for k in ("unlearned", "oracle", "original")
+                        if k in attacks}}
 
 
 def audit_plan(original, lume: LumeData, unseen: list[str], config: RelearnConfig, dtype,
@@ -300,26 +289,18 @@ def _original_side(loaded, docs: list[ForgetDocument], unseen: list[str], genera
     return before, reference
 
 
-def _judge_side(loaded, is_oracle: bool, docs: list[ForgetDocument], unseen: list[str],
-                attacks: dict, attack) -> tuple[list, list]:
-    """The judge's NLL of each forget document and each never-seen document (``loaded``: the
-    judge and its tokenizer); a judge that is the oracle is attacked in the same load, unless
-    it was already."""
+def _judge_side(loaded, is_oracle: bool, docs: list[ForgetDocument],
+                groups: dict[str, list[str]], attacks: dict, attack) -> tuple[list, dict]:
+    """The judge's NLL of each forget document and of each group's never-seen documents
+    (``loaded``: the judge and its tokenizer); a judge that is the oracle is attacked in the
+    same load, unless it was already."""
     lm, tokenizer = loaded
+    unseen = document_nll(lm, tokenizer, flat(groups), desc="never seen (judge)")
     judged = (document_nll(lm, tokenizer, [d.text for d in docs], desc="forget (judge)"),
-              document_nll(lm, tokenizer, unseen, desc="never seen (judge)"))
+              by_group(unseen, groups))
     if is_oracle and "oracle" not in attacks:
         attacks["oracle"] = attack(lm, tokenizer)
     return judged
-
-
-def _test(judge: Path | None, band: dict) -> dict:
-    """What a verdict means: the statistic, the judge, and the share of never-seen documents
-    the rule calls remembered (nominally at most LOW %)."""
-    return {"statistic": "NLL(model) - NLL(judge)" if judge else "NLL(model)",
-            "judge": path_text(judge), "remembered_below_percentile": LOW,
-            "false_positive_rate": band["false_positive_rate"],
-            "never_seen_documents": band["count"]}
 
 
 def _check_roles(model, original, oracle, allow_unchanged: bool) -> None:
@@ -333,12 +314,15 @@ def _check_roles(model, original, oracle, allow_unchanged: bool) -> None:
                          f"the model `unlearn run` wrote")
 
 
-def made_of(model, original, oracle, data, split, mia, seed: int, config: RelearnConfig) -> dict:
-    """What a receipt was made of: the three models' files, the data, the never-seen documents,
-    the seed and the rule. A receipt made of the same is the same receipt."""
+def made_of(model, original, oracle, data, split, mia, seed: int, config: RelearnConfig,
+            never_seen: Path | None) -> dict:
+    """What a receipt was made of: the three models' files, the data, the never-seen documents
+    (the MIA set's and ``never_seen``), the seed and the rule. A receipt made of the same is
+    the same receipt."""
     return {"files": {role: model_fingerprint(path) for role, path in
                       (("model", model), ("original", original), ("oracle", oracle)) if path},
-            "data": str(data), "split": split, "mia": str(mia), "seed": seed,
+            "data": str(data), "split": split, "mia": str(mia),
+            "never_seen_data": path_text(never_seen), "seed": seed,
             "rule": {"band_percentiles": [LOW, HIGH], "judge": "oracle, else the base",
                      "relearn": asdict(config)}}
 

@@ -15,7 +15,7 @@ ROLES = ("original", "unlearned", "oracle")  # the attacked models, in the bars'
 COLUMNS = [("id", "document"), ("task", "task"), ("verdict", "verdict"),
            ("loss_before", "loss before"), ("loss_after", "loss after"),
            ("loss_judge", "loss under the judge"), ("score", "score"),
-           ("score_percentile", "percentile among never seen"),
+           ("null", "read against"), ("score_percentile", "percentile among never seen"),
            ("regurgitation", "regurgitation"), ("questions_answered", "questions answered"),
            ("pii_leaked", "PII leaked")]
 # sorts the table by the clicked column: numbers as numbers, the rest as text
@@ -48,32 +48,46 @@ def _table(documents: list[dict]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
-def _scores(documents: list[dict], never_seen: list[float], band: dict, judged: bool) -> str:
-    fig, ax = plt.subplots(figsize=(9, 3.2))
-    ax.hist(never_seen, bins=30, color="#bbbbbb", label="never-seen documents")
-    ax.axvspan(band["score_low"], band["score_high"], color="#2a9d8f", alpha=0.08,
-               label="central 90% of never seen")
-    top = ax.get_ylim()[1]
-    for verdict, colour in COLOURS.items():
-        xs = [d["score"] for d in documents if d["verdict"] == verdict]
-        ax.scatter(xs, np.full(len(xs), top * 0.9), marker="|", s=300, color=colour,
-                   label=f"forget documents: {verdict} ({len(xs)})")
-    ax.set_xlabel("mean token loss on the unlearned model, less the judge's" if judged
-                  else "mean token loss on the unlearned model")
-    ax.legend(fontsize=8, loc="upper left")
+def _scores(documents: list[dict], never_seen: dict[str, list[float]], bands: dict,
+            judged: bool) -> str:
+    """One panel per never-seen group: its scores, its central band, and the forget documents
+    read against it, coloured by verdict."""
+    fig, axes = plt.subplots(len(never_seen), 1, figsize=(9, 2.6 * len(never_seen) + 0.6),
+                             squeeze=False)
+    for ax, (name, scores) in zip(axes[:, 0], never_seen.items()):
+        ax.hist(scores, bins=30, color="#bbbbbb", label=f"never-seen documents ({name})")
+        ax.axvspan(bands[name]["score_low"], bands[name]["score_high"], color="#2a9d8f",
+                   alpha=0.08, label="central 90% of never seen")
+        top = ax.get_ylim()[1]
+        for verdict, colour in COLOURS.items():
+            xs = [d["score"] for d in documents if d["verdict"] == verdict and d["null"] == name]
+            ax.scatter(xs, np.full(len(xs), top * 0.9), marker="|", s=300, color=colour,
+                       label=f"forget documents: {verdict} ({len(xs)})")
+        ax.legend(fontsize=8, loc="upper left")
+    axes[-1, 0].set_xlabel("mean token loss on the unlearned model, less the judge's" if judged
+                           else "mean token loss on the unlearned model")
+    fig.tight_layout()
     return figure_png(fig)
 
 
 def _test_line(test: dict) -> str:
     judge = (f"its loss under the model less its loss under {html.escape(test['judge'])}, "
              f"which never saw it" if test["judge"] else "its loss (no judge model was given)")
-    return (f"A document is read by {judge}, against {test['never_seen_documents']} never-seen "
-            f"documents scored the same way; <b>remembered</b> below their "
-            f"{test['remembered_below_percentile']:.0f}th percentile, which calls "
-            f"{100 * test['false_positive_rate']:.1f}% of never-seen documents remembered.")
+    groups = "; ".join(f"{html.escape(name)}: {n['never_seen_documents']} never seen, "
+                       f"{100 * n['false_positive_rate']:.1f}%, {n['forget_documents']} forget "
+                       f"documents read against them" for name, n in test["nulls"].items()
+                       if n["forget_documents"])
+    return (f"A document is read by {judge}, against never-seen documents of its own task "
+            f"where there are some (else the general ones) scored the same way; "
+            f"<b>remembered</b> below their {test['remembered_below_percentile']:.0f}th "
+            f"percentile, which calls {100 * test['false_positive_rate']:.1f}% of documents "
+            f"no model saw remembered ({groups}).")
 
 
-def write_receipt_page(path, receipt: dict, never_seen: list[float]) -> None:
+def write_receipt_page(path, receipt: dict, never_seen: dict[str, list[float]]) -> None:
+    """The page; ``never_seen`` holds each never-seen group's scores."""
+    nulls = receipt["test"]["nulls"]
+    read_against = {name: v for name, v in never_seen.items() if nulls[name]["forget_documents"]}
     s = receipt["summary"]
     robust = {True: "robust", False: "NOT robust", None: "not judged (no oracle)"}
     parts = [f"<h1>Unlearning receipt: {html.escape(receipt['model'])}</h1>",
@@ -82,7 +96,7 @@ def write_receipt_page(path, receipt: dict, never_seen: list[float]) -> None:
              f"over-unlearned. Relearning attack: {robust[s['relearn_robust']]}.</p>",
              f"<p>{_test_line(receipt['test'])}</p>",
              "<h2>Score of each forget document against never-seen documents</h2>",
-             image(_scores(receipt["documents"], never_seen, receipt["never_seen"],
+             image(_scores(receipt["documents"], read_against, receipt["never_seen"],
                            receipt["test"]["judge"] is not None)),
              *relearn_section({role: receipt["relearn"][role] for role in ROLES
                                if role in receipt["relearn"]}),
