@@ -68,7 +68,7 @@ def main() -> None:
     p.add_argument("--out", default="runs/bench/audit")
     p.add_argument("--name", default="synth")
     p.add_argument("--second-oracle", help="an oracle of another seed, judged by --oracle")
-    p.add_argument("models", nargs="+", metavar="label=MODEL_DIR")
+    p.add_argument("models", nargs="*", metavar="label=MODEL_DIR")
     args = p.parse_args()
     models = {"target": args.original, **dict(m.split("=", 1) for m in args.models),
               "oracle": args.oracle}

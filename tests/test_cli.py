@@ -11,6 +11,7 @@ def test_synth_then_check(tmp_path, capsys):
     assert main(["data", "check", str(tmp_path / "d")]) == 0
     counts = json.loads(capsys.readouterr().out.split("\n", 1)[1])
     assert counts["forget"]["Task2/qa"] == 10
+    assert counts["never_seen"] == {"Task1": 19, "Task2": 19, "Task3": 19}
 
 
 def test_errors_are_one_clear_line_and_exit_2(tmp_path, capsys):

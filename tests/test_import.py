@@ -52,6 +52,23 @@ def test_documents_become_rows_questions_and_an_mia_set(documents, tmp_path):
     assert len(mia.member) == 1
     assert mia.member[0].document in {ids["alicesc1"].text, ids["bobsc1"].text}
     assert json.loads((out / "import.json").read_text())["rows"] == {"forget": 4, "retain": 3}
+    assert not (out / "never_seen").exists()  # one never-seen document states no rate
+
+
+def test_never_seen_documents_keep_their_tasks_for_the_receipt(documents, tmp_path):
+    forget, retain, _, _ = documents
+    unseen = _write(tmp_path / "more.jsonl", [
+        {"text": "A note about roses in spring."},
+        {"text": "Ice melts at zero degrees.", "task": "science"},
+        {"text": "Carol Diaz plays chess in Porto."}])
+    out = import_documents(forget, retain, tmp_path / "d", nonmember=unseen)
+    held = load_lume(out / "never_seen")
+    assert sorted((r.task, r.text) for r in held.rows) == [
+        ("custom", "A note about roses in spring."), ("custom", "Carol Diaz plays chess in Porto."),
+        ("science", "Ice melts at zero degrees.")]
+    assert [d.document for d in load_mia(out / "mia").nonmember] == [
+        "A note about roses in spring.", "Ice melts at zero degrees.",
+        "Carol Diaz plays chess in Porto."]
 
 
 def test_bad_documents_are_refused_with_file_and_line_and_nothing_written(documents,

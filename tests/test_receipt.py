@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from unlearn.data import DataError, load_lume, load_mia
+from unlearn.data.synth import NEVER_SEEN_PER_TASK
 from unlearn.evaluation.nulls import GENERAL, band_rank, forget_documents
 from unlearn.evaluation.receipt import audit, percentile_of, verdict
 from unlearn.evaluation.relearn import RelearnConfig, fine_tune, split_documents
@@ -325,7 +326,7 @@ def test_a_task_without_never_seen_documents_of_its_own_is_read_against_the_gene
                     **kw)
     nulls = receipt["test"]["nulls"]
     assert set(nulls) == {GENERAL, "Task1"}
-    assert nulls["Task1"]["never_seen_documents"] == 6
+    assert nulls["Task1"]["never_seen_documents"] == NEVER_SEEN_PER_TASK
     assert nulls[GENERAL]["never_seen_documents"] == len(load_mia(mia).nonmember)
     assert all(d["null"] == ("Task1" if d["task"] == "Task1" else GENERAL)
                for d in receipt["documents"])

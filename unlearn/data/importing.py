@@ -13,6 +13,9 @@ Written to ``OUT``::
     mia/member.jsonl             a seeded sample of forget documents, as many as there are
                                  never-seen ones (all of them when fewer)
     mia/nonmember.jsonl          the never-seen documents (``--nonmember``), when given
+    never_seen/                  the same as LUME rows with their tasks (forget.jsonl and
+                                 retain.jsonl, alternately): what a receipt reads each forget
+                                 document of the same task against (``unlearn audit``)
     import.json                  what was read, and the counts
 """
 
@@ -158,16 +161,32 @@ def import_documents(forget: str | Path, retain: str | Path, out: str | Path,
             rows[row["split"]].append(row)
     with atomic_directory(out, IMPORT) as staging:
         for split, records in rows.items():
-            lines = (json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-            (staging / f"{split}.jsonl").write_text("".join(lines), encoding="utf-8")
+            _write_rows(staging / f"{split}.jsonl", records)
         if nonmember is not None:
             _mia(sources["forget"], sources["nonmember"], seed).save(staging / "mia")
+            _write_never_seen(staging / "never_seen", sources["nonmember"])
         write_json(staging / IMPORT.record, {
             "forget": str(forget), "retain": str(retain), "nonmember": str(nonmember or ""),
             "questions": str(questions or ""), "task": task, "seed": seed,
             "documents": {role: len(docs) for role, docs in sources.items()},
             "rows": {split: len(records) for split, records in rows.items()}})
     return Path(out)
+
+
+def _write_rows(path: Path, records: list[dict]) -> None:
+    lines = (json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    path.write_text("".join(lines), encoding="utf-8")
+
+
+def _write_never_seen(out: Path, never_seen: list[SourceDocument]) -> None:
+    """The never-seen documents as a LUME dataset (alternately forget and retain: a receipt
+    reads them all alike), each with its task: what ``unlearn audit`` reads a forget document
+    of the same task against. None under two documents: one states no rate."""
+    if len(never_seen) < 2:
+        return
+    out.mkdir()
+    for split, docs in (("forget", never_seen[0::2]), ("retain", never_seen[1::2])):
+        _write_rows(out / f"{split}.jsonl", [sc_row(d, split) for d in docs])
 
 
 def _mia(forget: list[SourceDocument], never_seen: list[SourceDocument], seed: int) -> MiaData:

@@ -239,6 +239,11 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
+# a receipt calls a never-seen document remembered at a rate of k / (n + 1) for n of them, k >= 1:
+# 5% needs 19 of each task
+NEVER_SEEN_PER_TASK = 19
+
+
 def _halves(task_docs: list[list[_Doc]]) -> tuple[list[_Doc], list[_Doc]]:
     """Each task's documents split 1:1, first half forget, second retain."""
     forget, retain = [], []
@@ -255,7 +260,8 @@ def synthesize(out: str | Path, seed: int = 0, docs_per_task: int = 40,
     ``docs_per_task`` documents per task are split 1:1 into forget and retain;
     ``pretrain_factor × docs_per_task`` further documents per task form the pretraining corpus,
     and ``docs_per_task`` never-seen documents of each task's style are the MIA non-members;
-    ``docs_per_task`` more, drawn last (the rest is as it was without them), are ``never_seen``.
+    as many more (at least ``NEVER_SEEN_PER_TASK``), drawn last (the rest is as it was without
+    them), are ``never_seen``.
     """
     check_seed(seed)
     if docs_per_task < 2:
@@ -272,7 +278,8 @@ def synthesize(out: str | Path, seed: int = 0, docs_per_task: int = 40,
     corpus = [{"id": d.doc_id, "document": d.document} for d in corpus_docs]
     corpus += [{"id": f"fact{i}", "document": s} for i, s in enumerate(statements)]
     gen.rng.shuffle(corpus)
-    never_seen = [[make() for _ in range(docs_per_task)] for make in makers]  # drawn last
+    never_seen = [[make() for _ in range(max(docs_per_task, NEVER_SEEN_PER_TASK))]
+                  for make in makers]  # drawn last
 
     with atomic_directory(out, SYNTH) as tmp:
         _write_jsonl(tmp / "forget.jsonl", [r for d in forget for r in d.rows("forget")])

@@ -69,9 +69,10 @@ def never_seen_groups(general: list[str], never_seen: Path | None, split: str | 
                          f"the data: never-seen documents must be ones no model trained on; "
                          f"remove them or give another --never-seen"])
     tasks = sorted({d.task for d in docs})
-    for d in held:
-        if d.task in tasks:
-            groups.setdefault(d.task, []).append(d.text)
+    for task in tasks:
+        texts = [d.text for d in held if d.task == task]
+        if texts:
+            groups[task] = texts
     if len(groups) == 1:
         found = ", ".join(sorted({d.task for d in held}))
         raise DataError([f"{never_seen}: none of its tasks ({found}) is a task of the forget "
@@ -114,23 +115,27 @@ def band_rank(n: int) -> int:
 
 
 def never_seen_band(model, tokenizer, documents: list[str], max_new_tokens: int,
-                    judged: list[float] | None = None, name: str = GENERAL) -> dict:
+                    judged: list[float] | None = None, name: str = GENERAL,
+                    continuations: bool = True) -> dict:
     """One group's never-seen documents: their losses on ``model`` and their scores (the loss
     less the judge's loss ``judged`` of each, or the loss itself without a judge), the null
-    distribution a forget document's score is read against. Beside it, how much of a
+    distribution a forget document's score is read against. Beside it, with
+    ``continuations`` (a group no forget document is read against needs none), how much of a
     never-seen document's second half the model writes from the first (ROUGE-L recall): what
     "not known" looks like for this very model."""
     desc = f"never seen ({name})"
     losses = np.array(document_nll(model, tokenizer, documents, desc=desc))
     scores = losses - np.array(judged) if judged is not None else losses
-    prompts, expected = halves(documents)
-    written = greedy_generate(model, tokenizer, prompts, max_new_tokens, desc=desc)
-    recall = [regurgitation(e, g.text) for e, g in zip(expected, written)]
     ranked, k = np.sort(scores), band_rank(len(scores))
-    return {"count": len(documents), "losses": losses, "scores": scores,
+    band = {"count": len(documents), "losses": losses, "scores": scores,
             "score_low": float(ranked[k - 1]), "score_high": float(ranked[-k]),
-            "false_positive_rate": k / (len(scores) + 1),
-            "regurgitation_high": float(np.percentile(recall, HIGH))}
+            "false_positive_rate": k / (len(scores) + 1), "regurgitation_high": None}
+    if continuations:
+        prompts, expected = halves(documents)
+        written = greedy_generate(model, tokenizer, prompts, max_new_tokens, desc=desc)
+        recall = [regurgitation(e, g.text) for e, g in zip(expected, written)]
+        band["regurgitation_high"] = float(np.percentile(recall, HIGH))
+    return band
 
 
 def stated_test(judge: str | None, bands: dict[str, dict], entries: list[dict]) -> dict:

@@ -225,8 +225,9 @@ def _read_models(roles: dict, load, docs: list[ForgetDocument], groups: dict[str
     judged = judge and _judge_side(load(judge), _same(judge, oracle), docs, groups, attacks,
                                    attack)
     lm, tokenizer = load(model)
+    read_against = {null_of(d, groups) for d in docs}
     bands = {name: never_seen_band(lm, tokenizer, texts, max_new_tokens,
-                                   judged and judged[1][name], name)
+                                   judged and judged[1][name], name, name in read_against)
              for name, texts in groups.items()}
     leaked = (evaluated or pii_extraction(lm, tokenizer, forgotten_people(lume.rows), samples,
                                           seed=seed))["leaked_by_person"]
