@@ -36,6 +36,14 @@ from scipy.stats import binomtest
 import unlearn
 
 
+def _remembered_against_general(receipt: dict) -> int:
+    """The documents the receipt would call remembered were each read against the MIA
+    non-members instead of its own task's never-seen documents: the former rule, same run."""
+    low = receipt["never_seen"]["general"]["score_low"]
+    return sum(d["score"] < low or d["questions_answered"] > 0 or bool(d["pii_leaked"])
+               for d in receipt["documents"])
+
+
 def _row(label: str, receipt: dict) -> dict:
     s, relearn = receipt["summary"], receipt["relearn"]
     interval = binomtest(s["remembered"], s["documents"]).proportion_ci(0.95)
@@ -44,6 +52,7 @@ def _row(label: str, receipt: dict) -> dict:
             "remembered_share": s["remembered_share"],
             "remembered_95ci": [interval.low, interval.high], "judge": s["judge"],
             "stated_false_positive_rate": s["false_positive_rate"],
+            "remembered_against_general": _remembered_against_general(receipt),
             "read_against": {name: n["forget_documents"]
                              for name, n in receipt["test"]["nulls"].items()
                              if n["forget_documents"]},
