@@ -299,7 +299,7 @@ def test_verdicts_are_judged_against_a_model_that_never_saw_them_at_a_stated_err
     k = band_rank(len(scores))
     band = of_oracle["never_seen"]["Task2"]
     assert band["score_low"] == pytest.approx(scores[k - 1], abs=1e-6)
-    assert np.sum(scores < band["score_low"]) == k - 1
+    assert np.sum(scores < band["score_low"] - 1e-5) == k - 1  # batching moves the 7th digit
     rates = {name: n["false_positive_rate"] for name, n in of_oracle["test"]["nulls"].items()}
     assert rates["Task2"] == pytest.approx(k / (len(scores) + 1))
     # the rate stated for the receipt: each group's, weighted by the documents read against it
