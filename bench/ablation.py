@@ -3,7 +3,8 @@
     python bench/ablation.py --target T --oracle O --data D --name N --method sha256 \
         [--seeds 1] [--mia D] [--mmlu D]
 
-METHOD runs on the target at ``profile=paper`` (the authors' code as `unlearn` follows it), at
+METHOD runs on the target at the paper's settings (``profile=paper``: the authors' code as
+`unlearn` follows it; here every departure put back, the same config), at
 its defaults (``profile=auto``: on a target `unlearn` built, the small-target adjustments, and
 the teacher's where the target's base was kept), and at its defaults with each setting they
 change put back to the paper's value, one at a time: a row's loss against the defaults is what
@@ -38,13 +39,12 @@ def variants(method: str, target: Path) -> dict[str, dict]:
     """Label -> settings: the paper, the defaults, and the defaults less each departure."""
     paper = get_method(method).Config()
     default, profile = resolve_config(get_method(method), target)
-    rows = {"paper": {"profile": "paper"}, "default": {}}
-    for field in dataclasses.fields(paper):
-        mine, theirs = getattr(default, field.name), getattr(paper, field.name)
-        if mine != theirs:
-            rows[f"paper_{field.name}"] = {field.name: theirs}
-    print(f"{method}: profile {profile}, {len(rows) - 2} departures from the paper")
-    return rows
+    departures = {f.name: getattr(paper, f.name) for f in dataclasses.fields(paper)
+                  if getattr(default, f.name) != getattr(paper, f.name)}
+    print(f"{method}: profile {profile}, {len(departures)} departures from the paper")
+    # every departure put back is the paper profile (bench's settings are the config's own)
+    return {"paper": departures, "default": {},
+            **{f"paper_{name}": {name: value} for name, value in departures.items()}}
 
 
 def knowledge(row: dict, split: str) -> float | None:
