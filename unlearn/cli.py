@@ -387,7 +387,8 @@ def _add_audit(sub) -> None:
     a.add_argument("--original", required=True, help="the model before unlearning (only read)")
     _add_data_args(a)
     a.add_argument("--mia", required=True, help="MIA directory: its non-members are the "
-                   "never-seen documents every forget document is judged against")
+                   "never-seen documents a forget document is judged against where --never-seen "
+                   "has none of its task, and the text the general-text utility reads")
     a.add_argument("--out", required=True, help="directory to write")
     a.add_argument("--oracle", help="a model never trained on the forget set: the relearning "
                    "attack on it is what robust is judged against")
