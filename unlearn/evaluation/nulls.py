@@ -61,9 +61,9 @@ def never_seen_groups(general: list[str], never_seen: Path | None, split: str | 
     if never_seen is None:
         return groups
     held = forget_documents(load_lume(never_seen, split).rows)
-    seen = {d.id for d in forget_documents(data_rows)}
-    texts = {d.text for d in forget_documents(data_rows)}
-    clash = [d.id for d in held if d.id in seen or d.text in texts]
+    data_docs = forget_documents(data_rows)
+    seen = {d.id for d in data_docs} | {d.text for d in data_docs}
+    clash = [d.id for d in held if d.id in seen or d.text in seen]
     if clash:
         raise DataError([f"{never_seen}: document {clash[0]!r} ({len(clash)} in all) is also in "
                          f"the data: never-seen documents must be ones no model trained on; "
