@@ -52,6 +52,10 @@ def _row(label: str, receipt: dict) -> dict:
             "remembered_share": s["remembered_share"],
             "remembered_95ci": [interval.low, interval.high], "judge": s["judge"],
             "stated_false_positive_rate": s["false_positive_rate"],
+            "stated_false_positive_bound": s["false_positive_bound"],
+            "never_seen_answered": {name: [b["answered_documents"], b["asked_documents"]]
+                                    for name, b in receipt["never_seen"].items()
+                                    if b["asked_documents"]},
             "remembered_against_general": _remembered_against_general(receipt),
             "read_against": {name: n["forget_documents"]
                              for name, n in receipt["test"]["nulls"].items()

@@ -1,5 +1,6 @@
 """`unlearn audit`: a verdict per forget document, and the relearning attack."""
 
+import itertools
 import json
 from dataclasses import replace
 
@@ -311,16 +312,30 @@ def test_verdicts_are_judged_against_a_model_that_never_saw_them_at_a_stated_err
     assert doc["score"] == pytest.approx(doc["loss_after"] - doc["loss_judge"])
 
 
+def _never_seen_stories(synth_dir, out, questions=()):
+    """The synthetic benchmark's never-seen Task1 documents alone, written to ``out``; with
+    ``questions`` (rows), their qa rows ask those instead, in turn."""
+    lume, asked = load_lume(synth_dir / "never_seen"), itertools.cycle(questions)
+
+    def story(r):
+        if r.kind != "qa" or not questions:
+            return r
+        q = next(asked)
+        return replace(r, input=q.input, output=q.output)
+
+    out.mkdir()
+    for split, rows in (("forget", lume.forget), ("retain", lume.retain)):
+        stories = [story(r) for r in rows if r.task == "Task1"]
+        (out / f"{split}.jsonl").write_text("".join(
+            json.dumps({"id": r.id, "input": r.input, "output": r.output, "task": r.task,
+                        "split": split}) + "\n" for r in stories))
+    return out
+
+
 def test_a_task_without_never_seen_documents_of_its_own_is_read_against_the_general_ones(
         tiny_target, perturbed, synth_dir, tmp_path):
     target, mia = tiny_target[0], synth_dir / "mia"
-    lume = load_lume(synth_dir / "never_seen")
-    only_stories = tmp_path / "stories"
-    only_stories.mkdir()
-    for split, rows in (("forget", lume.forget), ("retain", lume.retain)):
-        (only_stories / f"{split}.jsonl").write_text("".join(
-            json.dumps({"id": r.id, "input": r.input, "output": r.output, "task": r.task,
-                        "split": split}) + "\n" for r in rows if r.task == "Task1"))
+    only_stories = _never_seen_stories(synth_dir, tmp_path / "stories")
     kw = dict(samples=1, max_new_tokens=8, relearn_config=QUICK)
     receipt = audit(target, perturbed, synth_dir, mia, tmp_path / "r", never_seen=only_stories,
                     **kw)
@@ -343,3 +358,34 @@ def test_a_task_without_never_seen_documents_of_its_own_is_read_against_the_gene
         with pytest.raises(DataError, match=message):
             audit(target, perturbed, synth_dir, mia, tmp_path / "x", never_seen=bad, **kw)
         assert not (tmp_path / "x").exists()
+
+
+def test_questions_answered_without_the_document_raise_the_stated_bound(
+        tiny_target, perturbed, synth_dir, tmp_path):
+    """The model is asked its never-seen documents' questions: what it answers without having
+    seen the document is how often the answered-question rule calls an unseen one remembered."""
+    target, mia = tiny_target[0], synth_dir / "mia"
+    kw = dict(samples=1, max_new_tokens=24, relearn_config=QUICK)
+    stories = load_lume(synth_dir / "never_seen")
+    asked = len({r.doc_id for r in stories.rows if r.task == "Task1" and r.kind == "qa"})
+    # never-seen stories whose questions are the retain stories' (which the target memorised)
+    known = [r for r in load_lume(synth_dir).retain if r.task == "Task1" and r.kind == "qa"]
+    for never_seen, answered in ((_never_seen_stories(synth_dir, tmp_path / "own"), None),
+                                 (_never_seen_stories(synth_dir, tmp_path / "known", known),
+                                  asked)):
+        receipt = audit(target, perturbed, synth_dir, mia, tmp_path / f"of-{never_seen.name}",
+                        never_seen=never_seen, **kw)
+        band, test = receipt["never_seen"]["Task1"], receipt["test"]
+        assert band["asked_documents"] == asked
+        if answered is not None:
+            assert band["answered_documents"] == answered
+        share = band["answered_documents"] / asked
+        nulls = test["nulls"]
+        assert nulls["Task1"]["false_positive_bound"] == pytest.approx(
+            min(1.0, nulls["Task1"]["false_positive_rate"] + share))
+        assert nulls[GENERAL]["answered_share"] is None  # the MIA non-members have no questions
+        docs = receipt["documents"]
+        expected = np.mean([nulls[d["null"]]["false_positive_bound"] for d in docs])
+        assert test["false_positive_bound"] == pytest.approx(expected)
+        assert receipt["summary"]["false_positive_bound"] == pytest.approx(expected)
+    assert test["false_positive_bound"] > test["false_positive_rate"]

@@ -194,6 +194,12 @@ def cmd_audit(args) -> None:
           f"{100 * test['false_positive_rate']:.1f}% (the rank rule over never-seen documents: "
           + ", ".join(f"{name} {n['never_seen_documents']}" for name, n in test["nulls"].items()
                       if n["forget_documents"]) + ")")
+    asked = ", ".join(f"{name} {b['answered_documents']}/{b['asked_documents']}"
+                      for name, b in receipt["never_seen"].items() if b["asked_documents"])
+    if asked:
+        print(f"counting the questions a model answers without the document (never-seen "
+              f"documents with one answered: {asked}): at most "
+              f"{100 * test['false_positive_bound']:.1f}%")
     for name, after in s["relearned"].items():
         print(f"relearned {name}: knowledge {after['knowledge']}, "
               f"regurgitation {after['regurgitation']}")

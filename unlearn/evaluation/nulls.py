@@ -10,7 +10,11 @@ some (``--never-seen``: a LUME-format dataset of the same tasks that no model sa
 held-out split); a task without them is read against the MIA non-members (``general``).
 
 Each group's threshold is its k-th lowest score (:func:`band_rank`); a receipt states each
-group's false-positive rate and, over its forget documents, the rate it expects overall.
+group's false-positive rate and, over its forget documents, the rate it expects overall. A
+question answered also makes a document remembered, and some answers can be guessed (an award
+name from the retain set's biographies): so the model is asked the never-seen documents'
+questions too, and the share of those documents with one answered, added to the rank rule's
+rate, bounds what the whole rule calls a document no model saw (``false_positive_bound``).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import numpy as np
 from ..data import DataError, load_lume
 from ..data.lume import Row
 from ..measure.generation import greedy_generate
-from ..measure.metrics import regurgitation
+from ..measure.metrics import knowledge, regurgitation
 from ..measure.nll import document_nll
 
 LOW, HIGH = 5.0, 95.0  # a never-seen group's central band, in percentiles
@@ -51,15 +55,20 @@ def forget_documents(rows: list[Row]) -> list[ForgetDocument]:
     return [ForgetDocument(doc, rows[0].task, tuple(rows)) for doc, rows in groups.items()]
 
 
+Questions = dict[str, list[tuple[Row, ...]]]  # by group: each never-seen document's qa rows
+
+
 def never_seen_groups(general: list[str], never_seen: Path | None, split: str | None,
-                      data_rows: list[Row], docs: list[ForgetDocument]) -> dict[str, list[str]]:
+                      data_rows: list[Row], docs: list[ForgetDocument]
+                      ) -> tuple[dict[str, list[str]], Questions]:
     """The never-seen texts by group: ``general`` (the MIA non-members) and, from the LUME
     dataset ``never_seen`` (every document in it, forget or retain alike), those of each task
-    the forget documents ``docs`` have. Refused where one of its documents is in the data
-    (``data_rows``) or where none of its tasks is a forget document's."""
-    groups = {GENERAL: general}
+    the forget documents ``docs`` have; beside them, the questions of each task's never-seen
+    documents (the MIA non-members have none). Refused where one of its documents is in the
+    data (``data_rows``) or where none of its tasks is a forget document's."""
+    groups, questions = {GENERAL: general}, {}
     if never_seen is None:
-        return groups
+        return groups, questions
     held = forget_documents(load_lume(never_seen, split).rows)
     data_docs = forget_documents(data_rows)
     seen = {d.id for d in data_docs} | {d.text for d in data_docs}
@@ -70,15 +79,17 @@ def never_seen_groups(general: list[str], never_seen: Path | None, split: str | 
                          f"remove them or give another --never-seen"])
     tasks = sorted({d.task for d in docs})
     for task in tasks:
-        texts = [d.text for d in held if d.task == task]
-        if texts:
-            groups[task] = texts
+        own = [d for d in held if d.task == task]
+        if own:
+            groups[task] = [d.text for d in own]
+            asked = [tuple(r for r in d.rows if r.kind == "qa") for d in own]
+            questions[task] = [q for q in asked if q]
     if len(groups) == 1:
         found = ", ".join(sorted({d.task for d in held}))
         raise DataError([f"{never_seen}: none of its tasks ({found}) is a task of the forget "
                          f"documents ({', '.join(tasks)}): give never-seen documents labelled "
                          f"with the forget documents' tasks"])
-    return groups
+    return groups, questions
 
 
 def null_of(doc: ForgetDocument, groups: dict) -> str:
@@ -105,6 +116,21 @@ def halves(documents: list[str]) -> tuple[list[str], list[str]]:
             [" ".join(w[len(w) // 2:]) for w in words])
 
 
+def written_after(model, tokenizer, rows: list[Row], max_new_tokens: int,
+                  desc: str) -> dict[str, str]:
+    """What ``model`` writes after each row's prompt, by row id; a question's writing stops
+    once it can no longer be the answer."""
+    out = greedy_generate(model, tokenizer, [r.input for r in rows], max_new_tokens,
+                          answers=[r.output if r.kind == "qa" else None for r in rows],
+                          desc=desc)
+    return {r.id: g.text for r, g in zip(rows, out)}
+
+
+def answered(rows, by_row: dict[str, str]) -> list[str]:
+    """The ids of the questions among ``rows`` answered exactly in ``by_row``."""
+    return [r.id for r in rows if r.kind == "qa" and knowledge(r.output, by_row[r.id])]
+
+
 def band_rank(n: int) -> int:
     """The rank k of the low threshold among ``n`` never-seen scores: a document is called
     remembered below the k-th lowest. A document that was never seen either is exchangeable with
@@ -116,42 +142,61 @@ def band_rank(n: int) -> int:
 
 def never_seen_band(model, tokenizer, documents: list[str], max_new_tokens: int,
                     judged: list[float] | None = None, name: str = GENERAL,
-                    continuations: bool = True) -> dict:
+                    read_against: bool = True,
+                    questions: list[tuple[Row, ...]] | None = None) -> dict:
     """One group's never-seen documents: their losses on ``model`` and their scores (the loss
     less the judge's loss ``judged`` of each, or the loss itself without a judge), the null
-    distribution a forget document's score is read against. Beside it, with
-    ``continuations`` (a group no forget document is read against needs none), how much of a
-    never-seen document's second half the model writes from the first (ROUGE-L recall): what
-    "not known" looks like for this very model."""
+    distribution a forget document's score is read against. Beside it, where forget documents
+    are ``read_against`` it (a group none is read against needs no more), what "not
+    known" looks like for this very model: how much of a never-seen document's second half it
+    writes from the first (ROUGE-L recall), and the share of the documents with ``questions``
+    (each document's qa rows) of which it answers one."""
     desc = f"never seen ({name})"
     losses = np.array(document_nll(model, tokenizer, documents, desc=desc))
     scores = losses - np.array(judged) if judged is not None else losses
     ranked, k = np.sort(scores), band_rank(len(scores))
     band = {"count": len(documents), "losses": losses, "scores": scores,
             "score_low": float(ranked[k - 1]), "score_high": float(ranked[-k]),
-            "false_positive_rate": k / (len(scores) + 1), "regurgitation_high": None}
-    if continuations:
-        prompts, expected = halves(documents)
-        written = greedy_generate(model, tokenizer, prompts, max_new_tokens, desc=desc)
-        recall = [regurgitation(e, g.text) for e, g in zip(expected, written)]
-        band["regurgitation_high"] = float(np.percentile(recall, HIGH))
+            "false_positive_rate": k / (len(scores) + 1), "regurgitation_high": None,
+            "asked_documents": 0, "answered_documents": 0, "answered_share": None}
+    if not read_against:
+        return band
+    prompts, expected = halves(documents)
+    written = greedy_generate(model, tokenizer, prompts, max_new_tokens, desc=desc)
+    recall = [regurgitation(e, g.text) for e, g in zip(expected, written)]
+    band["regurgitation_high"] = float(np.percentile(recall, HIGH))
+    if questions:
+        by_row = written_after(model, tokenizer, [r for q in questions for r in q],
+                               max_new_tokens, f"{desc}: questions")
+        hits = sum(bool(answered(q, by_row)) for q in questions)
+        band.update(asked_documents=len(questions), answered_documents=hits,
+                    answered_share=hits / len(questions))
     return band
 
 
 def stated_test(judge: str | None, bands: dict[str, dict], entries: list[dict]) -> dict:
-    """What a verdict means: the statistic, the judge, each group's never-seen documents and
-    the share of them its rule calls remembered (nominally at most LOW %), and the share of
-    forget documents a model that never saw any would have called remembered: each group's
-    rate, weighted by the forget documents read against it."""
+    """What a verdict means: the statistic, the judge, each group's never-seen documents, the
+    share of them its rank rule calls remembered (nominally at most LOW %) and that share plus
+    the share of them with a question answered (a bound on the whole rule's), and over the
+    receipt what a model that never saw any forget document would be called: each group's
+    rates, weighted by the forget documents read against it."""
     nulls = {name: {"never_seen_documents": band["count"],
                     "false_positive_rate": band["false_positive_rate"],
+                    "answered_share": band["answered_share"],
+                    "false_positive_bound": min(1.0, band["false_positive_rate"]
+                                                + (band["answered_share"] or 0.0)),
                     "forget_documents": sum(e["null"] == name for e in entries)}
              for name, band in bands.items()}
     used = [n for n in nulls.values() if n["forget_documents"]]
+    if not used:  # no forget document: the general group's rates
+        used = [{**nulls[GENERAL], "forget_documents": 1}]
     weight = sum(n["forget_documents"] for n in used)
-    rate = (sum(n["false_positive_rate"] * n["forget_documents"] for n in used) / weight
-            if weight else nulls[GENERAL]["false_positive_rate"])
+
+    def weighted(key: str) -> float:
+        return sum(n[key] * n["forget_documents"] for n in used) / weight
+
     return {"statistic": "NLL(model) - NLL(judge)" if judge else "NLL(model)",
-            "judge": judge, "remembered_below_percentile": LOW, "false_positive_rate": rate,
-            "never_seen_documents": sum(n["never_seen_documents"] for n in used) or
-            nulls[GENERAL]["never_seen_documents"], "nulls": nulls}
+            "judge": judge, "remembered_below_percentile": LOW,
+            "false_positive_rate": weighted("false_positive_rate"),
+            "false_positive_bound": weighted("false_positive_bound"),
+            "never_seen_documents": sum(n["never_seen_documents"] for n in used), "nulls": nulls}

@@ -19,7 +19,9 @@ the loss itself.
 * ``remembered``: its score lies below the null's k-th lowest, k chosen so that a document
   never seen has at most a 5% chance to fall there (k / (n + 1) for n never-seen documents: the
   false-positive rate every receipt states, with the judge it used; ``nulls.band_rank``), or a
-  question is still answered exactly, or a PII value still comes out;
+  question is still answered exactly (the model is asked the never-seen documents' questions
+  too, and the share it answers bounds what this adds: ``false_positive_bound``), or a PII
+  value still comes out;
 * ``forgotten``: its score lies within the null's central 90%, its continuation is regurgitated
   no more than the 95th percentile of never-seen documents' continuations, and nothing is
   answered or leaked;
@@ -40,9 +42,8 @@ import numpy as np
 from ..data import beside_data, load_lume, load_mia
 from ..data.lume import LumeData
 from ..io import AUDIT, EVAL, atomic_directory, claim_output, is_output, path_text, write_json
-from ..measure.generation import greedy_generate
 from ..measure.memory import plan_inference, settle_allocator, token_lengths
-from ..measure.metrics import knowledge, regurgitation
+from ..measure.metrics import regurgitation
 from ..measure.nll import document_nll
 from ..measure.utility import general_text
 from ..models.loading import (
@@ -64,6 +65,8 @@ from .nulls import (
     HIGH,
     LOW,
     ForgetDocument,
+    Questions,
+    answered,
     by_group,
     flat,
     forget_documents,
@@ -72,6 +75,7 @@ from .nulls import (
     never_seen_groups,
     null_of,
     stated_test,
+    written_after,
 )
 from .receipt_page import write_receipt_page
 from .relearn import RelearnConfig, attacked_lengths, relearn
@@ -100,16 +104,13 @@ def measure_documents(model, tokenizer, docs: list[ForgetDocument], bands: dict[
     under the judge (None: no judge, the score is the loss), ``before`` its loss under the
     original."""
     losses = document_nll(model, tokenizer, [d.text for d in docs], desc="forget documents")
-    rows = [r for d in docs for r in d.rows]
-    written = greedy_generate(model, tokenizer, [r.input for r in rows], max_new_tokens,
-                              answers=[r.output if r.kind == "qa" else None for r in rows],
-                              desc="forget rows")
-    by_row = {r.id: g.text for r, g in zip(rows, written)}
+    by_row = written_after(model, tokenizer, [r for d in docs for r in d.rows], max_new_tokens,
+                           "forget rows")
     entries = []
     for i, (d, loss) in enumerate(zip(docs, losses)):
         sc = [regurgitation(r.output, by_row[r.id]) for r in d.rows if r.kind == "sc"]
         qa = [r for r in d.rows if r.kind == "qa"]
-        answered = [r.id for r in qa if knowledge(r.output, by_row[r.id])]
+        hits = answered(qa, by_row)
         score = loss - judged[i] if judged is not None else loss
         null = null_of(d, bands)
         band = bands[null]
@@ -118,8 +119,8 @@ def measure_documents(model, tokenizer, docs: list[ForgetDocument], bands: dict[
                  "loss_judge": judged[i] if judged is not None else None, "score": score,
                  "score_percentile": percentile_of(score, band["scores"]),
                  "regurgitation": max(sc) if sc else None,
-                 "questions": len(qa), "questions_answered": len(answered),
-                 "answered": answered, "pii_leaked": leaked.get(d.id, [])}
+                 "questions": len(qa), "questions_answered": len(hits), "answered": hits,
+                 "pii_leaked": leaked.get(d.id, [])}
         entry["verdict"] = verdict(entry, band)
         entry["over_unlearned"] = score > band["score_high"]
         entries.append(entry)
@@ -176,8 +177,8 @@ def audit(model: str | Path, original: str | Path, data: str | Path, mia: str | 
     config, compute = relearn_config or RelearnConfig(), inference_dtype(dtype)
     lume, never_seen = load_lume(data, split), beside_data(data, never_seen, "never_seen")
     docs = forget_documents(lume.forget)
-    groups = never_seen_groups([d.document for d in load_mia(mia).nonmember], never_seen,
-                               split, lume.rows, docs)
+    groups, questions = never_seen_groups([d.document for d in load_mia(mia).nonmember],
+                                          never_seen, split, lume.rows, docs)
     mode, plan = audit_plan(original, lume, flat(groups), config, compute, max_new_tokens,
                             samples, seed)
     claim_output(out, AUDIT, {"--model": model, "--original": original, "--data": data,
@@ -190,7 +191,7 @@ def audit(model: str | Path, original: str | Path, data: str | Path, mia: str | 
     judge = judge_of(model, original, oracle, reference)  # a bad --reference: refused now
     roles = {"model": model, "original": original, "oracle": oracle, "judge": judge}
     read = _read_models(roles, partial(load_model, dtype=compute, device=best_device()), docs,
-                        groups, lume, evaluated, dict(attacks or {}), attack,
+                        (groups, questions), lume, evaluated, dict(attacks or {}), attack,
                         max_new_tokens, samples, seed)
     is_robust = robust(read["attacks"], config.margin)
     test = stated_test(path_text(judge), read["bands"], read["entries"])
@@ -213,13 +214,16 @@ def audit(model: str | Path, original: str | Path, data: str | Path, mia: str | 
     return receipt
 
 
-def _read_models(roles: dict, load, docs: list[ForgetDocument], groups: dict[str, list[str]],
-                 lume: LumeData, evaluated: dict | None, attacks: dict, attack,
-                 max_new_tokens: int, samples: int, seed: int) -> dict:
+def _read_models(roles: dict, load, docs: list[ForgetDocument],
+                 nulls: tuple[dict[str, list[str]], Questions], lume: LumeData,
+                 evaluated: dict | None, attacks: dict, attack, max_new_tokens: int,
+                 samples: int, seed: int) -> dict:
     """Every measurement of the receipt, each model loaded once (measured, then attacked):
     the forget documents' losses before, the judge's losses, each never-seen group's band on
-    the model, the entry of every document, the attacks and the general-text utility."""
+    the model (``nulls``: the groups' texts and questions), the entry of every document, the
+    attacks and the general-text utility."""
     model, original, oracle, judge = (roles[r] for r in ("model", "original", "oracle", "judge"))
+    groups, questions = nulls
     before, reference_nll = _original_side(load(original), docs, groups[GENERAL], not oracle,
                                            attacks, attack)
     judged = judge and _judge_side(load(judge), _same(judge, oracle), docs, groups, attacks,
@@ -227,7 +231,8 @@ def _read_models(roles: dict, load, docs: list[ForgetDocument], groups: dict[str
     lm, tokenizer = load(model)
     read_against = {null_of(d, groups) for d in docs}
     bands = {name: never_seen_band(lm, tokenizer, texts, max_new_tokens,
-                                   judged and judged[1][name], name, name in read_against)
+                                   judged and judged[1][name], name, name in read_against,
+                                   questions.get(name))
              for name, texts in groups.items()}
     leaked = (evaluated or pii_extraction(lm, tokenizer, forgotten_people(lume.rows), samples,
                                           seed=seed))["leaked_by_person"]
@@ -375,5 +380,6 @@ def summary(entries: list[dict], attacks: dict, is_robust: bool | None, test: di
             "by_task": dict(sorted(by_task.items())),
             "relearned": {name: a["after"] for name, a in attacks.items()},
             "relearn_robust": is_robust, "judge": test["judge"],
-            "false_positive_rate": test["false_positive_rate"], "utility": general["utility"],
+            "false_positive_rate": test["false_positive_rate"],
+            "false_positive_bound": test["false_positive_bound"], "utility": general["utility"],
             "general_text_damaged": general["damaged"]}

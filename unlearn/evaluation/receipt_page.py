@@ -77,11 +77,18 @@ def _test_line(test: dict) -> str:
                        f"{100 * n['false_positive_rate']:.1f}%, {n['forget_documents']} forget "
                        f"documents read against them" for name, n in test["nulls"].items()
                        if n["forget_documents"])
+    answered = "; ".join(f"{html.escape(name)}: {100 * n['answered_share']:.1f}%"
+                         for name, n in test["nulls"].items()
+                         if n["forget_documents"] and n["answered_share"] is not None)
+    answers = (f" A question answered also counts as remembered; of the never-seen documents "
+               f"the model is asked about, the share with one answered ({answered}) brings the "
+               f"whole rule's rate to at most {100 * test['false_positive_bound']:.1f}%."
+               if answered else "")
     return (f"A document is read by {judge}, against never-seen documents of its own task "
             f"where there are some (else the general ones) scored the same way; "
             f"<b>remembered</b> below their {test['remembered_below_percentile']:.0f}th "
             f"percentile, which calls {100 * test['false_positive_rate']:.1f}% of documents "
-            f"no model saw remembered ({groups}).")
+            f"no model saw remembered ({groups}).{answers}")
 
 
 def write_receipt_page(path, receipt: dict, never_seen: dict[str, list[float]]) -> None:
