@@ -27,7 +27,8 @@ import numpy as np
 from ..data import DataError, load_lume
 from ..data.lume import Row
 from ..measure.generation import greedy_generate
-from ..measure.metrics import knowledge, regurgitation
+from ..measure.memorisation import score_rows
+from ..measure.metrics import regurgitation
 from ..measure.nll import document_nll
 
 LOW, HIGH = 5.0, 95.0  # a never-seen group's central band, in percentiles
@@ -116,19 +117,15 @@ def halves(documents: list[str]) -> tuple[list[str], list[str]]:
             [" ".join(w[len(w) // 2:]) for w in words])
 
 
-def written_after(model, tokenizer, rows: list[Row], max_new_tokens: int,
-                  desc: str) -> dict[str, str]:
-    """What ``model`` writes after each row's prompt, by row id; a question's writing stops
-    once it can no longer be the answer."""
-    out = greedy_generate(model, tokenizer, [r.input for r in rows], max_new_tokens,
-                          answers=[r.output if r.kind == "qa" else None for r in rows],
-                          desc=desc)
-    return {r.id: g.text for r, g in zip(rows, out)}
-
-
-def answered(rows, by_row: dict[str, str]) -> list[str]:
-    """The ids of the questions among ``rows`` answered exactly in ``by_row``."""
-    return [r.id for r in rows if r.kind == "qa" and knowledge(r.output, by_row[r.id])]
+def row_scores(model, tokenizer, docs: list[tuple[Row, ...]], max_new_tokens: int,
+               desc: str) -> list[list[float]]:
+    """Each document's rows scored the official way (:func:`score_rows`), in one pass."""
+    rows = [r for d in docs for r in d]
+    scores, out, start = score_rows(model, tokenizer, rows, max_new_tokens, desc), [], 0
+    for d in docs:
+        out.append(scores[start:start + len(d)])
+        start += len(d)
+    return out
 
 
 def band_rank(n: int) -> int:
@@ -166,9 +163,8 @@ def never_seen_band(model, tokenizer, documents: list[str], max_new_tokens: int,
     recall = [regurgitation(e, g.text) for e, g in zip(expected, written)]
     band["regurgitation_high"] = float(np.percentile(recall, HIGH))
     if questions:
-        by_row = written_after(model, tokenizer, [r for q in questions for r in q],
-                               max_new_tokens, f"{desc}: questions")
-        hits = sum(bool(answered(q, by_row)) for q in questions)
+        hits = sum(any(q) for q in row_scores(model, tokenizer, questions, max_new_tokens,
+                                              f"{desc}: questions"))
         band.update(asked_documents=len(questions), answered_documents=hits,
                     answered_share=hits / len(questions))
     return band

@@ -43,7 +43,6 @@ from ..data import beside_data, load_lume, load_mia
 from ..data.lume import LumeData
 from ..io import AUDIT, EVAL, atomic_directory, claim_output, is_output, path_text, write_json
 from ..measure.memory import plan_inference, settle_allocator, token_lengths
-from ..measure.metrics import regurgitation
 from ..measure.nll import document_nll
 from ..measure.utility import general_text
 from ..models.loading import (
@@ -66,7 +65,6 @@ from .nulls import (
     LOW,
     ForgetDocument,
     Questions,
-    answered,
     by_group,
     flat,
     forget_documents,
@@ -74,8 +72,8 @@ from .nulls import (
     never_seen_band,
     never_seen_groups,
     null_of,
+    row_scores,
     stated_test,
-    written_after,
 )
 from .receipt_page import write_receipt_page
 from .relearn import RelearnConfig, attacked_lengths, relearn
@@ -104,13 +102,12 @@ def measure_documents(model, tokenizer, docs: list[ForgetDocument], bands: dict[
     under the judge (None: no judge, the score is the loss), ``before`` its loss under the
     original."""
     losses = document_nll(model, tokenizer, [d.text for d in docs], desc="forget documents")
-    by_row = written_after(model, tokenizer, [r for d in docs for r in d.rows], max_new_tokens,
-                           "forget rows")
+    scored = row_scores(model, tokenizer, [d.rows for d in docs], max_new_tokens, "forget rows")
     entries = []
-    for i, (d, loss) in enumerate(zip(docs, losses)):
-        sc = [regurgitation(r.output, by_row[r.id]) for r in d.rows if r.kind == "sc"]
+    for i, (d, loss, scores) in enumerate(zip(docs, losses, scored)):
+        sc = [s for r, s in zip(d.rows, scores) if r.kind == "sc"]
         qa = [r for r in d.rows if r.kind == "qa"]
-        hits = answered(qa, by_row)
+        hits = [r.id for r, s in zip(d.rows, scores) if r.kind == "qa" and s]
         score = loss - judged[i] if judged is not None else loss
         null = null_of(d, bands)
         band = bands[null]

@@ -10,10 +10,12 @@ from .generation import greedy_generate
 from .metrics import row_score
 
 
-def score_rows(model, tokenizer, rows: list[Row], max_new_tokens: int = 256) -> list[float]:
+def score_rows(model, tokenizer, rows: list[Row], max_new_tokens: int = 256,
+               desc: str = "generate") -> list[float]:
     """Official per-row scores (ROUGE-L recall for sc rows, exact match for qa rows)."""
     generated = greedy_generate(model, tokenizer, [r.input for r in rows], max_new_tokens,
-                                answers=[r.output if r.kind == "qa" else None for r in rows])
+                                answers=[r.output if r.kind == "qa" else None for r in rows],
+                                desc=desc)
     return [row_score(r.kind, r.output, g.text) for r, g in zip(rows, generated)]
 
 
