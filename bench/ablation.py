@@ -1,15 +1,17 @@
 """The defaults against the paper, one departure at a time (issue 44, part 4).
 
     python bench/ablation.py --target T --oracle O --data D --name N --method sha256 \
-        [--seeds 1] [--mia D] [--mmlu D]
+        [--seeds 1] [--mia D] [--mmlu D] [--rows paper,default]
 
 METHOD runs on the target at the paper's settings (``profile=paper``: the authors' code as
 `unlearn` follows it; here every departure put back, the same config), at
 its defaults (``profile=auto``: on a target `unlearn` built, the small-target adjustments, and
 the teacher's where the target's base was kept), and at its defaults with each setting they
-change put back to the paper's value, one at a time: a row's loss against the defaults is what
-that departure is worth on this target. The departures are read from the method's own
-profiles (:func:`unlearn.engine.resolve_config`), so the table cannot miss one.
+change put back to the paper's value, one at a time (row ``paper_NAME``): a row's loss against
+the defaults is what that departure is worth on this target. ``--rows`` runs some rows only,
+where a run costs many minutes (a LUME train part on 2 cores). The departures are read from
+the method's own profiles (:func:`unlearn.engine.resolve_config`), so the table cannot miss
+one.
 
 Everything goes through ``unlearn.bench`` (one OUT for the study: the target and the oracle
 are scored once; no receipts): each row's official share of the oracle, general-text utility
@@ -62,8 +64,15 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--mia", default="auto")
     p.add_argument("--mmlu", default="auto")
+    p.add_argument("--rows", help="comma-separated row labels (default: every row)")
     args = p.parse_args()
     settings = variants(args.method, Path(args.target))
+    if args.rows:
+        unknown = set(args.rows.split(",")) - set(settings)
+        if unknown:
+            p.error(f"--rows {', '.join(sorted(unknown))}: not a row of {args.method}'s "
+                    f"table ({', '.join(settings)})")
+        settings = {label: settings[label] for label in args.rows.split(",")}
     board = unlearn.bench(args.data, args.out or f"runs/bench/ablation-{args.name}",
                           methods=[f"{label}:{args.method}" for label in settings],
                           settings=settings, target=args.target, oracle=args.oracle,
@@ -85,7 +94,8 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"ablation-{args.name}.json").write_text(json.dumps(
         {"command": " ".join(["python", *sys.argv]), "method": args.method,
-         "machine": f"{resolve_precision()} training", "seeds": args.seeds, "rows": rows},
+         "machine": f"{resolve_precision()} training", "seeds": args.seeds,
+         "target": args.target, "rows": rows},
         indent=2))
 
 
