@@ -68,11 +68,12 @@ def main() -> None:
     args = p.parse_args()
     settings = variants(args.method, Path(args.target))
     if args.rows:
-        unknown = set(args.rows.split(",")) - set(settings)
+        chosen = args.rows.split(",")
+        unknown = sorted(set(chosen) - set(settings))
         if unknown:
-            p.error(f"--rows {', '.join(sorted(unknown))}: not a row of {args.method}'s "
-                    f"table ({', '.join(settings)})")
-        settings = {label: settings[label] for label in args.rows.split(",")}
+            p.error(f"--rows {', '.join(unknown)}: not a row of {args.method}'s table "
+                    f"({', '.join(settings)})")
+        settings = {label: settings[label] for label in chosen}
     board = unlearn.bench(args.data, args.out or f"runs/bench/ablation-{args.name}",
                           methods=[f"{label}:{args.method}" for label in settings],
                           settings=settings, target=args.target, oracle=args.oracle,
