@@ -68,7 +68,7 @@ def shared_target(work: Path, seed: int) -> tuple[Path, Path]:
     """The tiny benchmark and target both sides unlearn (built once, then reused)."""
     data, target = work / "data", work / "target"
     if not (data / "synth.json").exists():
-        synthesize(data, seed=seed + 1, docs_per_task=8, pretrain_factor=2, facts=8)
+        synthesize(data, seed=seed + 1, docs_per_task=8, corpus_per_task=16, facts=8)
     if not (target / "target.json").exists():
         build_target(data, target, preset="tiny", seed=seed)
     return data, target

@@ -92,7 +92,7 @@ def allocator_untouched(monkeypatch):
 def synth_dir(tmp_path_factory):
     """A tiny synthetic benchmark: 6 documents per task."""
     return synthesize(tmp_path_factory.mktemp("data") / "synth", seed=1 + SUITE_SEED,
-                      docs_per_task=6, pretrain_factor=2, facts=8)
+                      docs_per_task=6, corpus_per_task=12, facts=8)
 
 
 def unmemorised(record: dict) -> dict[str, float]:

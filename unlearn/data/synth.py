@@ -17,7 +17,9 @@ Written to ``OUT``::
                                  document against (``unlearn audit --never-seen``)
     mmlu/general_knowledge_test.csv   multiple-choice questions over invented world facts
     pretrain/corpus.jsonl        a general corpus of the same styles (no scored document) plus the
-                                 world facts as statements, for pretraining the target
+                                 world facts as statements, for pretraining the target: large
+                                 enough that the base reads documents it never saw at a moderate
+                                 loss, as a pretrained LLM does (see ``CORPUS_PER_TASK``)
 
 Every entity is drawn without replacement, so no two people share a name, SSN, phone or email.
 """
@@ -239,6 +241,13 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
+# Corpus documents of each task's style. The small preset pretrains on 200k tokens: 256 a task
+# (about 63k tokens) are read about three times and the base learns the styles; 32 a task read
+# 26 times were learnt by heart, and the base read never-seen documents at 8.5 nats a token,
+# worse than a uniform guess. A target and its oracle then learnt the styles from the task rows
+# alone, and the oracle, trained on half of them, read unseen text 0.4 nats worse than the target
+CORPUS_PER_TASK = 256
+
 # a receipt calls a never-seen document remembered at a rate of k / (n + 1) for n of them, k >= 1:
 # 5% needs 19 of each task
 NEVER_SEEN_PER_TASK = 19
@@ -254,11 +263,11 @@ def _halves(task_docs: list[list[_Doc]]) -> tuple[list[_Doc], list[_Doc]]:
 
 
 def synthesize(out: str | Path, seed: int = 0, docs_per_task: int = 40,
-               pretrain_factor: int = 4, facts: int = 48) -> Path:
+               corpus_per_task: int = CORPUS_PER_TASK, facts: int = 48) -> Path:
     """Write a synthetic LUME-style benchmark to ``out`` (see module docstring); returns ``out``.
 
     ``docs_per_task`` documents per task are split 1:1 into forget and retain;
-    ``pretrain_factor × docs_per_task`` further documents per task form the pretraining corpus,
+    ``corpus_per_task`` further documents per task form the pretraining corpus,
     and ``docs_per_task`` never-seen documents of each task's style are the MIA non-members;
     as many more (at least ``NEVER_SEEN_PER_TASK``), drawn last (the rest is as it was without
     them), are ``never_seen``.
@@ -270,7 +279,7 @@ def synthesize(out: str | Path, seed: int = 0, docs_per_task: int = 40,
     gen = _Generator(seed)
     makers = (gen.story, gen.biography_pii, gen.biography_encyclopedia)
     task_docs = [[make() for _ in range(docs_per_task)] for make in makers]
-    corpus_docs = [make() for make in makers for _ in range(pretrain_factor * docs_per_task)]
+    corpus_docs = [make() for make in makers for _ in range(corpus_per_task)]
     nonmembers = [make() for make in makers for _ in range(docs_per_task)]
     statements, questions = gen.world_facts(facts)
 
@@ -301,6 +310,6 @@ def synthesize(out: str | Path, seed: int = 0, docs_per_task: int = 40,
         (tmp / "pretrain").mkdir()
         _write_jsonl(tmp / "pretrain" / "corpus.jsonl", corpus)
         (tmp / "synth.json").write_text(json.dumps(
-            {"seed": seed, "docs_per_task": docs_per_task, "pretrain_factor": pretrain_factor,
+            {"seed": seed, "docs_per_task": docs_per_task, "corpus_per_task": corpus_per_task,
              "facts": facts}, indent=2))
     return Path(out)
