@@ -49,10 +49,11 @@ def test_row_sample_is_seeded_and_stratified(synth_dir):
     assert all(sum((r.split, r.task, r.kind) == c for r in a) <= 2 for c in cells)
 
 
-def _scripted_rule(estimates, tiny_target, synth_dir, tmp_path, monkeypatch, damaged=()):
+def _scripted_rule(estimates, tiny_target, synth_dir, tmp_path, monkeypatch, damaged=(),
+                   utilities=None):
     """A score rule (patience 2) whose estimates are ``estimates``, check after check, general
-    text flagged at the checks numbered in ``damaged``; and the stop answer of each check, at
-    steps 0, 2, 4, ..."""
+    text flagged at the checks numbered in ``damaged`` and read at u ``utilities[i]`` (else
+    1); and the stop answer of each check, at steps 0, 2, 4, ..."""
     model, tokenizer = load_model(tiny_target[0])
     rule = ScoreRule(UnlearnConfig(select_patience=2), tokenizer, load_lume(synth_dir),
                      load_mia(synth_dir / "mia"), None, tmp_path, 0, writes=True)
@@ -60,7 +61,8 @@ def _scripted_rule(estimates, tiny_target, synth_dir, tmp_path, monkeypatch, dam
 
     def scripted(model):
         i, value = next(values)
-        rule.last = {"estimate": value, "damaged": i in damaged}
+        rule.last = {"estimate": value, "damaged": i in damaged,
+                     "general_utility": (utilities or {}).get(i, 1.0)}
         return rule.last
     monkeypatch.setattr(rule, "_estimate", scripted)
     return rule, [rule.check(model, 2 * i) for i in range(len(estimates))]
@@ -98,7 +100,15 @@ def test_a_flagged_model_is_never_kept_over_an_unflagged_one(tiny_target, synth_
     assert rule.keeper.best()["step"] == 2
 
 
-def test_run_keeps_the_model_with_the_best_estimate(tiny_target, synth_dir, tmp_path):
+def test_models_rank_by_the_estimate_times_general_utility(tiny_target, synth_dir, tmp_path,
+                                                           monkeypatch):
+    # check 2 estimates higher, but at u 0.8 (not flagged) it ranks 0.44 against check 1's 0.5
+    rule, _ = _scripted_rule([0.3, 0.5, 0.55], tiny_target, synth_dir, tmp_path, monkeypatch,
+                             utilities={2: 0.8})
+    assert rule.keeper.best()["step"] == 2
+
+
+def test_run_keeps_the_best_ranked_model(tiny_target, synth_dir, tmp_path):
     # fp32: the kept check's terms are estimated again below outside the run's autocast
     record = run("ga", tiny_target[0], synth_dir, tmp_path / "u", epochs=4,
                  select_every=2, select_patience=0, precision="fp32", **HOT)
@@ -108,8 +118,10 @@ def test_run_keeps_the_model_with_the_best_estimate(tiny_target, synth_dir, tmp_
     steps = [t["step"] for t in trail]
     assert steps[0] == 0 and steps[-1] == record["steps"] == record["steps_trained"]
     assert all(b - a == 2 for a, b in zip(steps[:-1], steps[1:-1]))
-    best = max(t["estimate"] for t in trail)
-    assert selection["kept_step"] == [t for t in trail if t["estimate"] == best][-1]["step"]
+    ranks = {t["step"]: t["estimate"] * t["general_utility"] - 2 * t["damaged"]
+             for t in trail[1:]}
+    best = max(ranks.values())
+    assert selection["kept_step"] == [step for step, r in ranks.items() if r == best][-1]
     assert selection["seconds"] == pytest.approx(sum(t["seconds"] for t in trail))
     # the model saved is the one kept: estimated again, it gives the kept check's terms
     model, tokenizer = load_model(tmp_path / "u")
@@ -135,7 +147,8 @@ def test_patience_stops_once_no_check_has_improved_for_that_many(tiny_target, sy
     assert all(t["general_utility"] == pytest.approx(min(1.0, math.exp(
         trail[0]["never_seen_nll"] - t["never_seen_nll"]))) for t in trail)
     assert all(t["damaged"] == (t["general_utility"] < 0.75) for t in trail)
-    ranks = [t["estimate"] - 2 * t["damaged"] for t in trail[1:]]  # the source is never kept
+    # ranked by the estimate times u, flagged models last; the source is never kept
+    ranks = [t["estimate"] * t["general_utility"] - 2 * t["damaged"] for t in trail[1:]]
     best = 1 + max(range(len(ranks)), key=lambda i: (ranks[i], i))
     assert record["steps_trained"] < record["steps"]  # ascent at 1e-2 ruins it long before
     assert len(trail) - 1 - best == 2

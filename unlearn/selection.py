@@ -5,7 +5,8 @@ user holds: the task aggregate on a sample of the forget and retain rows themsel
 score is taken on exactly these rows), the loss-MIA score on a held-out calibration split of the
 MIA set, and MMLU when general-knowledge questions are given, else the general-text utility u
 of the never-seen calibration documents against the model before unlearning
-(:mod:`unlearn.measure.utility`). A model whose u is flagged (general text damaged) ranks below
+(:mod:`unlearn.measure.utility`). Models rank by the estimate times u, as the project's S
+discounts the final score for damage to general text; a model whose u is flagged ranks below
 every unflagged one, whatever its estimate: a user would not keep it. The best-ranked model is
 kept; the run stops once ``select_patience`` checks in a row brought no better
 one. ``mia`` keeps the model whose calibration AUC is closest to 0.5; ``knowledge`` stops once
@@ -181,9 +182,12 @@ def truncated_reference(tokenizer: PreTrainedTokenizerBase, row: Row, tokens: in
 
 
 def _rank_value(entry: dict) -> float:
-    """How a check ranks: its estimate, less 2 when general text is flagged as damaged
-    (estimates lie in 0..1, so every unflagged model ranks above every flagged one)."""
-    return entry["estimate"] - (2.0 if entry.get("damaged") else 0.0)
+    """How a check ranks: its estimate times the general-text utility u (the S a model is judged
+    by: a step that forgets a little more for a little damage is not the better one), less 2
+    when general text is flagged as damaged (estimates and u lie in 0..1, so every unflagged
+    model ranks above every flagged one). A trail recorded before u was has u = 1."""
+    u = entry.get("general_utility", 1.0)
+    return entry["estimate"] * u - (2.0 if entry.get("damaged") else 0.0)
 
 
 class ScoreRule:
