@@ -241,11 +241,11 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-# Corpus documents of each task's style. The small preset pretrains on 200k tokens: 256 a task
-# (about 63k tokens) are read about three times and the base learns the styles; 32 a task read
-# 26 times were learnt by heart, and the base read never-seen documents at 8.5 nats a token,
-# worse than a uniform guess. A target and its oracle then learnt the styles from the task rows
-# alone, and the oracle, trained on half of them, read unseen text 0.4 nats worse than the target
+# Corpus documents of each task's style: few enough passes in the small preset's 200k
+# pretraining tokens (about three) that the base learns the styles, not the documents by heart.
+# A base that read a small corpus many times reads unseen documents no better than a guess,
+# and a target and its oracle then learn the styles from the task rows alone, the oracle from
+# half of them (the measurements: README, "The synthetic benchmark")
 CORPUS_PER_TASK = 256
 
 # a receipt calls a never-seen document remembered at a rate of k / (n + 1) for n of them, k >= 1:
