@@ -49,6 +49,11 @@ def test_row_sample_is_seeded_and_stratified(synth_dir):
     assert all(sum((r.split, r.task, r.kind) == c for r in a) <= 2 for c in cells)
 
 
+def _expected_rank(check: dict) -> float:
+    """How the rule should rank a recorded check: the estimate times u, flagged models last."""
+    return check["estimate"] * check["general_utility"] - 2 * check["damaged"]
+
+
 def _scripted_rule(estimates, tiny_target, synth_dir, tmp_path, monkeypatch, damaged=(),
                    utilities=None):
     """A score rule (patience 2) whose estimates are ``estimates``, check after check, general
@@ -118,8 +123,7 @@ def test_run_keeps_the_best_ranked_model(tiny_target, synth_dir, tmp_path):
     steps = [t["step"] for t in trail]
     assert steps[0] == 0 and steps[-1] == record["steps"] == record["steps_trained"]
     assert all(b - a == 2 for a, b in zip(steps[:-1], steps[1:-1]))
-    ranks = {t["step"]: t["estimate"] * t["general_utility"] - 2 * t["damaged"]
-             for t in trail[1:]}
+    ranks = {t["step"]: _expected_rank(t) for t in trail[1:]}
     best = max(ranks.values())
     assert selection["kept_step"] == [step for step, r in ranks.items() if r == best][-1]
     assert selection["seconds"] == pytest.approx(sum(t["seconds"] for t in trail))
@@ -147,8 +151,7 @@ def test_patience_stops_once_no_check_has_improved_for_that_many(tiny_target, sy
     assert all(t["general_utility"] == pytest.approx(min(1.0, math.exp(
         trail[0]["never_seen_nll"] - t["never_seen_nll"]))) for t in trail)
     assert all(t["damaged"] == (t["general_utility"] < 0.75) for t in trail)
-    # ranked by the estimate times u, flagged models last; the source is never kept
-    ranks = [t["estimate"] * t["general_utility"] - 2 * t["damaged"] for t in trail[1:]]
+    ranks = [_expected_rank(t) for t in trail[1:]]  # the source is never kept
     best = 1 + max(range(len(ranks)), key=lambda i: (ranks[i], i))
     assert record["steps_trained"] < record["steps"]  # ascent at 1e-2 ruins it long before
     assert len(trail) - 1 - best == 2
