@@ -83,12 +83,13 @@ def _batch(tiny_target, synth_dir, forget: int = 2, retain: int = 2):
     return model, Batch.of(examples, tokenizer.pad_token_id, "cpu")
 
 
-def _perturbed(model):
-    """A second model that predicts differently: the reference a method is measured against."""
+def _perturbed(model, scale: float = 0.5):
+    """A second model that predicts differently: the reference a method is measured against
+    (its logits ``scale`` times the model's: flatter below 1, sharper above)."""
     other = type(model)(model.config)
     other.load_state_dict(model.state_dict())
     with torch.no_grad():
-        other.lm_head.weight.mul_(0.5)
+        other.lm_head.weight.mul_(scale)
     return other.eval()
 
 
@@ -144,7 +145,7 @@ def test_kl_loss_is_ascent_plus_kl_from_the_reference(tiny_target, synth_dir):
 
 
 @torch.no_grad()
-def test_with_a_teacher_forget_rows_are_drawn_to_its_predictions_over_their_whole_text(
+def test_with_a_teacher_forget_rows_are_drawn_to_its_predictions_and_nlls_over_their_text(
         tiny_target, synth_dir):
     model, batch = _batch(tiny_target, synth_dir)
     out = forward(model, batch)
@@ -153,17 +154,29 @@ def test_with_a_teacher_forget_rows_are_drawn_to_its_predictions_over_their_whol
     ref.teacher = model  # a model is its own teacher: nothing to draw, only the retain term
     retain = out.nll[2:].mean().item()
     assert method.loss(model, batch, ref).item() == pytest.approx(retain, abs=1e-5)
-    ref.teacher = _perturbed(model)
+    # sharper: likelier than the model where the model's best guess is right, less elsewhere
+    ref.teacher = _perturbed(model, 1.5)
     log_t = F.log_softmax(ref.teacher(input_ids=batch.ids, attention_mask=batch.mask)
                           .logits[:, :-1].float(), -1)
     log_p = F.log_softmax(out.logits, -1)
     real = batch.mask[:, 1:].bool()  # every token, the prompt's too: what a loss-MIA reads
     # KL(teacher ‖ model) = Σ t (log t − log p) per token, averaged over each row's tokens
-    per_token = (log_t.exp() * (log_t - log_p)).sum(-1)
-    rows = [per_token[i][real[i]].mean().item() for i in range(2)]
-    assert min(rows) > 0.01
-    loss = method.loss(model, batch, ref).item()
-    assert loss == pytest.approx(sum(rows) / 2 + retain, rel=1e-4)
+    kl = (log_t.exp() * (log_t - log_p)).sum(-1)
+    # the floor: how far each token's NLL lies below the teacher's, 0 where it does not
+    tokens = batch.ids[:, 1:, None]
+    below = (log_p.gather(-1, tokens) - log_t.gather(-1, tokens)).squeeze(-1)
+    floor = below.clamp(min=0)
+    assert (below[:2][real[:2]] < 0).any() and (floor[:2][real[:2]] > 0.1).any()
+
+    def row_means(per_token):
+        return sum(per_token[i][real[i]].mean().item() for i in range(2)) / 2
+
+    assert row_means(kl) > 0.01
+    assert method.loss(model, batch, ref).item() == pytest.approx(
+        row_means(kl + floor) + retain, rel=1e-4)
+    ref.teacher_floor = False  # the KL alone
+    assert method.loss(model, batch, ref).item() == pytest.approx(row_means(kl) + retain,
+                                                                  rel=1e-4)
 
 
 @torch.no_grad()

@@ -822,9 +822,9 @@ def _teacher_kl(model_dir, teacher_dir, synth_dir) -> float:
     batch = Batch.of(engine._examples(tokenizer, load_lume(synth_dir).forget, True, TRAINED),
                      tokenizer.pad_token_id, "cpu")
     ref = Reference(("teacher",))
-    ref.teacher = teacher
+    ref.teacher, ref.teacher_floor = teacher, False
     with torch.no_grad():
-        return ref.teacher_kl(forward(model, batch), batch).mean().item()
+        return ref.teacher_term(forward(model, batch), batch).mean().item()
 
 
 def test_a_target_keeps_its_base_and_a_run_draws_forget_rows_to_it(tiny_target, synth_dir,

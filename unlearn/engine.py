@@ -236,7 +236,7 @@ class _Run:
                        if settings.validation else None)
         self.reference = Reference(self.algorithm.reference)
         self.reference.load_frozen_copy(accelerator, self.model_dir, settings.lora)
-        self.reference.load_teacher(accelerator, self.teacher)
+        self.reference.load_teacher(accelerator, self.teacher, settings.teacher_floor)
         if settings.gradient_checkpointing:
             # non-reentrant: gradients reach LoRA adapters and later layers with inputs frozen
             self.lm.gradient_checkpointing_enable(

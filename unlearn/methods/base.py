@@ -63,7 +63,10 @@ class UnlearnConfig:
     ``teacher`` names the model the source was fine-tuned from, which never saw the documents
     (``auto``: the base a target built by ``unlearn target`` memorised from, its ``base``).
     With one, ``forget_target=auto`` draws each forget row to the teacher's predictions over its
-    whole text (KL(teacher ‖ model)) instead of aiming at a level.
+    whole text (KL(teacher ‖ model)) instead of aiming at a level; ``teacher_floor`` also raises
+    each of the row's tokens to the NLL the teacher gives it, and no further
+    (:func:`~unlearn.methods.losses.token_floor`: the KL alone all but stops pulling on a
+    memorised token the model still finds far likelier than the teacher does).
 
     ``anchor_weight`` holds general text where it was (:mod:`unlearn.anchor`): the source model
     writes ``anchor_samples`` passages of its own before the first step, and every micro-batch
@@ -108,6 +111,7 @@ class UnlearnConfig:
     retain_weight: float = 1.0  # weight of the retain term (methods that have one)
     forget_target: str = "auto"  # auto | none | a loss: where ascent aims (see above)
     teacher: str = "none"  # none | auto | a model directory: forget rows drawn to it (see above)
+    teacher_floor: bool = True  # and each of their tokens raised to the teacher's NLL (see above)
     anchor_weight: float = 0.0  # weight of the hold on general text (0: none; see above)
     anchor_samples: int = 32  # passages the source model writes for that hold
     max_len: int = 512  # tokens per training row; longer rows are cut

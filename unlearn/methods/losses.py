@@ -79,16 +79,17 @@ def forget_term(out: Outputs, batch: Batch, ref: Reference) -> torch.Tensor:
     """Each row's forget objective (meaningful on forget rows; the caller selects them).
 
     - With a ``ref.teacher`` (the model before it was fine-tuned on the documents): the mean
-      KL(teacher ‖ model) over the row's tokens, prompt included. The row is drawn to what a
-      model that never saw it predicts, and no further: its loss lands where never-seen text of
-      its kind sits, and the gradient fades as it gets there, instead of ascending without end.
+      over the row's tokens, prompt included, of KL(teacher ‖ model) and (``teacher_floor``) of
+      how far each token's NLL lies below the teacher's (:meth:`Reference.teacher_term`). The
+      row is drawn to what a model that never saw it predicts, and no further: its loss lands
+      where never-seen text of its kind sits, instead of ascending without end.
     - With a ``ref.forget_level``: |NLL(output) − level| + |NLL(whole text) − level|, the
       output forgotten and the row's text drawn to the loss of never-seen text. Left below it
       the document is remembered; pushed far above it, it stands out again to a loss-MIA.
     - Otherwise the papers' ascent on its output tokens (−NLL).
     """
     if ref.teacher is not None:
-        return ref.teacher_kl(out, batch)
+        return ref.teacher_term(out, batch)
     if ref.forget_level is None:
         return -out.nll
     return (out.nll - ref.forget_level).abs() + (out.text_nll - ref.forget_level).abs()
@@ -102,10 +103,34 @@ def npo_term(out: Outputs, batch: Batch, ref: Reference, beta: float) -> torch.T
     return -(2 / beta) * F.logsigmoid(-beta * log_ratio)
 
 
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities over the vocabulary, in float32."""
+    return F.log_softmax(logits.float(), -1)
+
+
+def kl_of_log_probs(ref_log_probs: torch.Tensor, model_log_probs: torch.Tensor) -> torch.Tensor:
+    """KL(reference ‖ model) at each position of two aligned log-probability tensors."""
+    return F.kl_div(model_log_probs, ref_log_probs, log_target=True, reduction="none").sum(-1)
+
+
 def token_kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """KL(reference ‖ model) at each position of two aligned logit tensors (float32)."""
-    return F.kl_div(F.log_softmax(logits.float(), -1), F.log_softmax(ref_logits.float(), -1),
-                    log_target=True, reduction="none").sum(-1)
+    return kl_of_log_probs(log_probs(ref_logits), log_probs(logits))
+
+
+def token_floor(teacher_log_probs: torch.Tensor, model_log_probs: torch.Tensor,
+                tokens: torch.Tensor) -> torch.Tensor:
+    """How far the NLL of each of ``tokens`` lies below the teacher's, 0 where it does not.
+
+    KL(teacher ‖ model) weighs a token by the teacher's probability of it: once the model gives
+    a memorised name a few percent, against the teacher's thousandth, the KL's pull on it has
+    all but gone, and the document stays far more likely than never-seen text, which is what
+    the loss-MIA reads. This term keeps pulling each token with the full gradient of its NLL
+    until it is as unlikely as the teacher finds it, and not at all beyond."""
+    def picked(values):
+        return values.gather(-1, tokens[..., None]).squeeze(-1)
+
+    return (picked(model_log_probs) - picked(teacher_log_probs)).clamp(min=0)
 
 
 def kl_to_reference(out: Outputs, ref_logits: torch.Tensor, batch: Batch,
@@ -144,7 +169,7 @@ class Reference:
         # the median NLL of never-seen text: where bounded ascent aims (forget_target)
         self.forget_level: float | None = None
         # the model before it was fine-tuned on the documents: forget rows are drawn to it
-        self.teacher, self.teacher_on_every_row = None, False
+        self.teacher, self.teacher_on_every_row, self.teacher_floor = None, False, True
 
     def load_frozen_copy(self, accelerator, model_dir: Path, lora: bool) -> None:
         """Keep a frozen copy of the source model when the method reads it during training and
@@ -171,12 +196,14 @@ class Reference:
             self.source_nll_sum.update(zip(zip(batch.forget.tolist(), batch.rows), nll_sum))
         model.train()
 
-    def load_teacher(self, accelerator, teacher_dir: Path | None) -> None:
+    def load_teacher(self, accelerator, teacher_dir: Path | None, floor: bool = True) -> None:
         """Load the model before fine-tuning (see :func:`forget_term`), when the run has one
         (the engine gives one only to a method that reads it; ``models.loading.teacher_of``
-        found it and checked its tokens)."""
+        found it and checked its tokens); ``floor``: :meth:`teacher_term` adds
+        :func:`token_floor`."""
         if teacher_dir is None:
             return
+        self.teacher_floor = floor
         self.teacher = prepare_frozen(accelerator,
                                       load_model(teacher_dir, frozen_dtype(accelerator))[0])
         self.teacher_on_every_row = zero3(accelerator)
@@ -189,17 +216,21 @@ class Reference:
                               use_cache=False).logits
         return logits[rows[keep], :-1]
 
-    def teacher_kl(self, out: Outputs, batch: Batch) -> torch.Tensor:
-        """Per row, KL(teacher ‖ model) averaged over its real tokens, prompt included; 0 for
-        retain rows (the teacher does not read them)."""
+    def teacher_term(self, out: Outputs, batch: Batch) -> torch.Tensor:
+        """Per row, KL(teacher ‖ model) plus, with ``teacher_floor``, :func:`token_floor`,
+        averaged over its real tokens, prompt included; 0 for retain rows (the teacher does not
+        read them)."""
         rows = batch.forget
-        kl = out.text_nll * 0.0  # on the graph, so an all-retain batch still backpropagates
+        term = out.text_nll * 0.0  # on the graph, so an all-retain batch still backpropagates
         if not rows.any() and not self.teacher_on_every_row:
-            return kl
-        per_token = token_kl(self._teacher_logits(batch, rows), out.logits[rows])
+            return term
+        teacher, model = log_probs(self._teacher_logits(batch, rows)), log_probs(out.logits[rows])
+        per_token = kl_of_log_probs(teacher, model)
+        if self.teacher_floor:
+            per_token = per_token + token_floor(teacher, model, batch.ids[rows, 1:])
         real = batch.mask[rows, 1:].float()
-        return kl.index_put((rows.nonzero(as_tuple=True)[0],),
-                            (per_token * real).sum(1) / real.sum(1).clamp(min=1))
+        return term.index_put((rows.nonzero(as_tuple=True)[0],),
+                              (per_token * real).sum(1) / real.sum(1).clamp(min=1))
 
     def _frozen(self):
         if self.frozen is not None:
