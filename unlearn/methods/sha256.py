@@ -77,7 +77,7 @@ class SHA256(Method):
     # layer but the last two (0-5 of the small target's 8), for longer. The layers and epochs
     # are the best S of bench/search.py's SHA256 study (docs/design.md, "SHA256 with a
     # teacher"); the rate went back to 1e-3 once each token was also raised to the teacher's
-    # NLL (teacher_floor: README, "SHA256 and SUGD drawn to the teacher token by token")
+    # NLL (teacher_floor: README, "Drawn to the teacher token by token")
     small_target_with_teacher = dict(teacher="auto", layers="0:-2", epochs=16)
     rows_per_batch_row = 1  # a step's rows are batch_size rows in all
 
