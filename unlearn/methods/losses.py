@@ -51,6 +51,7 @@ class Outputs:
     nll_sum: torch.Tensor  # (rows,)
     tokens: torch.Tensor  # (rows,) output tokens scored
     text_nll: torch.Tensor  # (rows,)
+    token_nll: torch.Tensor | None = None  # (rows, positions - 1): each token's, 0 on padding
 
     @property
     def nll(self) -> torch.Tensor:
@@ -64,7 +65,7 @@ def forward(model, batch: Batch) -> Outputs:
     scored = batch.labels[:, 1:] != IGNORE  # output tokens: labels equal ids there
     real = batch.mask[:, 1:].bool()
     return Outputs(logits[:, :-1], (token_nll * scored).sum(1), scored.sum(1),
-                   token_nll.sum(1) / real.sum(1).clamp(min=1))
+                   token_nll.sum(1) / real.sum(1).clamp(min=1), token_nll)
 
 
 def mean_over(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -118,19 +119,18 @@ def token_kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return kl_of_log_probs(log_probs(ref_logits), log_probs(logits))
 
 
-def token_floor(teacher_log_probs: torch.Tensor, model_log_probs: torch.Tensor,
+def token_floor(teacher_log_probs: torch.Tensor, model_nll: torch.Tensor,
                 tokens: torch.Tensor) -> torch.Tensor:
-    """How far the NLL of each of ``tokens`` lies below the teacher's, 0 where it does not.
+    """How far the model's NLL of each of ``tokens`` (``model_nll``, aligned with them) lies
+    below the teacher's, 0 where it does not.
 
     KL(teacher ‖ model) weighs a token by the teacher's probability of it: once the model gives
     a memorised name a few percent, against the teacher's thousandth, the KL's pull on it has
     all but gone, and the document stays far more likely than never-seen text, which is what
     the loss-MIA reads. This term keeps pulling each token with the full gradient of its NLL
     until it is as unlikely as the teacher finds it, and not at all beyond."""
-    def picked(values):
-        return values.gather(-1, tokens[..., None]).squeeze(-1)
-
-    return (picked(model_log_probs) - picked(teacher_log_probs)).clamp(min=0)
+    teacher_nll = -teacher_log_probs.gather(-1, tokens[..., None]).squeeze(-1)
+    return (teacher_nll - model_nll).clamp(min=0)
 
 
 def kl_to_reference(out: Outputs, ref_logits: torch.Tensor, batch: Batch,
@@ -227,7 +227,7 @@ class Reference:
         teacher, model = log_probs(self._teacher_logits(batch, rows)), log_probs(out.logits[rows])
         per_token = kl_of_log_probs(teacher, model)
         if self.teacher_floor:
-            per_token = per_token + token_floor(teacher, model, batch.ids[rows, 1:])
+            per_token = per_token + token_floor(teacher, out.token_nll[rows], batch.ids[rows, 1:])
         real = batch.mask[rows, 1:].float()
         return term.index_put((rows.nonzero(as_tuple=True)[0],),
                               (per_token * real).sum(1) / real.sum(1).clamp(min=1))
